@@ -1,0 +1,47 @@
+# One-command set-up and entry points. Every target installs what it needs first; the set-up is idempotent and
+# re-runs only when pyproject.toml or this Makefile change.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.embserve-installed
+TORCH_VERSION := 2.13.0
+FBGEMM_VERSION := 1.8.0
+TORCHREC_VERSION := 1.8.0
+# CUDA hosts get the CUDA fbgemm-gpu wheel, every other host the CPU one.
+FBGEMM := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo fbgemm-gpu || echo fbgemm-gpu-cpu)
+HOST ?= 127.0.0.1
+PORT ?= 50051
+ARGS ?=
+
+.PHONY: setup serve test test-fast typecheck protos bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "$(FBGEMM)==$(FBGEMM_VERSION)"
+	$(BIN)/pip install --quiet --no-deps "torchrec==$(TORCHREC_VERSION)"
+	$(BIN)/pip install --quiet -e ".[server,dev,bench]"
+	touch $@
+
+serve: $(STAMP)
+	$(BIN)/embserve serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: $(STAMP) typecheck
+	$(BIN)/python -m pytest $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy server client embeddings benchmarks
+
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos \
+		protos/embserve/v1/embserve.proto
+
+bench: $(STAMP)
+	$(BIN)/python -m embserve.benchmarks.run $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

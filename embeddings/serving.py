@@ -1,0 +1,134 @@
+"""Serving surgery: `LargeEmbeddings` converted to torchrec's inference modules, plus what serving needs to know.
+
+The fused engine swaps each `EmbeddingBagCollection` for torchrec's quantized inference collection
+(`torchrec.inference.modules.quantize_inference_model`), which runs all of a collection's tables in one fbgemm
+table-batched-embedding call, each table stored in its `serving_dtype`. The eager engine keeps the plain module,
+as a reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchrec.inference.modules import quantize_inference_model
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from .config import ModelConfig, ServingDType
+from .large_embeddings import LargeEmbeddings, canonical_keys
+from .weights import checkpoint_digest, init_weights, load_checkpoint
+
+__all__ = ["Engine", "ServingModel", "build_serving_model"]
+
+logger = logging.getLogger(__name__)
+
+_WEIGHT_DTYPES: dict[ServingDType, torch.dtype] = {
+    ServingDType.FP32: torch.float32,
+    ServingDType.FP16: torch.float16,
+    ServingDType.INT8: torch.qint8,
+    ServingDType.INT4: torch.quint4x2,
+}
+
+
+@enum.unique
+class Engine(str, enum.Enum):
+    """How the forward runs: torchrec's fused quantized inference collection, or the plain module."""
+
+    FUSED = "fused"
+    EAGER = "eager"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingModel:
+    """A model ready to serve: the module after surgery and the layout of its input and output.
+
+    `keys` is the canonical key order of the input KJT and of the output columns; key `keys[i]` occupies output
+    columns `offsets[i]:offsets[i + 1]`.
+    """
+
+    config: ModelConfig
+    module: nn.Module
+    engine: Engine
+    device: torch.device
+    version: str
+    keys: tuple[str, ...]
+    dims: tuple[int, ...]
+    offsets: tuple[int, ...]
+    weight_bytes: dict[str, int]
+
+    @property
+    def output_dim(self) -> int:
+        return self.offsets[-1]
+
+    @torch.inference_mode()
+    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Pooled embeddings `[batch, output_dim]` (float32, on `device`) of a KJT holding every key in `keys`."""
+        values: torch.Tensor = self.module(features).values()
+        return values if values.dtype == torch.float32 else values.float()
+
+
+def _weight_bytes(module: nn.Module, tables: list[str]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for key, tensor in module.state_dict().items():
+        for name in tables:
+            if key.endswith(f"embedding_bags.{name}.weight") or key.endswith(f"embedding_bags.{name}.weight_qscaleshift"):
+                sizes[name] = sizes.get(name, 0) + tensor.numel() * tensor.element_size()
+    return sizes
+
+
+def build_serving_model(
+    config: ModelConfig,
+    *,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    engine: Engine | str = Engine.FUSED,
+    version: str | None = None,
+) -> ServingModel:
+    """Materialises `LargeEmbeddings` on `device`, loads or initialises its weights, and applies serving surgery.
+
+    Args:
+        config: the tables.
+        checkpoint: a state-dict file (`.safetensors` or a torch file); None initialises deterministically from `seed`.
+        seed: the init seed when there is no checkpoint.
+        device: `cpu`, `cuda` or `cuda:N`.
+        engine: `fused` (torchrec quantized inference collection) or `eager` (the plain module).
+        version: the version clients see; by default the checkpoint's content digest, or `init-<seed>`.
+    """
+    engine = Engine(engine)
+    device = torch.device(device)
+    model = LargeEmbeddings(config, device=device)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+        version = version or f"{Path(checkpoint).stem}-{checkpoint_digest(checkpoint)}"
+    else:
+        init_weights(model, seed)
+        version = version or f"init-{seed}"
+    model.eval()
+    module: nn.Module = model
+    if engine is Engine.FUSED:
+        per_table = {t.name: _WEIGHT_DTYPES[t.effective_serving_dtype] for t in config.tables}
+        module = quantize_inference_model(model, per_table_weight_dtype=per_table, output_dtype=torch.float32)
+    elif any(t.effective_serving_dtype in (ServingDType.INT8, ServingDType.INT4) for t in config.tables):
+        logger.warning("eager engine serves every table in its data_type; int8/int4 serving_dtype ignored")
+    keys = canonical_keys(config)
+    by_name = {t.name: t for t in config.tables}
+    dims = [by_name[k].embedding_dim for k in keys]
+    offsets = [0]
+    for d in dims:
+        offsets.append(offsets[-1] + d)
+    return ServingModel(
+        config=config,
+        module=module.eval(),
+        engine=engine,
+        device=device,
+        version=version,
+        keys=tuple(keys),
+        dims=tuple(dims),
+        offsets=tuple(offsets),
+        weight_bytes=_weight_bytes(module, keys),
+    )

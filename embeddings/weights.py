@@ -1,0 +1,130 @@
+"""Weights for `LargeEmbeddings`: deterministic initialisation, and checkpoints that never unpickle code.
+
+Checkpoints are plain state dicts: a safetensors file (`.safetensors`), or a torch file read with
+`torch.load(..., weights_only=True)`. Keys are the seed's (`ebc.embedding_bags.<table>.weight`); a checkpoint of a
+whole seed model, whose keys carry a prefix (`model.large_embeddings.ebc...`), loads too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import zlib
+from pathlib import Path
+
+import torch
+
+from .large_embeddings import LargeEmbeddings
+
+__all__ = ["CheckpointError", "checkpoint_digest", "init_weights", "load_checkpoint", "save_checkpoint", "table_weights"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model; the message names the table or file."""
+
+
+def table_weights(model: LargeEmbeddings) -> dict[str, torch.nn.Parameter]:
+    """The weight parameter of every table, by table name."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for ebc in (model.ebc, model.weighted_ebc):
+        if ebc is not None:
+            for name, bag in ebc.embedding_bags.items():
+                out[name] = bag.weight
+    return out
+
+
+def _state_key(model: LargeEmbeddings, table: str) -> str:
+    weighted = {t.name for t in model.config.tables if t.weighted}
+    return f"{'weighted_ebc' if table in weighted else 'ebc'}.embedding_bags.{table}.weight"
+
+
+@torch.no_grad()
+def init_weights(model: LargeEmbeddings, seed: int = 0) -> None:
+    """Fills every table from `seed` with torchrec's default init, U(-sqrt(1/rows), sqrt(1/rows)).
+
+    Each table draws from its own generator, seeded from `seed` and the table's name, so a table's weights do not
+    change when other tables are added or reordered.
+    """
+    for name, weight in table_weights(model).items():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        bound = math.sqrt(1.0 / weight.shape[0])
+        values = torch.empty(weight.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+        weight.copy_(values)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return dict(load_file(str(path), device="cpu"))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as err:  # any parse failure of an untrusted file is reported, never propagated raw
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {err}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict of tensors")
+    return state
+
+
+def _find(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    if key in state:
+        return state[key]
+    suffix = "." + key
+    matches = [k for k in state if k.endswith(suffix)]
+    if len(matches) > 1:
+        raise CheckpointError(f"checkpoint has several tensors for {key!r}: {matches}")
+    return state[matches[0]] if matches else None
+
+
+@torch.no_grad()
+def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
+    """Copies every table's weights from a checkpoint; a missing table or a shape mismatch is a `CheckpointError`."""
+    state = _read_state_dict(Path(path))
+    known = set(table_weights(model))
+    strays = sorted(
+        k.split("embedding_bags.", 1)[1].rsplit(".", 1)[0]
+        for k in state
+        if "embedding_bags." in k and k.split("embedding_bags.", 1)[1].rsplit(".", 1)[0] not in known
+    )
+    if strays:
+        raise CheckpointError(f"checkpoint {str(path)!r} has tables the model does not: {strays}")
+    for name, weight in table_weights(model).items():
+        tensor = _find(state, _state_key(model, name))
+        if tensor is None:
+            tensor = _find(state, f"embedding_bags.{name}.weight")
+        if tensor is None:
+            raise CheckpointError(f"checkpoint {str(path)!r} has no weights for table {name!r}")
+        if tuple(tensor.shape) != tuple(weight.shape):
+            raise CheckpointError(
+                f"table {name!r}: checkpoint shape {tuple(tensor.shape)} != config shape {tuple(weight.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"table {name!r}: checkpoint dtype {tensor.dtype} is not a float type")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"table {name!r}: checkpoint has non-finite weights")
+        weight.copy_(tensor)
+
+
+def save_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
+    """Writes the tables as a state dict: safetensors for a `.safetensors` path, a torch file otherwise."""
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, str(path))
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """A short content digest of a checkpoint file, used as the model version."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]

@@ -1,0 +1,117 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+    DTYPE_BFLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+DTYPE_BFLOAT16: DType
+
+class SparseFeatures(_message.Message):
+    __slots__ = ("keys", "batch_size", "lengths", "values", "weights")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    batch_size: int
+    lengths: bytes
+    values: bytes
+    weights: bytes
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., batch_size: _Optional[int] = ..., lengths: _Optional[bytes] = ..., values: _Optional[bytes] = ..., weights: _Optional[bytes] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("features", "output_dtype", "request_id")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    features: SparseFeatures
+    output_dtype: DType
+    request_id: str
+    def __init__(self, features: _Optional[_Union[SparseFeatures, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("dtype", "shape", "embeddings", "keys", "dims", "offsets", "model_name", "model_version", "request_id")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    embeddings: bytes
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    model_name: str
+    model_version: str
+    request_id: str
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., embeddings: _Optional[bytes] = ..., keys: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetModelMetadataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TableMetadata(_message.Message):
+    __slots__ = ("name", "feature_names", "num_embeddings", "embedding_dim", "data_type", "serving_dtype", "weight_bytes", "weighted", "id_policy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_DIM_FIELD_NUMBER: _ClassVar[int]
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SERVING_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTED_FIELD_NUMBER: _ClassVar[int]
+    ID_POLICY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    feature_names: _containers.RepeatedScalarFieldContainer[str]
+    num_embeddings: int
+    embedding_dim: int
+    data_type: str
+    serving_dtype: str
+    weight_bytes: int
+    weighted: bool
+    id_policy: str
+    def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ...) -> None: ...
+
+class ModelMetadata(_message.Message):
+    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DIM_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    tables: _containers.RepeatedCompositeFieldContainer[TableMetadata]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    output_dim: int
+    device: str
+    engine: str
+    max_batch_size: int
+    max_request_examples: int
+    max_request_ids: int
+    max_message_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,171 @@
+"""The server process: gRPC (service, health, reflection), batcher, executor, metrics endpoint, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from embserve.embeddings import ServingModel, build_serving_model, load_model_config
+from embserve.v1 import embserve_pb2 as pb
+from embserve.v1 import embserve_pb2_grpc as pb_grpc
+
+from .batcher import DynamicBatcher
+from .codec import SparseRequest
+from .config import ServerConfig
+from .executor import BatchExecutor, BatchOutput
+from .metrics import ServerMetrics
+from .servicer import EmbeddingServicer, model_schema
+
+__all__ = ["EmbserveServer", "load_model", "run_server"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+
+
+def load_model(config: ServerConfig) -> ServingModel:
+    """Builds the serving model a server config names (model config, checkpoint or seed, device, engine)."""
+    import torch
+
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {config.device!r} requested but CUDA is not available on this host")
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
+    return build_serving_model(
+        load_model_config(config.model),
+        checkpoint=config.checkpoint,
+        seed=config.seed,
+        device=config.device,
+        engine=config.engine,
+        version=config.model_version,
+    )
+
+
+class EmbserveServer:
+    """One embserve server: call `start`, then `stop`. Binds `config.host:config.port` (port 0: any free port).
+
+    Args:
+        config: server settings.
+        model: a ready model; by default the one `config` names is built.
+    """
+
+    def __init__(self, config: ServerConfig, *, model: ServingModel | None = None) -> None:
+        self.config = config
+        self.metrics = ServerMetrics()
+        self.executor = BatchExecutor(model or load_model(config), on_forward=self.metrics.forward_seconds.observe)
+        b = config.batching
+        self.batcher: DynamicBatcher[SparseRequest, BatchOutput] = DynamicBatcher(
+            self.executor.run,
+            size_of=lambda r: r.batch_size,
+            max_batch_size=b.max_batch_size if b.enabled else 1,
+            max_queue_delay_s=b.max_queue_delay_us / 1e6,
+            max_queue_size=b.max_queue_size,
+            policy=b.policy,
+            max_inflight_batches=b.max_inflight_batches,
+            observer=self.metrics,
+        )
+        self.servicer = EmbeddingServicer(
+            config=config,
+            schema=model_schema(self.executor.model, config),
+            batcher=self.batcher,
+            metrics=self.metrics,
+            current_model=lambda: self.executor.model,
+        )
+        self.health = health.aio.HealthServicer()
+        self.port: int = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+        m = self.executor.model
+        self.metrics.set_model(m.config.name, m.version, m.engine.value, str(m.device))
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def grpc_options(self) -> list[tuple[str, Any]]:
+        return [
+            ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+        ]
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=self.grpc_options())
+        pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        self.batcher.start()
+        if self.config.metrics_port is not None:
+            httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_port
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        m = self.executor.model
+        logger.info(
+            "serving",
+            extra={
+                "address": self.address,
+                "metrics_port": self.metrics_port,
+                "model": m.config.name,
+                "version": m.version,
+                "engine": m.engine.value,
+                "device": str(m.device),
+                "tables": len(m.keys),
+                "policy": self.config.batching.policy.value,
+                "max_batch_size": self.batcher.max_batch_size,
+            },
+        )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish within `grace` seconds."""
+        grace = self.config.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        self.servicer.accepting = False
+        if self._server is not None:
+            await self._server.stop(grace)
+        await self.batcher.close()
+        self.executor.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        logger.info("stopped", extra={"address": self.address})
+
+    async def wait_for_termination(self) -> None:
+        assert self._server is not None
+        await self._server.wait_for_termination()
+
+
+async def _serve(config: ServerConfig, ready: threading.Event | None = None) -> None:
+    server = EmbserveServer(config)
+    await server.start()
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logger.info("signal received; draining", extra={"grace_period_s": config.grace_period_s})
+    await server.stop()
+
+
+def run_server(config: ServerConfig) -> None:
+    """Serves until SIGTERM or SIGINT, then drains and returns (the process exits 0)."""
+    asyncio.run(_serve(config))

@@ -1,0 +1,222 @@
+"""The dynamic batcher: merges concurrent requests into batches of up to `max_batch_size` examples.
+
+One future per request. A batch runs through `run_batch`, whose results are fanned out in order; an exception in a
+batch is set on every future of that batch and on no other. Expired and cancelled requests are dropped before a
+batch is formed, so they are never computed. At most `max_inflight_batches` batches run at once; while they run,
+new requests gather in the queue by themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, Protocol, TypeVar
+
+from .config import BatchPolicy
+from .errors import BatchFailed, DeadlineExpired, Overloaded, ShuttingDown
+
+__all__ = ["BatcherObserver", "DynamicBatcher"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class BatcherObserver(Protocol):
+    """What the batcher reports (the server wires it to Prometheus)."""
+
+    def queue_depth(self, examples: int) -> None: ...
+    def batch_formed(self, examples: int, requests: int, queue_waits_s: Sequence[float]) -> None: ...
+    def dropped(self, reason: str, count: int = 1) -> None: ...
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry(Generic[T, R]):
+    item: T
+    size: int
+    future: asyncio.Future[R]
+    deadline: float | None  # time.monotonic() seconds
+    enqueued: float
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Queues items and runs them in batches.
+
+    Args:
+        run_batch: computes a batch; returns one result per item, in order.
+        size_of: an item's size in examples.
+        max_batch_size: examples per batch; an item larger than this runs alone, never rejected for size.
+        max_queue_delay_s: with `BatchPolicy.WAIT`, how long the first queued item waits for the batch to fill.
+        max_queue_size: examples the queue holds; beyond it `submit` raises `Overloaded` at once.
+        policy: EAGER (run what is queued as soon as a slot is free) or WAIT.
+        max_inflight_batches: batches running concurrently (pipelining of assembly and forward).
+        observer: receives queue depth, batch sizes and drops.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        size_of: Callable[[T], int],
+        max_batch_size: int,
+        max_queue_delay_s: float,
+        max_queue_size: int,
+        policy: BatchPolicy = BatchPolicy.EAGER,
+        max_inflight_batches: int = 1,
+        observer: BatcherObserver | None = None,
+    ) -> None:
+        if max_batch_size <= 0:
+            raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
+        if max_queue_delay_s < 0:
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {max_queue_delay_s}")
+        if max_queue_size < max_batch_size:
+            raise ValueError(f"max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})")
+        if max_inflight_batches <= 0:
+            raise ValueError(f"max_inflight_batches must be > 0, got {max_inflight_batches}")
+        self._run_batch = run_batch
+        self._size_of = size_of
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.policy = BatchPolicy(policy)
+        self.max_inflight_batches = max_inflight_batches
+        self._observer = observer
+        self._queue: collections.deque[_Entry[T, R]] = collections.deque()
+        self._queued_examples = 0
+        self._has_work = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_inflight_batches)
+        self._running: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batches_run = 0
+
+    @property
+    def queued_examples(self) -> int:
+        return self._queued_examples
+
+    def start(self) -> None:
+        """Starts the batching loop on the running event loop."""
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name="embserve-batcher")
+
+    async def submit(self, item: T, *, timeout: float | None = None) -> R:
+        """Queues `item` and waits for its result.
+
+        Args:
+            item: the request.
+            timeout: seconds the caller is willing to wait (its gRPC deadline); past it the item is dropped unrun.
+        """
+        if self._closed:
+            raise ShuttingDown("server is shutting down")
+        size = self._size_of(item)
+        if self._queue and self._queued_examples + size > self.max_queue_size:
+            if self._observer:
+                self._observer.dropped("queue_full")
+            raise Overloaded(
+                f"queue full: {self._queued_examples} examples queued, limit {self.max_queue_size}; retry later"
+            )
+        now = time.monotonic()
+        entry: _Entry[T, R] = _Entry(
+            item, size, asyncio.get_running_loop().create_future(), None if timeout is None else now + timeout, now
+        )
+        self._queue.append(entry)
+        self._queued_examples += size
+        if self._observer:
+            self._observer.queue_depth(self._queued_examples)
+        self._has_work.set()
+        return await entry.future  # cancelling the caller cancels the future; the loop then drops the entry
+
+    async def close(self) -> None:
+        """Stops taking items, runs everything already queued, and waits for running batches."""
+        self._closed = True
+        self._has_work.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._has_work.wait()
+            if not self._queue:
+                self._has_work.clear()
+                if self._closed:
+                    return
+                continue
+            await self._slots.acquire()
+            if self.policy is BatchPolicy.WAIT:
+                await self._wait_for_company()
+            else:
+                await asyncio.sleep(0)  # let calls already received on this loop iteration join
+            batch = self._take_batch()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _wait_for_company(self) -> None:
+        try:
+            while self._queue and self._queued_examples < self.max_batch_size and not self._closed:
+                remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._has_work.clear()
+                try:
+                    await asyncio.wait_for(self._has_work.wait(), remaining)
+                except TimeoutError:
+                    return
+        finally:
+            self._has_work.set()  # the loop re-checks the queue itself
+
+    def _take_batch(self) -> list[_Entry[T, R]]:
+        batch: list[_Entry[T, R]] = []
+        examples = 0
+        now = time.monotonic()
+        while self._queue:
+            entry = self._queue[0]
+            if entry.future.done():  # cancelled by its caller
+                self._pop()
+                if self._observer:
+                    self._observer.dropped("cancelled")
+                continue
+            if entry.deadline is not None and entry.deadline <= now:
+                self._pop()
+                entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+                if self._observer:
+                    self._observer.dropped("deadline")
+                continue
+            if batch and examples + entry.size > self.max_batch_size:
+                break
+            self._pop()
+            batch.append(entry)
+            examples += entry.size
+        if self._observer:
+            self._observer.queue_depth(self._queued_examples)
+            if batch:
+                self._observer.batch_formed(examples, len(batch), [now - e.enqueued for e in batch])
+        return batch
+
+    def _pop(self) -> None:
+        entry = self._queue.popleft()
+        self._queued_examples -= entry.size
+
+    async def _run(self, batch: list[_Entry[T, R]]) -> None:
+        try:
+            self.batches_run += 1
+            results = await self._run_batch([e.item for e in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    entry.future.set_result(result)
+        except Exception as err:  # the batch fails alone; the server keeps serving
+            failure = BatchFailed(f"batch of {len(batch)} requests failed: {type(err).__name__}: {err}")
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(failure)
+        finally:
+            self._slots.release()

@@ -1,0 +1,132 @@
+"""Server configuration: one typed object, loaded from YAML and overridden by command-line flags.
+
+Unknown keys are errors (`extra="forbid"`), as in the model config. Defaults are the module constants below.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+__all__ = [
+    "BatchPolicy",
+    "BatchingConfig",
+    "LimitsConfig",
+    "ServerConfig",
+    "load_server_config",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_MAX_BATCH_SIZE = 2048
+DEFAULT_MAX_QUEUE_DELAY_US = 1000
+DEFAULT_MAX_QUEUE_SIZE = 32768
+DEFAULT_MAX_INFLIGHT_BATCHES = 2
+DEFAULT_MAX_REQUEST_EXAMPLES = 16384
+DEFAULT_MAX_REQUEST_IDS = 4_000_000
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_GRACE_PERIOD_S = 10.0
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+@enum.unique
+class BatchPolicy(str, enum.Enum):
+    """When a batch is formed.
+
+    EAGER: as soon as the executor has a free slot, with whatever is queued; requests gather by themselves while
+    it is busy, and a lone request at low load never waits. WAIT: the first queued request waits up to
+    `max_queue_delay_us` for the batch to fill (Triton's dynamic batcher), trading latency for larger batches.
+    """
+
+    EAGER = "eager"
+    WAIT = "wait"
+
+
+class BatchingConfig(_Strict):
+    enabled: bool = True
+    policy: BatchPolicy = BatchPolicy.EAGER
+    max_batch_size: int = pydantic.Field(DEFAULT_MAX_BATCH_SIZE, gt=0)
+    max_queue_delay_us: int = pydantic.Field(DEFAULT_MAX_QUEUE_DELAY_US, ge=0)
+    max_queue_size: int = pydantic.Field(DEFAULT_MAX_QUEUE_SIZE, gt=0)
+    max_inflight_batches: int = pydantic.Field(DEFAULT_MAX_INFLIGHT_BATCHES, ge=1, le=8)
+
+
+class LimitsConfig(_Strict):
+    max_request_examples: int = pydantic.Field(DEFAULT_MAX_REQUEST_EXAMPLES, gt=0)
+    max_request_ids: int = pydantic.Field(DEFAULT_MAX_REQUEST_IDS, gt=0)
+    max_message_bytes: int = pydantic.Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+
+
+class ServerConfig(_Strict):
+    """Everything `embserve serve` needs; see the README's configuration table."""
+
+    model: str = "default"
+    checkpoint: str | None = None
+    seed: int = 0
+    model_version: str | None = None
+    engine: str = "fused"
+    device: str = "cpu"
+    host: str = DEFAULT_HOST
+    port: int = pydantic.Field(DEFAULT_PORT, ge=0, le=65535)
+    metrics_port: int | None = pydantic.Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
+    grace_period_s: float = pydantic.Field(DEFAULT_GRACE_PERIOD_S, ge=0)
+    torch_threads: int | None = pydantic.Field(None, ge=1)
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @pydantic.field_validator("engine")
+    @classmethod
+    def _engine(cls, value: str) -> str:
+        if value not in ("fused", "eager"):
+            raise ValueError(f"engine must be 'fused' or 'eager', got {value!r}")
+        return value
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value != "cpu" and value != "cuda" and not (value.startswith("cuda:") and value[5:].isdigit()):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _queue_holds_a_request(self) -> ServerConfig:
+        if self.batching.max_queue_size < self.batching.max_batch_size:
+            raise ValueError(
+                f"batching.max_queue_size ({self.batching.max_queue_size}) must be >= "
+                f"batching.max_batch_size ({self.batching.max_batch_size})"
+            )
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> ServerConfig:
+        """A copy with dotted keys (`batching.max_batch_size`) replaced; None values are ignored."""
+        data = self.model_dump(mode="json")
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node[p]
+            node[leaf] = value
+        return ServerConfig.model_validate(data)
+
+
+def load_server_config(path: str | Path | None) -> ServerConfig:
+    """Reads a server YAML file (None: the defaults); errors name the offending key."""
+    if path is None:
+        return ServerConfig()
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    try:
+        return ServerConfig.model_validate(data)
+    except pydantic.ValidationError as err:
+        msgs = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{path}: {msgs}") from None

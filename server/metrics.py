@@ -1,0 +1,63 @@
+"""Prometheus metrics (prometheus-client), one registry per server so several servers can share a process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+__all__ = ["ServerMetrics"]
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_EXAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+class ServerMetrics:
+    """The server's metrics; also the batcher's observer."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("embserve_requests", "Calls by RPC and status code", ["method", "code"], registry=r)
+        self.examples = Counter("embserve_examples", "Examples served", registry=r)
+        self.request_seconds = Histogram(
+            "embserve_request_seconds", "Server time per call", ["method"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "embserve_queue_wait_seconds", "Time a request waited for its batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_examples = Histogram(
+            "embserve_batch_examples", "Examples per forward", buckets=_EXAMPLE_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "embserve_batch_requests", "Requests per forward", buckets=_EXAMPLE_BUCKETS, registry=r
+        )
+        self.batches = Counter("embserve_batches", "Forwards run", registry=r)
+        self.forward_seconds = Histogram(
+            "embserve_forward_seconds", "Forward time per batch, copies included", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_examples = Gauge("embserve_queue_examples", "Examples waiting in the batch queue", registry=r)
+        self.drops = Counter("embserve_dropped", "Requests dropped before computing, by reason", ["reason"], registry=r)
+        self.model = Info("embserve_model", "The model being served", registry=r)
+        self.reloads = Counter("embserve_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
+
+    def set_model(self, name: str, version: str, engine: str, device: str) -> None:
+        self.model.info({"name": name, "version": version, "engine": engine, "device": device})
+
+    # BatcherObserver
+    def queue_depth(self, examples: int) -> None:
+        self.queue_examples.set(examples)
+
+    def batch_formed(self, examples: int, requests: int, queue_waits_s: Sequence[float]) -> None:
+        self.batches.inc()
+        self.batch_examples.observe(examples)
+        self.batch_requests.observe(requests)
+        for wait in queue_waits_s:
+            self.queue_wait.observe(wait)
+
+    def dropped(self, reason: str, count: int = 1) -> None:
+        self.drops.labels(reason).inc(count)
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent), for tests and the benchmark harness."""
+        return self.registry.get_sample_value(name, labels or {}) or 0.0

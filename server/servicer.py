@@ -1,0 +1,135 @@
+"""gRPC <-> domain: the EmbeddingService handlers. gRPC types stop here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+import numpy as np
+
+from embserve.embeddings import ServingModel
+from embserve.v1 import embserve_pb2 as pb
+from embserve.v1 import embserve_pb2_grpc as pb_grpc
+
+from .batcher import DynamicBatcher
+from .codec import ModelSchema, SparseRequest, decode_lookup, encode_lookup
+from .config import ServerConfig
+from .errors import EmbserveError, ShuttingDown, status_code_of
+from .executor import BatchOutput
+from .metrics import ServerMetrics
+
+__all__ = ["EmbeddingServicer", "model_schema"]
+
+logger = logging.getLogger(__name__)
+
+
+def model_schema(model: ServingModel, config: ServerConfig) -> ModelSchema:
+    """The codec's view of a model: canonical keys, rows, id policies, weighted flags, request limits."""
+    tables = {t.name: t for t in model.config.tables}
+    ordered = [tables[k] for k in model.keys]
+    return ModelSchema(
+        keys=model.keys,
+        num_embeddings=np.array([t.num_embeddings for t in ordered], dtype=np.int64),
+        hashed=np.array([t.id_policy.value == "hash" for t in ordered], dtype=bool),
+        weighted=np.array([t.weighted for t in ordered], dtype=bool),
+        max_request_examples=config.limits.max_request_examples,
+        max_request_ids=config.limits.max_request_ids,
+    )
+
+
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+    """Decodes and validates each call, submits it to the batcher, and encodes its share of the batch."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        schema: ModelSchema,
+        batcher: DynamicBatcher[SparseRequest, BatchOutput],
+        metrics: ServerMetrics,
+        current_model: Callable[[], ServingModel],
+    ) -> None:
+        self._config = config
+        self._schema = schema
+        self._batcher = batcher
+        self._metrics = metrics
+        self._current_model = current_model
+        self.accepting = True
+
+    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            if not self.accepting:
+                raise ShuttingDown("server is shutting down; retry on another replica")
+            sparse = decode_lookup(request, self._schema)
+            out = await self._batcher.submit(sparse, timeout=context.time_remaining())
+            model = out.model
+            self._metrics.examples.inc(out.batch_size)
+            return encode_lookup(
+                out.payload,
+                batch_size=out.batch_size,
+                output_dtype=out.dtype,
+                keys=model.keys,
+                dims=model.dims,
+                offsets=model.offsets,
+                model_name=model.config.name,
+                model_version=model.version,
+                request_id=sparse.request_id,
+            )
+        except EmbserveError as err:
+            code = status_code_of(err)
+            if code is grpc.StatusCode.INTERNAL:
+                logger.error("lookup failed: %s", err)
+            await context.abort(code, str(err))
+            raise  # context.abort always raises
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("lookup failed unexpectedly")
+            raise
+        finally:
+            self._metrics.requests.labels("Lookup", code.name).inc()
+            self._metrics.request_seconds.labels("Lookup").observe(time.perf_counter() - start)
+
+    async def GetModelMetadata(
+        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadata:
+        model = self._current_model()
+        tables = {t.name: t for t in model.config.tables}
+        self._metrics.requests.labels("GetModelMetadata", "OK").inc()
+        return pb.ModelMetadata(
+            name=model.config.name,
+            version=model.version,
+            keys=model.keys,
+            output_dim=model.output_dim,
+            device=str(model.device),
+            engine=model.engine.value,
+            max_batch_size=self._batcher.max_batch_size,
+            max_request_examples=self._config.limits.max_request_examples,
+            max_request_ids=self._config.limits.max_request_ids,
+            max_message_bytes=self._config.limits.max_message_bytes,
+            tables=[
+                pb.TableMetadata(
+                    name=name,
+                    feature_names=[name],
+                    num_embeddings=tables[name].num_embeddings,
+                    embedding_dim=tables[name].embedding_dim,
+                    data_type=tables[name].data_type.value,
+                    serving_dtype=(
+                        tables[name].effective_serving_dtype.value
+                        if model.engine.value == "fused"
+                        else tables[name].data_type.value
+                    ),
+                    weight_bytes=model.weight_bytes.get(name, 0),
+                    weighted=tables[name].weighted,
+                    id_policy=tables[name].id_policy.value,
+                )
+                for name in model.keys
+            ],
+        )
