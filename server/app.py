@@ -15,14 +15,13 @@ from prometheus_client import start_http_server
 
 from embserve.embeddings import ServingModel, build_serving_model, load_model_config
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1 import embserve_pb2_grpc as pb_grpc
 
 from .batcher import DynamicBatcher
 from .codec import SparseRequest
 from .config import ServerConfig
 from .executor import BatchExecutor, BatchOutput
 from .metrics import ServerMetrics
-from .servicer import EmbeddingServicer, model_schema
+from .servicer import EmbeddingServicer, add_to_server, model_schema
 
 __all__ = ["EmbserveServer", "load_model", "run_server"]
 
@@ -99,7 +98,7 @@ class EmbserveServer:
 
     async def start(self) -> None:
         server = grpc.aio.server(options=self.grpc_options())
-        pb_grpc.add_EmbeddingServiceServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -138,8 +137,13 @@ class EmbserveServer:
         grace = self.config.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         self.servicer.accepting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # Keep the port open while accepted calls finish, so probes read NOT_SERVING and new calls UNAVAILABLE.
+        if not await self.servicer.wait_idle(grace):
+            logger.warning("grace period over with calls in flight; cancelling them", extra={"grace_s": grace})
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, deadline - loop.time()))
         await self.batcher.close()
         self.executor.shutdown()
         if self._metrics_http is not None:

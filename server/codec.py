@@ -9,13 +9,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from typing import TypeVar
+
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from embserve.v1 import embserve_pb2 as pb
 
 from .errors import InvalidRequest
 
-__all__ = ["ModelSchema", "SparseRequest", "decode_lookup", "encode_lookup", "OUTPUT_DTYPES"]
+__all__ = ["ModelSchema", "SparseRequest", "decode_lookup", "encode_lookup", "parse_message", "OUTPUT_DTYPES"]
 
 _LENGTHS = np.dtype("<i4")
 _VALUES = np.dtype("<i8")
@@ -65,6 +68,17 @@ class SparseRequest:
     ids_per_key: np.ndarray  # int64 [K]
     output_dtype: str = "float32"
     request_id: str = ""
+
+
+M = TypeVar("M", bound=Message)
+
+
+def parse_message(cls: type[M], raw: bytes) -> M:
+    """Parses request bytes; corrupt wire data is an `InvalidRequest`, not a servicer crash."""
+    try:
+        return cls.FromString(raw)
+    except DecodeError as err:
+        raise InvalidRequest(f"request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
 
 
 def _array(buf: bytes, dtype: np.dtype, field: str) -> np.ndarray:

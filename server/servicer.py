@@ -15,13 +15,13 @@ from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 
 from .batcher import DynamicBatcher
-from .codec import ModelSchema, SparseRequest, decode_lookup, encode_lookup
+from .codec import ModelSchema, SparseRequest, decode_lookup, encode_lookup, parse_message
 from .config import ServerConfig
 from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .metrics import ServerMetrics
 
-__all__ = ["EmbeddingServicer", "model_schema"]
+__all__ = ["EmbeddingServicer", "add_to_server", "model_schema"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,27 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         self._metrics = metrics
         self._current_model = current_model
         self.accepting = True
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    async def Lookup(self, request: pb.LookupRequest, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+    async def wait_idle(self, timeout: float) -> bool:
+        """Waits until no Lookup is in progress (or `timeout` passes); True when idle."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:  # type: ignore[override]
         start = time.perf_counter()
         code = grpc.StatusCode.OK
+        self._inflight += 1
+        self._idle.clear()
         try:
             if not self.accepting:
                 raise ShuttingDown("server is shutting down; retry on another replica")
-            sparse = decode_lookup(request, self._schema)
+            sparse = decode_lookup(parse_message(pb.LookupRequest, request), self._schema)
             out = await self._batcher.submit(sparse, timeout=context.time_remaining())
             model = out.model
             self._metrics.examples.inc(out.batch_size)
@@ -94,12 +107,20 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             logger.exception("lookup failed unexpectedly")
             raise
         finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
             self._metrics.requests.labels("Lookup", code.name).inc()
             self._metrics.request_seconds.labels("Lookup").observe(time.perf_counter() - start)
 
-    async def GetModelMetadata(
-        self, request: pb.GetModelMetadataRequest, context: grpc.aio.ServicerContext
+    async def GetModelMetadata(  # type: ignore[override]
+        self, request: bytes, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadata:
+        try:
+            parse_message(pb.GetModelMetadataRequest, request)
+        except EmbserveError as err:
+            self._metrics.requests.labels("GetModelMetadata", status_code_of(err).name).inc()
+            await context.abort(status_code_of(err), str(err))
         model = self._current_model()
         tables = {t.name: t for t in model.config.tables}
         self._metrics.requests.labels("GetModelMetadata", "OK").inc()
@@ -133,3 +154,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 for name in model.keys
             ],
         )
+
+
+def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
+    """Registers the service with request bytes handed to the handlers unparsed, so that corrupt wire data is
+    answered with INVALID_ARGUMENT by the codec instead of an UNKNOWN from the framework."""
+    service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
+    handlers = {
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            servicer.Lookup, response_serializer=pb.LookupResponse.SerializeToString
+        ),
+        "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelMetadata, response_serializer=pb.ModelMetadata.SerializeToString
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

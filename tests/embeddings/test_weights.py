@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from embserve.embeddings import (
+    CheckpointError,
+    LargeEmbeddings,
+    build_serving_model,
+    init_weights,
+    load_checkpoint,
+    save_checkpoint,
+    table_weights,
+)
+from tests.conftest import SMALL_TABLES, float_tables, make_config
+
+
+def _weights(model: LargeEmbeddings) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy().copy() for k, v in table_weights(model).items()}
+
+
+def test_init_is_deterministic_and_per_table() -> None:
+    a = float_tables(make_config(), seed=1)
+    b = float_tables(make_config(), seed=1)
+    c = float_tables(make_config(), seed=2)
+    reordered = float_tables(make_config(list(reversed(SMALL_TABLES))), seed=1)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+        np.testing.assert_array_equal(a[name], reordered[name])
+        assert not np.array_equal(a[name], c[name])
+        bound = np.sqrt(1.0 / a[name].shape[0])
+        assert np.abs(a[name]).max() <= bound * 1.001
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_checkpoint_round_trip(tmp_path: Path, suffix: str) -> None:
+    config = make_config()
+    src = LargeEmbeddings(config)
+    init_weights(src, seed=7)
+    path = tmp_path / f"ckpt{suffix}"
+    save_checkpoint(src, path)
+    dst = LargeEmbeddings(config)
+    init_weights(dst, seed=0)
+    load_checkpoint(dst, path)
+    for name, w in _weights(src).items():
+        np.testing.assert_array_equal(_weights(dst)[name], w)
+    served = build_serving_model(config, checkpoint=path)
+    assert served.version.startswith("ckpt-") and len(served.version) == len("ckpt-") + 12
+
+
+def test_seed_style_state_dict_with_model_prefix_loads(tmp_path: Path) -> None:
+    config = make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 4}])
+    weight = torch.randn(50, 4)
+    # A whole seed model's state dict: the embedding module sits under a prefix, next to dense layers.
+    state = {
+        "model.large_embeddings.ebc.embedding_bags.user.weight": weight,
+        "model.mlp.0.weight": torch.randn(3, 3),
+    }
+    path = tmp_path / "seed.pt"
+    torch.save(state, path)
+    model = LargeEmbeddings(config)
+    load_checkpoint(model, path)
+    np.testing.assert_array_equal(_weights(model)["user"], weight.numpy())
+
+
+def test_mismatches_name_the_table(tmp_path: Path) -> None:
+    config = make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 4}])
+    model = LargeEmbeddings(config)
+    cases = {
+        "shape.pt": ({"ebc.embedding_bags.user.weight": torch.zeros(49, 4)}, r"table 'user': checkpoint shape \(49, 4\)"),
+        "missing.pt": ({"ebc.embedding_bags.other.weight": torch.zeros(50, 4)}, r"tables the model does not: \['other'\]"),
+        "empty.pt": ({}, "no weights for table 'user'"),
+        "nan.pt": ({"ebc.embedding_bags.user.weight": torch.full((50, 4), float("nan"))}, "non-finite"),
+        "int.pt": ({"ebc.embedding_bags.user.weight": torch.zeros(50, 4, dtype=torch.int64)}, "not a float type"),
+    }
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(model, tmp_path / name)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(model, tmp_path / "absent.pt")
+
+
+class _Exploit:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_pickled_objects_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"ebc.embedding_bags.user.weight": _Exploit()}, f)
+    model = LargeEmbeddings(make_config([{"name": "user", "num_embeddings": 5, "embedding_dim": 2}]))
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(model, path)
+    assert "unpickled arbitrary code" not in capsys.readouterr().out
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        load_checkpoint(model, garbage)
