@@ -20,7 +20,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC's own retry policy (exponential backoff with jitter), applied to UNAVAILABLE and RESOURCE_EXHAUSTED.
+    """gRPC's own retry policy (exponential backoff with jitter) for UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED
+    (lookups are idempotent reads, so a call the server cancelled while shutting down is safe to resend).
 
     `max_attempts` counts the first try; gRPC caps it at 5.
     """
@@ -29,7 +30,7 @@ class RetryPolicy:
     initial_backoff_s: float = 0.02
     max_backoff_s: float = 1.0
     backoff_multiplier: float = 2.0
-    retryable_codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+    retryable_codes: tuple[str, ...] = ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "CANCELLED")
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= 5:

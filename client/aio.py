@@ -19,7 +19,7 @@ from .result import LookupResult, ModelInfo
 
 __all__ = ["AsyncClient"]
 
-_STATUS = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
+_STATUS: dict[int, str] = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 
 
 class AsyncClient:

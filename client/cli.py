@@ -20,7 +20,7 @@ __all__ = ["add_query_args", "run_query"]
 
 
 def add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default="127.0.0.1:50051", help="server host:port (repeat for replicas)", action="append")
+    p.add_argument("--address", action="append", help="server host:port, repeat for replicas (default 127.0.0.1:50051)")
     p.add_argument(
         "--feature",
         action="append",
@@ -51,7 +51,7 @@ def _parse_features(specs: list[str]) -> dict[str, list[list[int]]]:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    addresses = args.address[1:] if len(args.address) > 1 else args.address  # drop the default when given
+    addresses = args.address or ["127.0.0.1:50051"]
     try:
         with Client(addresses, timeout=args.timeout, token=args.token) as client:
             if args.health:

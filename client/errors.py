@@ -5,9 +5,10 @@
     ├── Overloaded                RESOURCE_EXHAUSTED (retried first, when retries are on)
     ├── DeadlineExceeded          DEADLINE_EXCEEDED
     ├── Unavailable               UNAVAILABLE (retried first, when retries are on)
+    │   └── Cancelled             CANCELLED: the server cancelled the call unanswered, as it does to calls that
+    │                             arrive while it shuts down (the SDK never cancels on its own; retried too)
     ├── Unauthenticated           UNAUTHENTICATED
     ├── PermissionDenied          PERMISSION_DENIED
-    ├── Cancelled                 CANCELLED
     └── ServerError               INTERNAL, UNKNOWN and every other status
 """
 
@@ -62,7 +63,7 @@ class PermissionDenied(EmbserveError):
     pass
 
 
-class Cancelled(EmbserveError):
+class Cancelled(Unavailable):
     pass
 
 

@@ -12,8 +12,8 @@ from embserve.v1 import embserve_pb2 as pb
 
 __all__ = ["LookupResult", "ModelInfo", "TableInfo"]
 
-_NUMPY = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2"), pb.DTYPE_BFLOAT16: np.dtype("<u2")}
-_NAMES = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16"}
+_NUMPY: dict[int, np.dtype[Any]] = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2"), pb.DTYPE_BFLOAT16: np.dtype("<u2")}
+_NAMES: dict[int, str] = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16"}
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:

@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    return run_query(args)
+    return int(run_query(args))
 
 
 if __name__ == "__main__":

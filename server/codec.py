@@ -76,9 +76,10 @@ M = TypeVar("M", bound=Message)
 def parse_message(cls: type[M], raw: bytes) -> M:
     """Parses request bytes; corrupt wire data is an `InvalidRequest`, not a servicer crash."""
     try:
-        return cls.FromString(raw)
+        message: M = cls.FromString(raw)
     except DecodeError as err:
         raise InvalidRequest(f"request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
+    return message
 
 
 def _array(buf: bytes, dtype: np.dtype, field: str) -> np.ndarray:

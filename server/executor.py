@@ -55,7 +55,9 @@ class BatchExecutor:
         self._on_forward = on_forward
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embserve-assemble")
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embserve-forward")
-        self._copy_stream = torch.cuda.Stream(model.device) if model.device.type == "cuda" else None
+        self._copy_stream = (
+            torch.cuda.Stream(model.device) if model.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        )
 
     @property
     def model(self) -> ServingModel:
@@ -90,7 +92,7 @@ class BatchExecutor:
                 values = values.pin_memory().to(model.device, non_blocking=True)
                 if weights is not None:
                     weights = weights.pin_memory().to(model.device, non_blocking=True)
-                copied = torch.cuda.Event()
+                copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 copied.record(self._copy_stream)
         features = KeyedJaggedTensor(keys=list(model.keys), values=values, lengths=lengths, weights=weights)
         return _Prepared(batch, features, model, copied)

@@ -40,7 +40,7 @@ def model_schema(model: ServingModel, config: ServerConfig) -> ModelSchema:
     )
 
 
-class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
+class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     """Decodes and validates each call, submits it to the batcher, and encodes its share of the batch."""
 
     def __init__(
@@ -72,33 +72,16 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
 
     async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:  # type: ignore[override]
         start = time.perf_counter()
-        code = grpc.StatusCode.OK
         self._inflight += 1
         self._idle.clear()
+        error: EmbserveError | None = None
+        code = grpc.StatusCode.OK
         try:
-            if not self.accepting:
-                raise ShuttingDown("server is shutting down; retry on another replica")
-            sparse = decode_lookup(parse_message(pb.LookupRequest, request), self._schema)
-            out = await self._batcher.submit(sparse, timeout=context.time_remaining())
-            model = out.model
-            self._metrics.examples.inc(out.batch_size)
-            return encode_lookup(
-                out.payload,
-                batch_size=out.batch_size,
-                output_dtype=out.dtype,
-                keys=model.keys,
-                dims=model.dims,
-                offsets=model.offsets,
-                model_name=model.config.name,
-                model_version=model.version,
-                request_id=sparse.request_id,
-            )
+            return await self._lookup(request, context)
         except EmbserveError as err:
-            code = status_code_of(err)
+            error, code = err, status_code_of(err)
             if code is grpc.StatusCode.INTERNAL:
                 logger.error("lookup failed: %s", err)
-            await context.abort(code, str(err))
-            raise  # context.abort always raises
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -107,11 +90,33 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
             logger.exception("lookup failed unexpectedly")
             raise
         finally:
+            # Recorded before the status leaves the server, so a caller that sees it also sees it counted.
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
             self._metrics.requests.labels("Lookup", code.name).inc()
             self._metrics.request_seconds.labels("Lookup").observe(time.perf_counter() - start)
+        await context.abort(code, str(error))
+        raise AssertionError("context.abort returned")  # pragma: no cover
+
+    async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+        if not self.accepting:
+            raise ShuttingDown("server is shutting down; retry on another replica")
+        sparse = decode_lookup(parse_message(pb.LookupRequest, request), self._schema)
+        out = await self._batcher.submit(sparse, timeout=context.time_remaining())
+        model = out.model
+        self._metrics.examples.inc(out.batch_size)
+        return encode_lookup(
+            out.payload,
+            batch_size=out.batch_size,
+            output_dtype=out.dtype,
+            keys=model.keys,
+            dims=model.dims,
+            offsets=model.offsets,
+            model_name=model.config.name,
+            model_version=model.version,
+            request_id=sparse.request_id,
+        )
 
     async def GetModelMetadata(  # type: ignore[override]
         self, request: bytes, context: grpc.aio.ServicerContext

@@ -1,0 +1,106 @@
+"""`embserve serve` as a process: starts, answers, and drains on SIGTERM without losing accepted calls."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pytest
+
+from embserve.client import Client, EmbserveError, Unavailable
+
+BIN = Path(sys.executable).parent / "embserve"
+
+
+def _wait_for_log(stream: IO[str], msg: str, timeout: float = 120) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("msg") == msg:
+            return dict(entry)
+    raise AssertionError(f"server never logged {msg!r}")
+
+
+@pytest.mark.slow
+def test_serve_query_and_sigterm_under_load(tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("model: twhin_local\nport: 0\nmetrics_port: 0\nbatching:\n  max_batch_size: 512\n")
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--config", str(config), "--grace-period", "20", "--seed", "3"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        serving = _wait_for_log(proc.stderr, "serving")
+        address = str(serving["address"])
+        assert serving["model"] == "twhin_local" and serving["version"] == "init-3"
+        drain = threading.Thread(target=proc.stderr.read, daemon=True)  # keep draining the log pipe
+        drain.start()
+
+        query = subprocess.run(
+            [str(BIN), "query", "--address", address, "--feature", "user=1,2|3", "--feature", "tweet=4|"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert query.returncode == 0, query.stderr
+        assert "model twhin_local version init-3: 2 x 8 float32" in query.stdout
+        meta = subprocess.run([str(BIN), "query", "--address", address, "--metadata"], capture_output=True, text=True)
+        assert "user" in meta.stdout and "424241" in meta.stdout
+
+        outcomes: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with Client(address, retry=None, timeout=30) as client:
+                expected = client.lookup({"user": [[7, 8]] * 64})
+                while not stop.is_set():
+                    try:
+                        result = client.lookup({"user": [[7, 8]] * 64})
+                        np.testing.assert_array_equal(result.embeddings, expected.embeddings)
+                        outcomes.append("ok")
+                    except Unavailable:
+                        outcomes.append("refused")
+                        time.sleep(0.01)
+                    except EmbserveError as err:
+                        outcomes.append(f"error {type(err).__name__}: {err}")
+
+        threads = [threading.Thread(target=traffic) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        drain.join(10)
+        stop.set()
+        for t in threads:
+            t.join(60)
+        errors = [o for o in outcomes if o.startswith("error")]
+        assert not errors, errors[:5]
+        assert outcomes.count("ok") > 10 and outcomes.count("refused") >= 1
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+def test_bad_configuration_is_reported(tmp_path: Path) -> None:
+    config = tmp_path / "server.yaml"
+    config.write_text("batching:\n  max_batch_size: 0\n  surprise: 1\n")
+    out = subprocess.run([str(BIN), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "batching.max_batch_size" in out.stderr and "batching.surprise" in out.stderr
