@@ -35,3 +35,5 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # torch.fx warns about its own tracing helpers whenever torchrec's modules are built; not actionable here.
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)

@@ -1,0 +1,67 @@
+"""The transport ceiling: a gRPC server with embserve's protocol that parses each request and answers a prebuilt
+response of the right size, computing nothing.
+
+    python -m embserve.benchmarks.noop_server --port 0 --output-dim 1664
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+import grpc
+
+from embserve.v1 import embserve_pb2 as pb
+
+__all__ = ["main"]
+
+_BYTES = {pb.DTYPE_UNSPECIFIED: 4, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
+
+
+class _Noop:
+    def __init__(self, output_dim: int) -> None:
+        self.output_dim = output_dim
+        self._cache: dict[tuple[int, int], bytes] = {}
+
+    async def lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = pb.LookupRequest.FromString(raw)
+        key = (request.features.batch_size, request.output_dtype)
+        response = self._cache.get(key)
+        if response is None:
+            batch, dtype = key
+            response = pb.LookupResponse(
+                dtype=dtype or pb.DTYPE_FLOAT32,
+                shape=[batch, self.output_dim],
+                embeddings=bytes(batch * self.output_dim * _BYTES[dtype]),
+                model_name="noop",
+                model_version="noop",
+            ).SerializeToString()
+            self._cache[key] = response
+        return response
+
+
+async def _serve(port: int, output_dim: int) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    noop = _Noop(output_dim)
+    handler = grpc.unary_unary_rpc_method_handler(noop.lookup)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("embserve.v1.EmbeddingService", {"Lookup": handler}),)
+    )
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(json.dumps({"msg": "serving", "address": f"127.0.0.1:{bound}"}), file=sys.stderr, flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--output-dim", type=int, required=True)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.port, args.output_dim))
+
+
+if __name__ == "__main__":
+    main()

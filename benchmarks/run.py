@@ -1,0 +1,224 @@
+"""The standard benchmark suite: each workload against embserve, embserve unbatched, the transport ceiling (a no-op
+server) and the compute ceiling (the forward in process), closed and open loop.
+
+    python -m embserve.benchmarks.run                       # the standard suite (about 5 minutes on 2 cores)
+    python -m embserve.benchmarks.run --workloads small --duration 1 --out /tmp/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import shlex
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from embserve.embeddings import ServingModel, build_serving_model
+from embserve.v1 import embserve_pb2 as pb
+
+from .ceilings import compute_ceiling
+from .loadgen import LoadResult, closed_loop, open_loop
+from .procs import ServerProcess, embserve_command, noop_command
+from .report import Record, write_report
+from .workloads import WORKLOADS, Request, Workload
+
+__all__ = ["main", "run_suite"]
+
+CONCURRENCY = {"small": [1, 8, 64, 128], "large": [1, 8, 64], "multihot": [1, 16, 64]}
+OPEN_FRACTIONS = (0.25, 0.5, 0.75)
+DISTINCT_REQUESTS = {"small": 1024, "large": 32, "multihot": 32}
+MAX_QUEUE_DELAY_US = 1000
+_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+
+
+def _encode(requests: Sequence[Request], dtype: str) -> list[bytes]:
+    return [
+        pb.LookupRequest(
+            features=pb.SparseFeatures(
+                keys=r.keys, batch_size=r.batch_size,
+                lengths=r.lengths.astype("<i4").tobytes(), values=r.values.astype("<i8").tobytes(),
+            ),
+            output_dtype=_DTYPES[dtype],
+        ).SerializeToString()
+        for r in requests
+    ]
+
+
+def _checker(model: ServingModel, requests: Sequence[Request]) -> Callable[[int, bytes], bool]:
+    """Compares a response with the in-process forward of the same model (same seed) for that request."""
+    import torch
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    def check(index: int, raw: bytes) -> bool:
+        response = pb.LookupResponse.FromString(raw)
+        r = requests[index]
+        kjt = KeyedJaggedTensor(keys=list(r.keys), values=torch.from_numpy(r.values),
+                                lengths=torch.from_numpy(r.lengths.reshape(-1)))
+        expected = model.forward(kjt).numpy()
+        if response.dtype == pb.DTYPE_FLOAT16:
+            got = np.frombuffer(response.embeddings, "<f2").reshape(expected.shape).astype(np.float32)
+            return bool(np.allclose(got, expected, rtol=2e-3, atol=1e-4))
+        got = np.frombuffer(response.embeddings, "<f4").reshape(expected.shape)
+        return bool(np.array_equal(got, expected))
+
+    return check
+
+
+def _record(workload: str, target: str, dtype: str, res: LoadResult, **extra: object) -> Record:
+    return Record(
+        workload=workload, target=target, mode=res.mode, concurrency=res.concurrency, rate=res.rate,
+        output_dtype=dtype, duration_s=res.duration_s, requests=res.ok, examples=res.examples, rps=res.rps,
+        eps=res.eps, p50_ms=res.percentile(50), p90_ms=res.percentile(90), p99_ms=res.percentile(99),
+        p999_ms=res.percentile(99.9), errors=res.errors, wrong=res.wrong, checked=res.checked,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+class _Progress:
+    def __init__(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="point", file=sys.stderr, dynamic_ncols=True)
+
+    def step(self, text: str) -> None:
+        self.bar.set_description(text)
+
+    def done(self, record: Record) -> None:
+        self.bar.update(1)
+        self.bar.write(
+            f"{record.workload:9s} {record.target:18s} {record.mode:6s} "
+            f"{(record.concurrency or 0):4d} {record.output_dtype:8s} {record.rps:9,.0f} req/s {record.eps:11,.0f} ex/s "
+            f"p50 {record.p50_ms:7.2f} p99 {record.p99_ms:7.2f} ms errors {record.errors or '-'} wrong {record.wrong}"
+        )
+
+
+def _batch_mean(before: dict[str, float], after: dict[str, float]) -> float | None:
+    n = after.get("embserve_batches_total", 0) - before.get("embserve_batches_total", 0)
+    s = after.get("embserve_batch_examples_sum", 0) - before.get("embserve_batch_examples_sum", 0)
+    return s / n if n else None
+
+
+def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progress: _Progress) -> list[Record]:
+    records: list[Record] = []
+    model_path = tmp / f"{workload.name}.yaml"
+    model_path.write_text(yaml.safe_dump(workload.config.model_dump(mode="json", exclude_none=True)))
+    requests = workload.requests(DISTINCT_REQUESTS[workload.name], seed=args.seed)
+    sizes = [r.batch_size for r in requests]
+    payloads = {dtype: _encode(requests, dtype) for dtype in _DTYPES}
+    out_dim = workload.config.output_dim
+    min_bytes = {d: [s * out_dim * (4 if d == "float32" else 2) for s in sizes] for d in _DTYPES}
+    delay = ["--max-queue-delay-us", str(MAX_QUEUE_DELAY_US)]
+    servers = {
+        "embserve": ServerProcess(embserve_command(model_path, *delay), "embserve"),
+        "unbatched": ServerProcess(embserve_command(model_path, "--no-batching"), "embserve unbatched"),
+        "transport-ceiling": ServerProcess(noop_command(out_dim), "no-op server"),
+    }
+    progress.step(f"{workload.name}: starting servers")
+    for s in servers.values():
+        s.start()
+    try:
+        model = build_serving_model(workload.config)  # same seed as the servers: the reference and compute ceiling
+        check = _checker(model, requests)
+        for s in servers.values():
+            s.wait_ready()
+        levels = CONCURRENCY[workload.name][: args.max_points]
+        batch_at_top: float | None = None
+        for target, server in servers.items():
+            for n in levels:
+                progress.step(f"{workload.name} {target} {n} callers")
+                before = server.metrics()
+                res = asyncio.run(closed_loop(
+                    server.address, payloads["float32"], sizes, min_bytes["float32"], concurrency=n,
+                    duration_s=args.duration, warmup_s=args.warmup,
+                    check=None if target == "transport-ceiling" else check,
+                ))
+                mean = _batch_mean(before, server.metrics())
+                if target == "embserve" and n == levels[-1]:
+                    batch_at_top = mean
+                rec = _record(workload.name, target, "float32", res, mean_batch_examples=mean,
+                              server_rss_mb=server.rss_bytes() / 2**20)
+                records.append(rec)
+                progress.done(rec)
+        if workload.name == "large":
+            for target in ("embserve", "transport-ceiling"):
+                progress.step(f"{workload.name} {target} fp16")
+                res = asyncio.run(closed_loop(
+                    servers[target].address, payloads["float16"], sizes, min_bytes["float16"],
+                    concurrency=levels[-1], duration_s=args.duration, warmup_s=args.warmup,
+                    check=check if target == "embserve" else None,
+                ))
+                rec = _record(workload.name, target, "float16", res)
+                records.append(rec)
+                progress.done(rec)
+        if workload.name == "small" and not args.no_open_loop:
+            top = max((r.rps for r in records if r.target == "embserve" and r.mode == "closed"), default=0.0)
+            for fraction in OPEN_FRACTIONS:
+                progress.step(f"{workload.name} open loop {fraction:.0%}")
+                res = asyncio.run(open_loop(
+                    servers["embserve"].address, payloads["float32"], sizes, min_bytes["float32"],
+                    rate=max(1.0, fraction * top), duration_s=args.duration, warmup_s=args.warmup, check=check,
+                ))
+                rec = _record(workload.name, "embserve", "float32", res, load_fraction=fraction)
+                records.append(rec)
+                progress.done(rec)
+        progress.step(f"{workload.name} compute ceiling")
+        batch = batch_at_top or float(np.mean(sizes))
+        eps = compute_ceiling(model, requests, batch, seconds=args.duration)
+        rec = Record(
+            workload=workload.name, target="compute-ceiling", mode="in-process", concurrency=None, rate=None,
+            output_dtype="float32", duration_s=args.duration, requests=0, examples=0, rps=eps / batch, eps=eps,
+            p50_ms=1e3 * batch / eps, p90_ms=math.nan, p99_ms=math.nan, p999_ms=math.nan, errors={}, wrong=0,
+            checked=0, mean_batch_examples=batch,
+        )
+        records.append(rec)
+        progress.done(rec)
+    finally:
+        for s in servers.values():
+            s.stop()
+    return records
+
+
+def run_suite(args: argparse.Namespace) -> tuple[list[Record], dict[str, Path]]:
+    names = args.workloads
+    total = 0
+    for name in names:
+        levels = len(CONCURRENCY[name][: args.max_points])
+        total += 3 * levels + 1 + (2 if name == "large" else 0)
+        total += len(OPEN_FRACTIONS) if name == "small" and not args.no_open_loop else 0
+    progress = _Progress(total)
+    records: list[Record] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            records += run_workload(WORKLOADS[name](), args, Path(tmp), progress)
+    progress.bar.close()
+    command = "python -m embserve.benchmarks.run " + " ".join(shlex.quote(a) for a in args.argv)
+    paths = write_report(records, Path(args.out), command.strip(), MAX_QUEUE_DELAY_US / 1e3)
+    return records, paths
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per point")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
+    parser.add_argument("--max-points", type=int, default=8, help="concurrency levels per workload (from the lowest)")
+    parser.add_argument("--no-open-loop", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    records, paths = run_suite(args)
+    print(paths["markdown"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    wrong = sum(r.wrong for r in records)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

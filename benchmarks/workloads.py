@@ -1,0 +1,94 @@
+"""Benchmark workloads: a model config plus a deterministic request generator each."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from embserve.embeddings import ModelConfig, model_config_from_dict
+
+__all__ = ["Request", "WORKLOADS", "Workload", "zipf_ids"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One request's features in wire layout (canonical key order, every key present)."""
+
+    keys: tuple[str, ...]
+    lengths: np.ndarray  # int32 [K, B]
+    values: np.ndarray  # int64
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    name: str
+    description: str
+    config: ModelConfig
+    make_request: Callable[[np.random.Generator], Request]
+
+    def requests(self, count: int, seed: int = 0) -> list[Request]:
+        rng = np.random.default_rng(seed)
+        return [self.make_request(rng) for _ in range(count)]
+
+
+def zipf_ids(rng: np.random.Generator, rows: int, size: int, a: float = 1.2) -> np.ndarray:
+    """Zipf-like ids in [0, rows): a few hot ids, a long tail (hashed so hot ids spread over the table)."""
+    ranks = rng.zipf(a, size=size).astype(np.int64)
+    return (ranks * 2654435761) % rows
+
+
+def _one_hot(config: ModelConfig, rng: np.random.Generator, batch: int) -> Request:
+    keys = tuple(t.name for t in config.tables)
+    lengths = np.ones((len(keys), batch), dtype=np.int32)
+    values = np.concatenate([zipf_ids(rng, t.num_embeddings, batch) for t in config.tables])
+    return Request(keys, lengths, values)
+
+
+def _small() -> Workload:
+    config = model_config_from_dict(
+        {"name": "small", "tables": [{"name": f"f{i}", "num_embeddings": 100_000, "embedding_dim": 64} for i in range(26)]}
+    )
+    return Workload(
+        "small",
+        "26 tables x 100,000 rows x dim 64 fp32; one id per feature; 1 to 8 examples per request",
+        config,
+        lambda rng: _one_hot(config, rng, int(rng.integers(1, 9))),
+    )
+
+
+def _large() -> Workload:
+    config = _small().config.model_copy(update={"name": "large"})
+    return Workload(
+        "large",
+        "the small model; 512 examples per request (one user x 512 candidates)",
+        config,
+        lambda rng: _one_hot(config, rng, 512),
+    )
+
+
+def _multihot() -> Workload:
+    tables = [
+        {"name": f"m{i}", "num_embeddings": 500_000, "embedding_dim": 128, "data_type": "fp16" if i % 2 else "fp32"}
+        for i in range(8)
+    ]
+    config = model_config_from_dict({"name": "multihot", "tables": tables})
+
+    def make(rng: np.random.Generator) -> Request:
+        batch = 64
+        keys = tuple(t.name for t in config.tables)
+        lengths = rng.integers(1, 41, size=(len(keys), batch)).astype(np.int32)
+        values = np.concatenate(
+            [zipf_ids(rng, t.num_embeddings, int(lengths[i].sum())) for i, t in enumerate(config.tables)]
+        )
+        return Request(keys, lengths, values)
+
+    return Workload("multihot", "8 tables x 500,000 rows x dim 128 (half fp16); 1 to 40 ids per bag; 64 examples", config, make)
+
+
+WORKLOADS: dict[str, Callable[[], Workload]] = {"small": _small, "large": _large, "multihot": _multihot}
