@@ -54,7 +54,7 @@ def compute_ceiling(model: ServingModel, requests: Sequence[Request], batch_exam
             weights=None if a.weights is None else torch.from_numpy(a.weights),
         )
         model.forward(kjt)
-        return a.batch_size
+        return int(a.batch_size)
 
     for b in batches[:4]:
         run(b)

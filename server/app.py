@@ -59,8 +59,12 @@ class EmbserveServer:
     def __init__(self, config: ServerConfig, *, model: ServingModel | None = None) -> None:
         self.config = config
         self.metrics = ServerMetrics()
-        self.executor = BatchExecutor(model or load_model(config), on_forward=self.metrics.forward_seconds.observe)
+        model = model or load_model(config)
         b = config.batching
+        inflight = b.max_inflight_batches or (2 if model.device.type == "cuda" else 1)
+        self.executor = BatchExecutor(
+            model, pipelined=inflight > 1, on_forward=self.metrics.forward_seconds.observe
+        )
         self.batcher: DynamicBatcher[SparseRequest, BatchOutput] = DynamicBatcher(
             self.executor.run,
             size_of=lambda r: r.batch_size,
@@ -68,7 +72,7 @@ class EmbserveServer:
             max_queue_delay_s=b.max_queue_delay_us / 1e6,
             max_queue_size=b.max_queue_size,
             policy=b.policy,
-            max_inflight_batches=b.max_inflight_batches,
+            max_inflight_batches=inflight,
             observer=self.metrics,
         )
         self.servicer = EmbeddingServicer(

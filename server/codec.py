@@ -18,7 +18,7 @@ from embserve.v1 import embserve_pb2 as pb
 
 from .errors import InvalidRequest
 
-__all__ = ["ModelSchema", "SparseRequest", "decode_lookup", "encode_lookup", "parse_message", "OUTPUT_DTYPES"]
+__all__ = ["ModelSchema", "ResponseEncoder", "SparseRequest", "decode_lookup", "parse_message", "OUTPUT_DTYPES"]
 
 _LENGTHS = np.dtype("<i4")
 _VALUES = np.dtype("<i8")
@@ -107,13 +107,14 @@ def decode_lookup(request: pb.LookupRequest, schema: ModelSchema) -> SparseReque
         raise InvalidRequest(
             f"features.batch_size {batch_size} is over the server's max_request_examples {schema.max_request_examples}"
         )
+    index_of = schema.index_of
     key_index = np.empty(len(f.keys), dtype=np.int64)
     for i, key in enumerate(f.keys):  # one step per key, never per example
-        idx = schema.index_of(key)
+        idx = index_of(key)
         if idx is None:
             raise InvalidRequest(f"unknown key {key!r} at keys[{i}]; the model's keys are {list(schema.keys)}")
         key_index[i] = idx
-    if len(np.unique(key_index)) != len(key_index):
+    if len(set(f.keys)) != len(f.keys):
         seen: set[str] = set()
         dup = next(k for k in f.keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise InvalidRequest(f"duplicate key {dup!r} in features.keys")
@@ -179,27 +180,49 @@ def decode_lookup(request: pb.LookupRequest, schema: ModelSchema) -> SparseReque
     )
 
 
-def encode_lookup(
-    payload: bytes,
-    *,
-    batch_size: int,
-    output_dtype: str,
-    keys: Sequence[str],
-    dims: Sequence[int],
-    offsets: Sequence[int],
-    model_name: str,
-    model_version: str,
-    request_id: str = "",
-) -> pb.LookupResponse:
-    """A LookupResponse around one request's rows, already serialized as `output_dtype` bytes."""
-    return pb.LookupResponse(
-        dtype=_WIRE_DTYPES[output_dtype],
-        shape=[batch_size, offsets[-1]],
-        embeddings=payload,
-        keys=keys,
-        dims=dims,
-        offsets=offsets,
-        model_name=model_name,
-        model_version=model_version,
-        request_id=request_id,
-    )
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_tag(name: str) -> bytes:
+    """The tag of a length-delimited LookupResponse field (packed repeated, bytes or string)."""
+    return _varint(pb.LookupResponse.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+
+
+_SHAPE, _EMBEDDINGS, _REQUEST_ID = _field_tag("shape"), _field_tag("embeddings"), _field_tag("request_id")
+
+
+class ResponseEncoder:
+    """Serializes the LookupResponses of one model version.
+
+    The fields every response shares (dtype, key layout, model name and version) are serialized once per output
+    dtype; each response appends its shape, request id and embedding bytes. Protobuf parses concatenated
+    serializations as one message, so the result is an ordinary LookupResponse, built without copying the
+    embeddings into a message object first.
+    """
+
+    def __init__(
+        self, *, keys: Sequence[str], dims: Sequence[int], offsets: Sequence[int], model_name: str, model_version: str
+    ) -> None:
+        self.output_dim = int(offsets[-1])
+        self._prefix = {
+            name: pb.LookupResponse(
+                dtype=wire, keys=keys, dims=dims, offsets=offsets, model_name=model_name, model_version=model_version
+            ).SerializeToString()
+            for name, wire in _WIRE_DTYPES.items()
+        }
+
+    def encode(self, payload: bytes, *, batch_size: int, output_dtype: str, request_id: str = "") -> bytes:
+        """A serialized LookupResponse around one request's rows, already `output_dtype` bytes."""
+        shape = _varint(batch_size) + _varint(self.output_dim)
+        parts = [self._prefix[output_dtype], _SHAPE, _varint(len(shape)), shape]
+        if request_id:
+            rid = request_id.encode()
+            parts += [_REQUEST_ID, _varint(len(rid)), rid]
+        parts += [_EMBEDDINGS, _varint(len(payload)), payload]
+        return b"".join(parts)

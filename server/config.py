@@ -26,7 +26,6 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_MAX_BATCH_SIZE = 2048
 DEFAULT_MAX_QUEUE_DELAY_US = 1000
 DEFAULT_MAX_QUEUE_SIZE = 32768
-DEFAULT_MAX_INFLIGHT_BATCHES = 2
 DEFAULT_MAX_REQUEST_EXAMPLES = 16384
 DEFAULT_MAX_REQUEST_IDS = 4_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -56,7 +55,8 @@ class BatchingConfig(_Strict):
     max_batch_size: int = pydantic.Field(DEFAULT_MAX_BATCH_SIZE, gt=0)
     max_queue_delay_us: int = pydantic.Field(DEFAULT_MAX_QUEUE_DELAY_US, ge=0)
     max_queue_size: int = pydantic.Field(DEFAULT_MAX_QUEUE_SIZE, gt=0)
-    max_inflight_batches: int = pydantic.Field(DEFAULT_MAX_INFLIGHT_BATCHES, ge=1, le=8)
+    # None: 1 on CPU (the forward competes with the event loop for cores), 2 on CUDA (copy overlaps compute).
+    max_inflight_batches: int | None = pydantic.Field(None, ge=1, le=8)
 
 
 class LimitsConfig(_Strict):

@@ -19,18 +19,17 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embserve.embeddings import ServingModel
 
 from .assembler import AssembledBatch, assemble
-from .codec import SparseRequest
+from .codec import ResponseEncoder, SparseRequest
 
 __all__ = ["BatchExecutor", "BatchOutput"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchOutput:
-    """One request's share of a batch: its rows serialized as `dtype` bytes, and the model version that made them."""
+    """One request's share of a batch: its serialized LookupResponse, and the model version that computed it."""
 
-    payload: bytes
+    response: bytes
     batch_size: int
-    dtype: str
     model: ServingModel
 
 
@@ -39,6 +38,7 @@ class _Prepared:
     batch: AssembledBatch
     features: KeyedJaggedTensor
     model: ServingModel
+    encoder: ResponseEncoder
     copied: torch.cuda.Event | None
 
 
@@ -47,12 +47,17 @@ class BatchExecutor:
 
     Args:
         model: the model to serve; `swap_model` replaces it between batches.
+        pipelined: assemble and copy in a thread of their own, so batch N+1 is prepared while batch N computes
+            (worth it with concurrent batches, above all on GPU); otherwise one thread hop does a whole batch.
         on_forward: called with the seconds each forward (copy in, compute, copy out) took.
     """
 
-    def __init__(self, model: ServingModel, *, on_forward: Callable[[float], None] | None = None) -> None:
-        self._model = model
+    def __init__(
+        self, model: ServingModel, *, pipelined: bool = True, on_forward: Callable[[float], None] | None = None
+    ) -> None:
+        self._current = (model, _encoder_for(model))  # swapped as one reference, read once per batch
         self._on_forward = on_forward
+        self._pipelined = pipelined
         self._prepare_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embserve-assemble")
         self._compute_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embserve-forward")
         self._copy_stream = (
@@ -61,25 +66,30 @@ class BatchExecutor:
 
     @property
     def model(self) -> ServingModel:
-        return self._model
+        return self._current[0]
 
     def swap_model(self, model: ServingModel) -> None:
         """Serves `model` from the next batch on; a batch already assembled finishes on the model it started with."""
-        if model.keys != self._model.keys or model.device != self._model.device:
+        if model.keys != self.model.keys or model.device != self.model.device:
             raise ValueError("a swapped-in model must have the same keys and device")
-        self._model = model
+        self._current = (model, _encoder_for(model))
 
     async def run(self, requests: list[SparseRequest]) -> Sequence[BatchOutput]:
         loop = asyncio.get_running_loop()
+        if not self._pipelined:
+            return await loop.run_in_executor(self._compute_pool, self._run_sync, requests)
         prepared = await loop.run_in_executor(self._prepare_pool, self._prepare, requests)
         return await loop.run_in_executor(self._compute_pool, self._compute, prepared, requests)
+
+    def _run_sync(self, requests: list[SparseRequest]) -> list[BatchOutput]:
+        return self._compute(self._prepare(requests), requests)
 
     def shutdown(self) -> None:
         self._prepare_pool.shutdown(wait=True)
         self._compute_pool.shutdown(wait=True)
 
     def _prepare(self, requests: list[SparseRequest]) -> _Prepared:
-        model = self._model
+        model, encoder = self._current
         weighted = any(t.weighted for t in model.config.tables)
         batch = assemble(requests, len(model.keys), with_weights=weighted)
         lengths = torch.from_numpy(batch.lengths)
@@ -95,7 +105,7 @@ class BatchExecutor:
                 copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 copied.record(self._copy_stream)
         features = KeyedJaggedTensor(keys=list(model.keys), values=values, lengths=lengths, weights=weights)
-        return _Prepared(batch, features, model, copied)
+        return _Prepared(batch, features, model, encoder, copied)
 
     def _compute(self, prepared: _Prepared, requests: list[SparseRequest]) -> list[BatchOutput]:
         start = time.perf_counter()
@@ -109,8 +119,20 @@ class BatchExecutor:
         results = []
         for r, req in enumerate(requests):  # one step per request: slice, cast, serialize
             rows = output[int(offsets[r]) : int(offsets[r + 1])]
-            results.append(BatchOutput(_serialize(rows, req.output_dtype), req.batch_size, req.output_dtype, model))
+            response = prepared.encoder.encode(
+                _serialize(rows, req.output_dtype),
+                batch_size=req.batch_size,
+                output_dtype=req.output_dtype,
+                request_id=req.request_id,
+            )
+            results.append(BatchOutput(response, req.batch_size, model))
         return results
+
+
+def _encoder_for(model: ServingModel) -> ResponseEncoder:
+    return ResponseEncoder(
+        keys=model.keys, dims=model.dims, offsets=model.offsets, model_name=model.config.name, model_version=model.version
+    )
 
 
 def _serialize(rows: torch.Tensor, dtype: str) -> bytes:

@@ -15,7 +15,7 @@ from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 
 from .batcher import DynamicBatcher
-from .codec import ModelSchema, SparseRequest, decode_lookup, encode_lookup, parse_message
+from .codec import ModelSchema, SparseRequest, decode_lookup, parse_message
 from .config import ServerConfig
 from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
@@ -57,6 +57,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         self._batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
+        # Metric children bound once: label lookups are measurable on the per-call path.
+        self._lookup_codes = {c: metrics.requests.labels("Lookup", c.name) for c in grpc.StatusCode}
+        self._lookup_seconds = metrics.request_seconds.labels("Lookup")
+        self._examples = metrics.examples
         self.accepting = True
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -70,7 +74,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             return False
         return True
 
-    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:  # type: ignore[override]
+    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[override]
         start = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
@@ -94,29 +98,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
-            self._metrics.requests.labels("Lookup", code.name).inc()
-            self._metrics.request_seconds.labels("Lookup").observe(time.perf_counter() - start)
+            self._lookup_codes[code].inc()
+            self._lookup_seconds.observe(time.perf_counter() - start)
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+    async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if not self.accepting:
             raise ShuttingDown("server is shutting down; retry on another replica")
         sparse = decode_lookup(parse_message(pb.LookupRequest, request), self._schema)
         out = await self._batcher.submit(sparse, timeout=context.time_remaining())
-        model = out.model
-        self._metrics.examples.inc(out.batch_size)
-        return encode_lookup(
-            out.payload,
-            batch_size=out.batch_size,
-            output_dtype=out.dtype,
-            keys=model.keys,
-            dims=model.dims,
-            offsets=model.offsets,
-            model_name=model.config.name,
-            model_version=model.version,
-            request_id=sparse.request_id,
-        )
+        self._examples.inc(out.batch_size)
+        return out.response
 
     async def GetModelMetadata(  # type: ignore[override]
         self, request: bytes, context: grpc.aio.ServicerContext
@@ -166,9 +159,7 @@ def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
     answered with INVALID_ARGUMENT by the codec instead of an UNKNOWN from the framework."""
     service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
     handlers = {
-        "Lookup": grpc.unary_unary_rpc_method_handler(
-            servicer.Lookup, response_serializer=pb.LookupResponse.SerializeToString
-        ),
+        "Lookup": grpc.unary_unary_rpc_method_handler(servicer.Lookup),  # bytes in, serialized response out
         "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelMetadata, response_serializer=pb.ModelMetadata.SerializeToString
         ),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from embserve.client import LookupResult, to_sparse_input
-from embserve.server.codec import ModelSchema, decode_lookup, encode_lookup
+from embserve.server.codec import ModelSchema, ResponseEncoder, decode_lookup
 from embserve.v1 import embserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +63,14 @@ def test_response_round_trip_every_dtype() -> None:
         # bfloat16: the top 16 bits of the float32 pattern (truncation here; the server rounds).
         "bfloat16": (rows.view(np.uint32) >> 16).astype(np.uint16).tobytes(),
     }
+    encoder = ResponseEncoder(keys=["a", "b"], dims=[3, 1], offsets=[0, 3, 4], model_name="m", model_version="v7")
     for dtype, payload in payloads.items():
-        msg = encode_lookup(
-            payload, batch_size=3, output_dtype=dtype, keys=["a", "b"], dims=[3, 1], offsets=[0, 3, 4],
-            model_name="m", model_version="v7", request_id="x",
-        )
-        result = LookupResult.from_proto(pb.LookupResponse.FromString(msg.SerializeToString()))
+        for request_id in ("", "req-\u00e9" * 40):
+            raw = encoder.encode(payload, batch_size=3, output_dtype=dtype, request_id=request_id)
+            msg = pb.LookupResponse.FromString(raw)
+            assert msg.request_id == request_id and list(msg.shape) == [3, 4]
+            assert list(msg.dims) == [3, 1] and list(msg.offsets) == [0, 3, 4]
+        result = LookupResult.from_proto(msg)
         assert result.dtype == dtype and result.model_version == "v7" and result.keys == ("a", "b")
         tol = {"float32": 0, "float16": 1e-3, "bfloat16": 1e-2}[dtype]
         np.testing.assert_allclose(result.embeddings.astype(np.float32), rows, atol=tol * 2)

@@ -52,10 +52,19 @@ def _random_request(rng: np.random.Generator, config: ModelConfig) -> tuple[list
     return keys, lengths, values, weights
 
 
+@pytest.mark.parametrize(("inflight", "policy"), [(1, "eager"), (2, "eager"), (2, "wait")])
 def test_concurrent_callers_each_get_their_own_rows(
-    server_factory: Factory, small_serving: ServingModel, small_config: ModelConfig, small_tables: dict[str, np.ndarray]
+    server_factory: Factory,
+    small_serving: ServingModel,
+    small_config: ModelConfig,
+    small_tables: dict[str, np.ndarray],
+    inflight: int,
+    policy: str,
 ) -> None:
-    handle = server_factory(wrapped(small_serving, delay_s=0.01), batching={"max_batch_size": 256})
+    handle = server_factory(
+        wrapped(small_serving, delay_s=0.01),
+        batching={"max_batch_size": 256, "max_inflight_batches": inflight, "policy": policy},
+    )
     rng = np.random.default_rng(0)
     calls = [_random_request(rng, small_config) for _ in range(120)]
     channel, s = stub(handle.address)
