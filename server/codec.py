@@ -217,12 +217,14 @@ class ResponseEncoder:
             for name, wire in _WIRE_DTYPES.items()
         }
 
-    def encode(self, payload: bytes, *, batch_size: int, output_dtype: str, request_id: str = "") -> bytes:
-        """A serialized LookupResponse around one request's rows, already `output_dtype` bytes."""
+    def encode(self, payload: bytes | memoryview, *, batch_size: int, output_dtype: str, request_id: str = "") -> bytes:
+        """A serialized LookupResponse around one request's rows, already `output_dtype` bytes (any contiguous
+        buffer: the rows are copied once, into the response)."""
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
         shape = _varint(batch_size) + _varint(self.output_dim)
-        parts = [self._prefix[output_dtype], _SHAPE, _varint(len(shape)), shape]
+        parts: list[bytes | memoryview] = [self._prefix[output_dtype], _SHAPE, _varint(len(shape)), shape]
         if request_id:
             rid = request_id.encode()
             parts += [_REQUEST_ID, _varint(len(rid)), rid]
-        parts += [_EMBEDDINGS, _varint(len(payload)), payload]
+        parts += [_EMBEDDINGS, _varint(size), payload]
         return b"".join(parts)

@@ -135,9 +135,10 @@ def _encoder_for(model: ServingModel) -> ResponseEncoder:
     )
 
 
-def _serialize(rows: torch.Tensor, dtype: str) -> bytes:
+def _serialize(rows: torch.Tensor, dtype: str) -> memoryview:
+    """The rows as a contiguous buffer of `dtype` (no copy for float32 rows of a contiguous output)."""
     if dtype == "float16":
         rows = rows.to(torch.float16)
     elif dtype == "bfloat16":
         rows = rows.to(torch.bfloat16).view(torch.int16)
-    return rows.contiguous().numpy().tobytes()
+    return memoryview(rows.contiguous().numpy()).cast("B")

@@ -1,0 +1,69 @@
+"""The benchmark harness end to end on a tiny budget: servers start, load runs, answers check out, reports appear.
+(No timing is asserted: the figures come from `make bench`.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embserve.benchmarks.report import Record, targets
+from embserve.benchmarks.run import main
+from embserve.benchmarks.workloads import WORKLOADS
+
+
+@pytest.mark.slow
+def test_small_suite_writes_json_markdown_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    code = main(["--workloads", "small", "--duration", "0.4", "--warmup", "0.1", "--max-points", "1", "--out", str(out)])
+    assert code == 0
+    data = json.loads((out / "results.json").read_text())
+    assert data["hardware"]["cores"] >= 1 and "cpu" in data["hardware"]
+    by_target = {r["target"]: r for r in data["records"] if r["mode"] != "open"}
+    assert set(by_target) == {"embserve", "unbatched", "transport-ceiling", "compute-ceiling"}
+    for target in ("embserve", "unbatched", "transport-ceiling"):
+        r = by_target[target]
+        assert r["requests"] > 0 and r["errors"] == {} and r["wrong"] == 0
+    assert by_target["embserve"]["checked"] > 0  # sampled responses compared with the model
+    opens = [r for r in data["records"] if r["mode"] == "open"]
+    assert [r["load_fraction"] for r in opens] == [0.25, 0.5, 0.75]
+    md = (out / "report.md").read_text()
+    assert "| small | embserve | 1 callers |" in md and "Hardware:" in md
+    assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_workloads_are_deterministic_and_shaped_as_specified() -> None:
+    small, large, multihot = (WORKLOADS[n]() for n in ("small", "large", "multihot"))
+    assert len(small.config.tables) == 26 and small.config.tables[0].num_embeddings == 100_000
+    a, b = small.requests(20, seed=3), small.requests(20, seed=3)
+    assert all(np.array_equal(x.values, y.values) for x, y in zip(a, b))
+    assert {r.batch_size for r in small.requests(200)} <= set(range(1, 9))
+    assert all(r.batch_size == 512 for r in large.requests(3))
+    m = multihot.requests(5)
+    assert all(r.batch_size == 64 and 1 <= r.lengths.min() and r.lengths.max() <= 40 for r in m)
+    assert sum(t.data_type.value == "fp16" for t in multihot.config.tables) == 4
+    for r in m:
+        rows = np.repeat([t.num_embeddings for t in multihot.config.tables], r.lengths.sum(axis=1))
+        assert (r.values >= 0).all() and (r.values < rows).all()
+
+
+def _rec(**kw: object) -> Record:
+    base: dict[str, object] = dict(
+        workload="small", target="embserve", mode="closed", concurrency=64, rate=None, output_dtype="float32",
+        duration_s=1.0, requests=1, examples=1, rps=1.0, eps=1.0, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, p999_ms=1.0,
+        errors={}, wrong=0, checked=0,
+    )
+    base.update(kw)
+    return Record(**base)  # type: ignore[arg-type]
+
+
+def test_targets_are_judged_from_the_records() -> None:
+    records = [
+        _rec(rps=900.0), _rec(target="transport-ceiling", rps=1000.0),
+        _rec(concurrency=128, rps=700.0), _rec(target="transport-ceiling", concurrency=128, rps=1000.0),
+    ]
+    verdicts = {desc: met for desc, met, _ in targets(records, 1.0)}
+    assert verdicts["small, 64 callers: requests/s >= 0.8 x transport"] is True
+    assert verdicts["small, 128 callers: requests/s >= 0.8 x transport"] is False
