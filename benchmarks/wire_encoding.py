@@ -7,6 +7,7 @@ packed `repeated int64` field, for the id counts of typical requests.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -14,7 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 __all__ = ["main"]
 
 
-def _messages() -> tuple[type, type]:
+def _messages() -> tuple[Any, Any]:
     """Two one-field messages built at run time: `repeated int64 values = 1` (packed) and `bytes values = 1`."""
     fdp = descriptor_pb2.FileDescriptorProto(name="wire_bench.proto", package="wire_bench", syntax="proto3")
     for name, ftype, label in (

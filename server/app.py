@@ -21,11 +21,16 @@ from .codec import SparseRequest
 from .config import ServerConfig
 from .executor import BatchExecutor, BatchOutput
 from .metrics import ServerMetrics
+from .security import AuthInterceptor, load_tokens, server_credentials
 from .servicer import EmbeddingServicer, add_to_server, model_schema
 
-__all__ = ["EmbserveServer", "load_model", "run_server"]
+__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server"]
 
 logger = logging.getLogger(__name__)
+
+class ReloadFailed(RuntimeError):
+    """A new model version could not be loaded; the old one keeps serving."""
+
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
@@ -73,6 +78,7 @@ class EmbserveServer:
             max_queue_size=b.max_queue_size,
             policy=b.policy,
             max_inflight_batches=inflight,
+            max_queue_wait_s=b.max_queue_wait_ms / 1e3,
             observer=self.metrics,
         )
         self.servicer = EmbeddingServicer(
@@ -83,6 +89,8 @@ class EmbserveServer:
             current_model=lambda: self.executor.model,
         )
         self.health = health.aio.HealthServicer()
+        self._interceptors = [AuthInterceptor(load_tokens(config.auth.tokens_file), self.metrics)] if config.auth else []
+        self._reload_lock = asyncio.Lock()
         self.port: int = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -101,14 +109,18 @@ class EmbserveServer:
         ]
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=self.grpc_options())
+        server = grpc.aio.server(options=self.grpc_options(), interceptors=self._interceptors)
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        self.port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls is not None:
+            self.port = server.add_secure_port(address, server_credentials(self.config.tls))
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
@@ -135,6 +147,36 @@ class EmbserveServer:
                 "max_batch_size": self.batcher.max_batch_size,
             },
         )
+
+    async def reload(self, checkpoint: str | None = None, version: str | None = None) -> ServingModel:
+        """Loads a new version of the weights in a background thread and swaps it in between batches.
+
+        Calls keep flowing during the load; every batch is computed by exactly one version, which its responses
+        name. On any failure the old version keeps serving and `ReloadFailed` says why.
+
+        Args:
+            checkpoint: the weights to load; by default the configured checkpoint file, read again.
+            version: the version to report; by default derived from the checkpoint's content.
+        """
+        async with self._reload_lock:
+            old = self.executor.model
+            config = self.config.model_copy(
+                update={"checkpoint": checkpoint or self.config.checkpoint, "model_version": version}
+            )
+            try:
+                if config.checkpoint is None:
+                    raise ValueError("no checkpoint configured or given")
+                model = await asyncio.get_running_loop().run_in_executor(None, load_model, config)
+                self.executor.swap_model(model)
+            except Exception as err:
+                self.metrics.reloads.labels("failed").inc()
+                logger.error("reload failed; still serving the old version",
+                             extra={"version": old.version, "error": f"{type(err).__name__}: {err}"})
+                raise ReloadFailed(f"{type(err).__name__}: {err}") from None
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.set_model(model.config.name, model.version, model.engine.value, str(model.device))
+            logger.info("reloaded", extra={"old_version": old.version, "version": model.version})
+            return model
 
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish within `grace` seconds."""
@@ -169,6 +211,20 @@ async def _serve(config: ServerConfig, ready: threading.Event | None = None) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        try:
+            await server.reload()
+        except ReloadFailed:
+            pass  # logged and counted by reload(); the old version keeps serving
+
+    def on_sighup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stop.wait()
     logger.info("signal received; draining", extra={"grace_period_s": config.grace_period_s})
     await server.stop()

@@ -52,6 +52,8 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: examples the queue holds; beyond it `submit` raises `Overloaded` at once.
         policy: EAGER (run what is queued as soon as a slot is free) or WAIT.
         max_inflight_batches: batches running concurrently (pipelining of assembly and forward).
+        max_queue_wait_s: the queue budget: an item queued longer is failed with `Overloaded`, never run, so the
+            latency of accepted items stays bounded under overload.
         observer: receives queue depth, batch sizes and drops.
     """
 
@@ -65,6 +67,7 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: int,
         policy: BatchPolicy = BatchPolicy.EAGER,
         max_inflight_batches: int = 1,
+        max_queue_wait_s: float | None = None,
         observer: BatcherObserver | None = None,
     ) -> None:
         if max_batch_size <= 0:
@@ -75,6 +78,8 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"max_queue_size ({max_queue_size}) must be >= max_batch_size ({max_batch_size})")
         if max_inflight_batches <= 0:
             raise ValueError(f"max_inflight_batches must be > 0, got {max_inflight_batches}")
+        if max_queue_wait_s is not None and max_queue_wait_s <= 0:
+            raise ValueError(f"max_queue_wait_s must be > 0, got {max_queue_wait_s}")
         self._run_batch = run_batch
         self._size_of = size_of
         self.max_batch_size = max_batch_size
@@ -82,6 +87,7 @@ class DynamicBatcher(Generic[T, R]):
         self.max_queue_size = max_queue_size
         self.policy = BatchPolicy(policy)
         self.max_inflight_batches = max_inflight_batches
+        self.max_queue_wait_s = max_queue_wait_s
         self._observer = observer
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
         self._queued_examples = 0
@@ -188,6 +194,17 @@ class DynamicBatcher(Generic[T, R]):
                 entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
                 if self._observer:
                     self._observer.dropped("deadline")
+                continue
+            if self.max_queue_wait_s is not None and now - entry.enqueued > self.max_queue_wait_s:
+                self._pop()
+                entry.future.set_exception(
+                    Overloaded(
+                        f"waited {1e3 * (now - entry.enqueued):.0f} ms for a batch, over the queue budget of "
+                        f"{1e3 * self.max_queue_wait_s:.0f} ms; not computed, retry later"
+                    )
+                )
+                if self._observer:
+                    self._observer.dropped("queue_budget")
                 continue
             if batch and examples + entry.size > self.max_batch_size:
                 break

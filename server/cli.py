@@ -35,6 +35,11 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-examples", type=int, help="largest batch_size of one request")
     p.add_argument("--max-request-ids", type=int, help="most ids in one request")
     p.add_argument("--max-message-bytes", type=int, help="largest request message received")
+    p.add_argument("--max-queue-wait-ms", type=float, help="queue budget: longer waits answer RESOURCE_EXHAUSTED")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
+    p.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    p.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
+    p.add_argument("--auth-tokens-file", help="bearer tokens file: lines '<token> <methods|*>'")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
 
@@ -71,6 +76,11 @@ def _serve(args: argparse.Namespace) -> int:
                 "limits.max_request_examples": args.max_request_examples,
                 "limits.max_request_ids": args.max_request_ids,
                 "limits.max_message_bytes": args.max_message_bytes,
+                "batching.max_queue_wait_ms": args.max_queue_wait_ms,
+                "tls.cert_file": args.tls_cert,
+                "tls.key_file": args.tls_key,
+                "tls.client_ca_file": args.tls_client_ca,
+                "auth.tokens_file": args.auth_tokens_file,
             }
         )
         if args.no_metrics:

@@ -13,10 +13,12 @@ import pydantic
 import yaml
 
 __all__ = [
+    "AuthConfig",
     "BatchPolicy",
     "BatchingConfig",
     "LimitsConfig",
     "ServerConfig",
+    "TlsConfig",
     "load_server_config",
 ]
 
@@ -26,6 +28,7 @@ DEFAULT_METRICS_PORT = 9464
 DEFAULT_MAX_BATCH_SIZE = 2048
 DEFAULT_MAX_QUEUE_DELAY_US = 1000
 DEFAULT_MAX_QUEUE_SIZE = 32768
+DEFAULT_MAX_QUEUE_WAIT_MS = 200.0
 DEFAULT_MAX_REQUEST_EXAMPLES = 16384
 DEFAULT_MAX_REQUEST_IDS = 4_000_000
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -55,6 +58,8 @@ class BatchingConfig(_Strict):
     max_batch_size: int = pydantic.Field(DEFAULT_MAX_BATCH_SIZE, gt=0)
     max_queue_delay_us: int = pydantic.Field(DEFAULT_MAX_QUEUE_DELAY_US, ge=0)
     max_queue_size: int = pydantic.Field(DEFAULT_MAX_QUEUE_SIZE, gt=0)
+    # The queue budget: a call that waited longer than this for its batch is answered RESOURCE_EXHAUSTED unrun.
+    max_queue_wait_ms: float = pydantic.Field(DEFAULT_MAX_QUEUE_WAIT_MS, gt=0)
     # None: 1 on CPU (the forward competes with the event loop for cores), 2 on CUDA (copy overlaps compute).
     max_inflight_batches: int | None = pydantic.Field(None, ge=1, le=8)
 
@@ -63,6 +68,22 @@ class LimitsConfig(_Strict):
     max_request_examples: int = pydantic.Field(DEFAULT_MAX_REQUEST_EXAMPLES, gt=0)
     max_request_ids: int = pydantic.Field(DEFAULT_MAX_REQUEST_IDS, gt=0)
     max_message_bytes: int = pydantic.Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+
+
+class TlsConfig(_Strict):
+    """Server TLS: PEM certificate chain and key; with `client_ca_file`, clients must present a certificate
+    signed by that CA (mutual TLS)."""
+
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None
+
+
+class AuthConfig(_Strict):
+    """Bearer-token auth. `tokens_file` lines are `<token> <methods>`, methods a comma list of RPC names
+    (`Lookup`, `GetModelMetadata`) or `*`; `#` starts a comment. Health and reflection stay open for probes."""
+
+    tokens_file: str
 
 
 class ServerConfig(_Strict):
@@ -81,6 +102,8 @@ class ServerConfig(_Strict):
     torch_threads: int | None = pydantic.Field(None, ge=1)
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    tls: TlsConfig | None = None
+    auth: AuthConfig | None = None
 
     @pydantic.field_validator("engine")
     @classmethod
@@ -114,6 +137,8 @@ class ServerConfig(_Strict):
             node = data
             *parents, leaf = dotted.split(".")
             for p in parents:
+                if node.get(p) is None:
+                    node[p] = {}
                 node = node[p]
             node[leaf] = value
         return ServerConfig.model_validate(data)

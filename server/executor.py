@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -70,8 +71,8 @@ class BatchExecutor:
 
     def swap_model(self, model: ServingModel) -> None:
         """Serves `model` from the next batch on; a batch already assembled finishes on the model it started with."""
-        if model.keys != self.model.keys or model.device != self.model.device:
-            raise ValueError("a swapped-in model must have the same keys and device")
+        if model.config != self.model.config or model.device != self.model.device:
+            raise ValueError("a swapped-in model must have the same tables and device as the one serving")
         self._current = (model, _encoder_for(model))
 
     async def run(self, requests: list[SparseRequest]) -> Sequence[BatchOutput]:
@@ -141,4 +142,5 @@ def _serialize(rows: torch.Tensor, dtype: str) -> memoryview:
         rows = rows.to(torch.float16)
     elif dtype == "bfloat16":
         rows = rows.to(torch.bfloat16).view(torch.int16)
-    return memoryview(rows.contiguous().numpy()).cast("B")
+    array: Any = rows.contiguous().numpy()
+    return memoryview(array).cast("B")

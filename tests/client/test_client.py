@@ -162,7 +162,8 @@ def test_retries_on_resource_exhausted_stop_at_the_bound(server_factory: Factory
 
 def test_retry_on_overload_then_success(server_factory: Factory, small_serving: ServingModel) -> None:
     handle = server_factory(
-        wrapped(small_serving, delay_s=0.05), batching={"max_batch_size": 3, "max_queue_size": 3}
+        wrapped(small_serving, delay_s=0.05),
+        batching={"max_batch_size": 3, "max_queue_size": 3, "max_queue_wait_ms": 10_000},
     )
     policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
 

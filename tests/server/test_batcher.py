@@ -186,3 +186,20 @@ def test_arguments_are_checked() -> None:
         make(run, max_queue_delay_s=-1.0)
     with pytest.raises(ValueError, match="max_inflight_batches"):
         make(run, max_inflight_batches=0)
+
+
+async def test_queue_budget_fails_items_that_waited_too_long() -> None:
+    run = Recorder()
+    b = make(run, max_queue_wait_s=0.02)
+    b.start()
+    run.gate.clear()
+    blocker = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    stale = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.05)  # past the budget while the blocker holds the executor
+    run.gate.set()
+    with pytest.raises(Overloaded, match="over the queue budget of 20 ms"):
+        await stale
+    assert await blocker == 0 and await b.submit(2) == 20
+    assert run.batches == [[0], [2]]
+    await b.close()

@@ -144,7 +144,8 @@ def test_overload_is_rejected_quickly_and_accepted_calls_are_correct(
     server_factory: Factory, small_serving: ServingModel
 ) -> None:
     handle = server_factory(
-        wrapped(small_serving, delay_s=0.05), batching={"max_batch_size": 8, "max_queue_size": 16}
+        wrapped(small_serving, delay_s=0.05),
+        batching={"max_batch_size": 8, "max_queue_size": 16, "max_queue_wait_ms": 10_000},
     )
     lengths = np.ones((1, 4), dtype=np.int32)
     channel, s = stub(handle.address)
@@ -169,7 +170,9 @@ def test_overload_is_rejected_quickly_and_accepted_calls_are_correct(
 def test_expired_or_cancelled_calls_are_never_computed(
     server_factory: Factory, small_serving: ServingModel, how: str
 ) -> None:
-    handle = server_factory(wrapped(small_serving, delay_s=0.3), batching={"max_inflight_batches": 1})
+    handle = server_factory(
+        wrapped(small_serving, delay_s=0.3), batching={"max_inflight_batches": 1, "max_queue_wait_ms": 10_000}
+    )
     channel, s = stub(handle.address)
     with channel:
         blocker = s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2)))
@@ -245,7 +248,9 @@ def test_health_reflection_and_metrics_endpoint(server_factory: Factory, small_s
 
 
 def test_drain_refuses_new_calls_and_finishes_accepted_ones(server_factory: Factory, small_serving: ServingModel) -> None:
-    handle = server_factory(wrapped(small_serving, delay_s=0.2), batching={"max_inflight_batches": 1})
+    handle = server_factory(
+        wrapped(small_serving, delay_s=0.2), batching={"max_inflight_batches": 1, "max_queue_wait_ms": 10_000}
+    )
     channel, s = stub(handle.address)
     health = health_pb2_grpc.HealthStub(channel)
     with channel:
