@@ -8,8 +8,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from embserve.embeddings import (
     LargeEmbeddings,
@@ -31,6 +34,11 @@ SMALL_TABLES: list[dict[str, Any]] = [
 
 def make_config(tables: list[dict[str, Any]] | None = None, name: str = "small") -> ModelConfig:
     return model_config_from_dict({"name": name, "tables": tables or SMALL_TABLES})
+
+
+def write_model_config(config: ModelConfig, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+    return path
 
 
 def float_tables(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -114,10 +122,10 @@ def server_factory() -> Iterator[Callable[..., ServerHandle]]:
 
     handles: list[ServerHandle] = []
 
-    def make(model: ServingModel | None = None, **overrides: Any) -> ServerHandle:
+    def make(serving: ServingModel | None = None, **overrides: Any) -> ServerHandle:
         data: dict[str, Any] = {"port": 0, "metrics_port": None, "grace_period_s": 2.0}
         data.update(overrides)
-        handle = start_server(ServerConfig.model_validate(data), model)
+        handle = start_server(ServerConfig.model_validate(data), serving)
         handles.append(handle)
         return handle
 

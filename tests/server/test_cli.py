@@ -104,3 +104,50 @@ def test_bad_configuration_is_reported(tmp_path: Path) -> None:
     out = subprocess.run([str(BIN), "serve", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "batching.max_batch_size" in out.stderr and "batching.surprise" in out.stderr
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_checkpoint_file(tmp_path: Path) -> None:
+    from embserve.embeddings import LargeEmbeddings, init_weights, load_model_config, save_checkpoint
+
+    config = load_model_config("twhin_local")
+    path = tmp_path / "weights.safetensors"
+
+    def write(seed: int) -> None:
+        model = LargeEmbeddings(config)
+        init_weights(model, seed)
+        save_checkpoint(model, tmp_path / "next.safetensors")
+        (tmp_path / "next.safetensors").replace(path)  # atomic swap of the file, as a deploy would do
+
+    write(1)
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--model", "twhin_local", "--checkpoint", str(path), "--port", "0", "--no-metrics"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        address = str(_wait_for_log(proc.stderr, "serving")["address"])
+        with Client(address) as client:
+            first = client.lookup({"user": [[5]]})
+            write(2)
+            proc.send_signal(signal.SIGHUP)
+            reloaded = _wait_for_log(proc.stderr, "reloaded")
+            assert reloaded["old_version"] == first.model_version
+            second = client.lookup({"user": [[5]]})
+            assert second.model_version == reloaded["version"] != first.model_version
+            assert not np.array_equal(first.embeddings, second.embeddings)
+            path.write_bytes(b"corrupt")
+            proc.send_signal(signal.SIGHUP)
+            failed = _wait_for_log(proc.stderr, "reload failed; still serving the old version")
+            assert "cannot read checkpoint" in str(failed["error"])
+            third = client.lookup({"user": [[5]]})
+            assert third.model_version == second.model_version
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()

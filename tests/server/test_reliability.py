@@ -1,0 +1,162 @@
+"""Reliability: hot reload under traffic, failed reloads, overload at 3x capacity, cancellation mid-batch."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from embserve.client import AsyncClient, Client, LookupResult, Overloaded
+from embserve.embeddings import LargeEmbeddings, ModelConfig, ServingModel, build_serving_model, init_weights, save_checkpoint
+from embserve.server.app import ReloadFailed
+from tests.conftest import ServerHandle, float_tables, write_model_config
+from tests.reference import pool
+from tests.server.helpers import lookup_request, stub, wrapped
+
+Factory = Callable[..., ServerHandle]
+FEATURES = {"user": [[1, 2], [3], [999]], "topics": [[5], [], [250]]}
+
+
+def _expected(tables: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    lengths = np.array([[2, 1, 1], [1, 0, 1]], np.int32)
+    values = np.array([1, 2, 3, 999, 5, 250 % 200])
+    return pool(tables, ["user", "topics"], lengths, values, None, keys)
+
+
+def _checkpoint(config: ModelConfig, seed: int, path: Path) -> Path:
+    model = LargeEmbeddings(config)
+    init_weights(model, seed)
+    save_checkpoint(model, path)
+    return path
+
+
+def test_hot_reload_under_traffic_fails_no_call(
+    tmp_path: Path, server_factory: Factory, small_config: ModelConfig
+) -> None:
+    a = _checkpoint(small_config, 1, tmp_path / "a.safetensors")
+    b = _checkpoint(small_config, 2, tmp_path / "b.safetensors")
+    model = build_serving_model(small_config, checkpoint=a)
+    config_path = write_model_config(small_config, tmp_path / "small.yaml")
+    handle = server_factory(model, model=str(config_path), checkpoint=str(a))
+    results: list[LookupResult] = []
+    errors: list[Exception] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with Client(handle.address, retry=None) as client:
+            while not stop.is_set():
+                try:
+                    results.append(client.lookup(FEATURES))
+                except Exception as err:  # any failure is a test failure below
+                    errors.append(err)
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        handle.call(handle.server.reload(str(b)))
+        time.sleep(0.3)
+        handle.call(handle.server.reload(str(a), version="a-again"))
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    versions = [r.model_version for r in results]
+    va = model.version
+    assert versions[0] == va and versions[-1] == "a-again"
+    vb = next(v for v in versions if v not in (va, "a-again"))
+    assert vb.startswith("b-")
+    refs = {va: float_tables(small_config, 1), vb: float_tables(small_config, 2), "a-again": float_tables(small_config, 1)}
+    for r in results:  # every response computed wholly by the version it names
+        np.testing.assert_allclose(r.embeddings, _expected(refs[r.model_version], list(r.keys)), atol=2e-3, rtol=1e-3)
+    assert handle.metric("embserve_model_reloads_total", {"outcome": "ok"}) == 2
+
+
+def test_failed_reload_keeps_the_old_version(tmp_path: Path, server_factory: Factory, small_config: ModelConfig) -> None:
+    a = _checkpoint(small_config, 1, tmp_path / "a.safetensors")
+    config_path = write_model_config(small_config, tmp_path / "small.yaml")
+    handle = server_factory(build_serving_model(small_config, checkpoint=a), model=str(config_path), checkpoint=str(a))
+    with Client(handle.address) as client:
+        before = client.lookup(FEATURES)
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(b"not a checkpoint")
+        with pytest.raises(ReloadFailed, match="cannot read checkpoint"):
+            handle.call(handle.server.reload(str(bad)))
+        wrong_shape = tmp_path / "shape.pt"
+        import torch
+
+        torch.save({"ebc.embedding_bags.user.weight": torch.zeros(3, 3)}, wrong_shape)
+        with pytest.raises(ReloadFailed, match="table 'user'"):
+            handle.call(handle.server.reload(str(wrong_shape)))
+        after = client.lookup(FEATURES)
+    assert after.model_version == before.model_version
+    np.testing.assert_array_equal(after.embeddings, before.embeddings)
+    assert handle.metric("embserve_model_reloads_total", {"outcome": "failed"}) == 2
+
+
+def test_cancel_mid_batch_does_not_disturb_others(server_factory: Factory, small_serving: ServingModel) -> None:
+    handle = server_factory(wrapped(small_serving, delay_s=0.3), batching={"max_queue_wait_ms": 10_000})
+    channel, s = stub(handle.address)
+    with channel:
+        blocker = s.Lookup.future(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1)))
+        time.sleep(0.1)
+        batch = [s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2) + i)) for i in range(6)]
+        time.sleep(0.35)  # the six now share one running batch
+        batch[2].cancel()
+        batch[4].cancel()
+        for i, f in enumerate(batch):
+            if i in (2, 4):
+                assert f.cancelled()
+            else:
+                assert f.result(timeout=10).shape[0] == 2
+        blocker.result(timeout=10)
+        assert s.Lookup(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1)), timeout=10).shape[0] == 1
+
+
+@pytest.mark.slow
+def test_overload_at_three_times_capacity(
+    server_factory: Factory, small_serving: ServingModel, small_config: ModelConfig
+) -> None:
+    # Capacity is pinned by a 20 ms forward of at most 8 examples: 400 examples/s. Send 1,200/s for 2 s.
+    handle = server_factory(
+        wrapped(small_serving, delay_s=0.02),
+        batching={"max_batch_size": 8, "max_queue_size": 32, "max_queue_wait_ms": 100},
+    )
+    tables = float_tables(small_config)
+
+    async def load(rate: float, seconds: float) -> list[object]:
+        async with AsyncClient(handle.address, retry=None, timeout=5) as client:
+            await client.metadata()
+            tasks = []
+            start = time.perf_counter()
+            for i in range(int(rate * seconds)):
+                await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
+                tasks.append(asyncio.ensure_future(client.lookup(FEATURES)))
+            return list(await asyncio.gather(*tasks, return_exceptions=True))
+
+    outcomes = asyncio.run(load(400.0, 2.0))  # 3 examples per call: 1,200 examples/s
+    ok = [o for o in outcomes if isinstance(o, LookupResult)]
+    rejected = [o for o in outcomes if isinstance(o, Overloaded)]
+    others = [o for o in outcomes if not isinstance(o, (LookupResult, Overloaded))]
+    assert not others, others[:3]
+    assert ok and rejected
+    expected = _expected(tables, list(ok[0].keys))
+    for r in ok:
+        np.testing.assert_allclose(r.embeddings, expected, atol=2e-3, rtol=1e-3)
+    # Accepted calls never waited past the queue budget: they were computed, or answered RESOURCE_EXHAUSTED.
+    assert handle.metric("embserve_queue_wait_seconds_bucket", {"le": "0.25"}) == handle.metric(
+        "embserve_queue_wait_seconds_count"
+    )
+    assert handle.metric("embserve_queue_examples") <= 32
+    # Load gone: served normally again.
+    after = asyncio.run(load(20.0, 0.5))
+    assert all(isinstance(o, LookupResult) for o in after)
