@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: setup serve test test-fast typecheck protos bench clean
+.PHONY: setup serve test test-fast typecheck protos bench soak clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m embserve.benchmarks.run $(ARGS)
+
+soak: $(STAMP)
+	$(BIN)/python -m embserve.benchmarks.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

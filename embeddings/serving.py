@@ -20,7 +20,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .config import ModelConfig, ServingDType
 from .large_embeddings import LargeEmbeddings, canonical_keys
-from .weights import checkpoint_digest, init_weights, load_checkpoint
+from .weights import init_weights, load_checkpoint
 
 __all__ = ["Engine", "ServingModel", "build_serving_model"]
 
@@ -103,8 +103,8 @@ def build_serving_model(
     device = torch.device(device)
     model = LargeEmbeddings(config, device=device)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
-        version = version or f"{Path(checkpoint).stem}-{checkpoint_digest(checkpoint)}"
+        digest = load_checkpoint(model, checkpoint)
+        version = version or f"{Path(checkpoint).stem}-{digest}"
     else:
         init_weights(model, seed)
         version = version or f"init-{seed}"

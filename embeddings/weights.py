@@ -8,6 +8,7 @@ whole seed model, whose keys carry a prefix (`model.large_embeddings.ebc...`), l
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import zlib
 from pathlib import Path
@@ -52,22 +53,26 @@ def init_weights(model: LargeEmbeddings, seed: int = 0) -> None:
         weight.copy_(values)
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict and the content digest of the same bytes: the file is read once, so a file replaced
+    during loading can never pair one version's weights with another's digest."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()[:12]
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            return dict(load_file(str(path), device="cpu"))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+            return dict(load(data)), digest
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:  # any parse failure of an untrusted file is reported, never propagated raw
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {err}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict of tensors")
-    return state
+    return state, digest
 
 
 def _find(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
@@ -81,9 +86,10 @@ def _find(state: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
-    """Copies every table's weights from a checkpoint; a missing table or a shape mismatch is a `CheckpointError`."""
-    state = _read_state_dict(Path(path))
+def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> str:
+    """Copies every table's weights from a checkpoint and returns the digest of the bytes it read (the model
+    version); a missing table or a shape mismatch is a `CheckpointError`."""
+    state, digest = _read_state_dict(Path(path))
     known = set(table_weights(model))
     strays = sorted(
         k.split("embedding_bags.", 1)[1].rsplit(".", 1)[0]
@@ -107,6 +113,7 @@ def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
         if not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"table {name!r}: checkpoint has non-finite weights")
         weight.copy_(tensor)
+    return digest
 
 
 def save_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
@@ -122,7 +129,7 @@ def save_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
 
 
 def checkpoint_digest(path: str | Path) -> str:
-    """A short content digest of a checkpoint file, used as the model version."""
+    """A short content digest of a checkpoint file, as `load_checkpoint` returns it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
