@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-import threading
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -24,7 +25,7 @@ from .metrics import ServerMetrics
 from .security import AuthInterceptor, load_tokens, server_credentials
 from .servicer import EmbeddingServicer, add_to_server, model_schema
 
-__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server"]
+__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server", "serve_until_signal"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,17 @@ class EmbserveServer:
     Args:
         config: server settings.
         model: a ready model; by default the one `config` names is built.
+        reuse_port: share the port with other processes (SO_REUSEPORT), as the workers of `--workers N` do;
+            off otherwise, so that a port already in use is an error.
+        worker: this process's worker index, for logs.
     """
 
-    def __init__(self, config: ServerConfig, *, model: ServingModel | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, *, model: ServingModel | None = None, reuse_port: bool = False, worker: int = 0
+    ) -> None:
         self.config = config
+        self.reuse_port = reuse_port
+        self.worker = worker
         self.metrics = ServerMetrics()
         model = model or load_model(config)
         b = config.batching
@@ -106,6 +114,7 @@ class EmbserveServer:
         return [
             ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
             ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
         ]
 
     async def start(self) -> None:
@@ -138,6 +147,8 @@ class EmbserveServer:
             extra={
                 "address": self.address,
                 "metrics_port": self.metrics_port,
+                "worker": self.worker,
+                "pid": os.getpid(),
                 "model": m.config.name,
                 "version": m.version,
                 "engine": m.engine.value,
@@ -202,11 +213,19 @@ class EmbserveServer:
         await self._server.wait_for_termination()
 
 
-async def _serve(config: ServerConfig, ready: threading.Event | None = None) -> None:
-    server = EmbserveServer(config)
+async def serve_until_signal(
+    config: ServerConfig,
+    *,
+    model: ServingModel | None = None,
+    worker: int | None = None,
+    on_ready: Callable[[], object] | None = None,
+) -> None:
+    """Runs a server until SIGTERM/SIGINT, then drains. SIGHUP reloads the checkpoint, except in a worker of
+    `--workers N`, whose parent reloads by replacing its workers."""
+    server = EmbserveServer(config, model=model, reuse_port=worker is not None, worker=worker or 0)
     await server.start()
-    if ready is not None:
-        ready.set()
+    if on_ready is not None:
+        on_ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -224,7 +243,7 @@ async def _serve(config: ServerConfig, ready: threading.Event | None = None) -> 
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup if worker is None else lambda: None)
     await stop.wait()
     logger.info("signal received; draining", extra={"grace_period_s": config.grace_period_s})
     await server.stop()
@@ -232,4 +251,4 @@ async def _serve(config: ServerConfig, ready: threading.Event | None = None) -> 
 
 def run_server(config: ServerConfig) -> None:
     """Serves until SIGTERM or SIGINT, then drains and returns (the process exits 0)."""
-    asyncio.run(_serve(config))
+    asyncio.run(serve_until_signal(config))

@@ -40,6 +40,7 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
     p.add_argument("--auth-tokens-file", help="bearer tokens file: lines '<token> <methods|*>'")
+    p.add_argument("--workers", type=int, default=1, help="server processes sharing the port and the weights")
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", choices=["json", "text"], default="json")
 
@@ -48,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from .app import run_server
         from .config import load_server_config
+        from .workers import run_workers
         from .logs import configure_logging
     except ImportError as err:
         print(f"embserve serve needs the server extra (pip install 'embserve[server]'): {err}", file=sys.stderr)
@@ -88,6 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"embserve serve: invalid configuration: {err}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        return run_workers(config, args.workers)
     run_server(config)
     return 0
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -58,7 +59,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         self._metrics = metrics
         self._current_model = current_model
         # Metric children bound once: label lookups are measurable on the per-call path.
-        self._lookup_codes = {c: metrics.requests.labels("Lookup", c.name) for c in grpc.StatusCode}
+        self._lookup_codes: dict[grpc.StatusCode, Any] = {}
         self._lookup_seconds = metrics.request_seconds.labels("Lookup")
         self._examples = metrics.examples
         self.accepting = True
@@ -98,7 +99,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
-            self._lookup_codes[code].inc()
+            counter = self._lookup_codes.get(code)
+            if counter is None:
+                counter = self._lookup_codes[code] = self._metrics.requests.labels("Lookup", code.name)
+            counter.inc()
             self._lookup_seconds.observe(time.perf_counter() - start)
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover

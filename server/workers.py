@@ -1,0 +1,192 @@
+"""`--workers N`: several server processes on one port, sharing one copy of the weights.
+
+The parent loads the model once, then forks the workers before any gRPC object exists (gRPC does not survive a
+fork of a process that has started it). The forward only reads the weights, so their pages stay shared
+copy-on-write by every worker. Each worker binds the same port with SO_REUSEPORT, and the kernel spreads new
+connections over them. The parent supervises: a worker that dies is replaced; SIGHUP loads the new checkpoint in
+the parent and replaces the workers one generation at a time (new ones ready before the old ones drain); SIGTERM
+drains every worker and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from typing import Any
+
+from embserve.embeddings import ServingModel
+
+from .app import load_model, serve_until_signal
+from .config import ServerConfig
+
+__all__ = ["run_workers"]
+
+logger = logging.getLogger(__name__)
+
+_READY_TIMEOUT_S = 120.0
+_MAX_RESTARTS_PER_MINUTE = 10
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Holds the port (bound, never listening) with SO_REUSEPORT, so workers can join it; picks one for port 0."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
+    metrics = config.metrics_port
+    return config.model_copy(
+        update={"port": port, "metrics_port": metrics + index if metrics else metrics, "torch_threads": None}
+    )
+
+
+def _fork_worker(config: ServerConfig, model: ServingModel, index: int, threads: int) -> tuple[int, int]:
+    """Forks one worker; returns (pid, fd that becomes readable when it serves)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        os.close(read_fd)
+        code = 0
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, signal.SIG_DFL)
+            import torch
+
+            torch.set_num_threads(threads)
+            asyncio.run(
+                serve_until_signal(config, model=model, worker=index, on_ready=lambda: os.write(write_fd, b"1"))
+            )
+        except BaseException:
+            logger.exception("worker failed", extra={"worker": index})
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    return pid, read_fd
+
+
+class _Generation:
+    """The workers serving one model version."""
+
+    def __init__(self, config: ServerConfig, model: ServingModel, count: int, threads: int, port: int) -> None:
+        self.config, self.model, self.threads, self.port = config, model, threads, port
+        self.pids: dict[int, int] = {}
+        self.pending: dict[int, int] = {}  # ready fd -> worker index
+        for index in range(count):
+            self.spawn(index)
+
+    def spawn(self, index: int) -> None:
+        pid, fd = _fork_worker(_worker_config(self.config, index, self.port), self.model, index, self.threads)
+        self.pids[pid] = index
+        self.pending[fd] = index
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(self.pending), [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+            for fd in ready:
+                os.read(fd, 1)
+                os.close(fd)
+                del self.pending[fd]
+        return not self.pending
+
+    def signal_all(self, sig: int) -> None:
+        for pid in list(self.pids):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def run_workers(config: ServerConfig, workers: int) -> int:
+    """Serves with `workers` processes until SIGTERM/SIGINT; returns the exit code."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    import torch
+
+    reserved = _reserve_port(config.host, config.port)
+    port = reserved.getsockname()[1]
+    # GNU OpenMP's thread pool does not survive fork: the parent stays single-threaded until the workers exist.
+    torch.set_num_threads(1)
+    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // workers)
+    model = load_model(config.model_copy(update={"torch_threads": None}))
+    flags: dict[str, bool] = {"stop": False, "reload": False}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        flags["reload" if signum == signal.SIGHUP else "stop"] = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    current = _Generation(config, model, workers, threads, port)
+    if not current.wait_ready(_READY_TIMEOUT_S):
+        logger.error("workers did not start", extra={"missing": sorted(current.pending.values())})
+        current.signal_all(signal.SIGKILL)
+        return 1
+    logger.info("workers serving", extra={"address": f"{config.host}:{port}", "workers": workers, "pid": os.getpid(),
+                                          "version": model.version, "torch_threads_per_worker": threads})
+    retiring: list[_Generation] = []
+    restarts: list[float] = []
+    while not flags["stop"]:
+        time.sleep(0.2)
+        while True:  # reap exited workers
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            for gen in retiring:
+                gen.pids.pop(pid, None)
+            index = current.pids.pop(pid, None)
+            if index is not None and not flags["stop"]:
+                restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
+                if len(restarts) > _MAX_RESTARTS_PER_MINUTE:
+                    logger.error("workers keep dying; giving up", extra={"status": status})
+                    flags["stop"] = True
+                    break
+                logger.error("worker exited; replacing it", extra={"worker": index, "pid": pid, "status": status})
+                current.spawn(index)
+        retiring = [g for g in retiring if g.pids]
+        if flags["reload"]:
+            flags["reload"] = False
+            try:
+                new_model = load_model(config.model_copy(update={"torch_threads": None, "model_version": None}))
+            except Exception as err:
+                logger.error("reload failed; still serving the old version",
+                             extra={"version": current.model.version, "error": f"{type(err).__name__}: {err}"})
+                continue
+            fresh = _Generation(config, new_model, workers, threads, port)
+            if not fresh.wait_ready(_READY_TIMEOUT_S):
+                logger.error("new workers did not start; keeping the old ones")
+                fresh.signal_all(signal.SIGKILL)
+                continue
+            current.signal_all(signal.SIGTERM)  # they drain while the new generation takes new connections
+            retiring.append(current)
+            logger.info("reloaded", extra={"old_version": current.model.version, "version": new_model.version})
+            current = fresh
+    for gen in [current, *retiring]:
+        gen.signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + config.grace_period_s + 10
+    alive = {pid for gen in [current, *retiring] for pid in gen.pids}
+    while alive and time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid:
+            alive.discard(pid)
+        else:
+            time.sleep(0.05)
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    reserved.close()
+    logger.info("stopped", extra={"address": f"{config.host}:{port}"})
+    return 0

@@ -1,0 +1,155 @@
+"""`--workers N` and replicas as real processes: one port shared by workers that share the weights' memory,
+round-robin over replica processes, rolling reload, replacement of a dead worker, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import pytest
+import yaml
+
+from embserve.client import Client
+
+BIN = Path(sys.executable).parent / "embserve"
+
+
+class LogReader:
+    """Collects a server's JSON log lines from a background thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.entries: list[dict[str, object]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self._lock:
+                self.entries.append(entry)
+
+    def wait(self, msg: str, count: int = 1, timeout: float = 120) -> list[dict[str, object]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                found = [e for e in self.entries if e.get("msg") == msg]
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"no {count} x {msg!r} in the log: {self.entries[-5:]}")
+
+
+def _pss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no Pss")
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.slow
+def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> None:
+    model = tmp_path / "big.yaml"
+    model.write_text(yaml.safe_dump({"name": "big", "tables": [
+        {"name": "a", "num_embeddings": 1_000_000, "embedding_dim": 64},
+        {"name": "b", "num_embeddings": 500_000, "embedding_dim": 64},
+    ]}))
+    from embserve.embeddings import LargeEmbeddings, init_weights, load_model_config, save_checkpoint
+
+    ckpt = tmp_path / "weights.safetensors"
+    lm = LargeEmbeddings(load_model_config(model))
+    init_weights(lm, 5)
+    save_checkpoint(lm, ckpt)
+    proc = subprocess.Popen(
+        [str(BIN), "serve", "--workers", "2", "--model", str(model), "--checkpoint", str(ckpt), "--port", "0",
+         "--metrics-port", "0", "--grace-period", "5"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        log = LogReader(proc.stderr)
+        workers = log.wait("serving", 2)
+        address = str(log.wait("workers serving")[0]["address"])
+        assert {w["address"] for w in workers} == {address}  # one port
+        for _ in range(30):  # a fresh connection per client: the kernel spreads them over the workers
+            with Client(address) as client:
+                first = client.lookup({"a": [[1, 2]], "b": [[3]]})
+        calls = [_metric(int(str(w["metrics_port"])), 'embserve_requests_total{code="OK",method="Lookup"}') for w in workers]
+        assert sum(calls) == 30 and min(calls) > 0, calls
+
+        # Memory: the weights (384 MiB of fp32) are shared, not copied per worker.
+        pids = [proc.pid] + [int(str(w["pid"])) for w in workers]
+        total_pss = sum(_pss(p) for p in pids)
+        worker_rss = max(_rss(int(str(w["pid"]))) for w in workers)
+        assert total_pss < 1.5 * worker_rss, (total_pss >> 20, worker_rss >> 20)
+
+        # A worker killed is replaced.
+        os.kill(int(str(workers[0]["pid"])), signal.SIGKILL)
+        log.wait("serving", 3)
+        # SIGHUP: new weights, new workers, no failed call.
+        init_weights(lm, 6)
+        save_checkpoint(lm, tmp_path / "next.safetensors")
+        (tmp_path / "next.safetensors").replace(ckpt)
+        proc.send_signal(signal.SIGHUP)
+        reloaded = log.wait("reloaded")[0]
+        with Client(address) as client:
+            second = client.lookup({"a": [[1, 2]], "b": [[3]]})
+        assert second.model_version == reloaded["version"] != first.model_version
+        assert not np.array_equal(first.embeddings, second.embeddings)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+@pytest.mark.slow
+def test_client_round_robin_over_replica_processes() -> None:
+    procs, logs = [], []
+    try:
+        for _ in range(2):
+            p = subprocess.Popen(
+                [str(BIN), "serve", "--model", "twhin_local", "--port", "0", "--metrics-port", "0"],
+                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            )
+            procs.append(p)
+            assert p.stderr is not None
+            logs.append(LogReader(p.stderr))
+        serving = [log.wait("serving")[0] for log in logs]
+        with Client([str(s["address"]) for s in serving]) as client:
+            results = [client.lookup({"user": [[7]], "tweet": [[8]]}) for _ in range(40)]
+        assert all(np.array_equal(r.embeddings, results[0].embeddings) for r in results)
+        calls = [_metric(int(str(s["metrics_port"])), 'embserve_requests_total{code="OK",method="Lookup"}') for s in serving]
+        assert sum(calls) == 40 and min(calls) >= 10, calls
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(30)
+            if p.stderr is not None:
+                p.stderr.close()
