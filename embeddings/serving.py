@@ -8,6 +8,7 @@ as a reference.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import enum
 import logging
@@ -80,6 +81,26 @@ def _weight_bytes(module: nn.Module, tables: list[str]) -> dict[str, int]:
     return sizes
 
 
+def _release_quantization_copies(module: nn.Module) -> None:
+    """Drops the per-table copies torchrec's quantized collection keeps from its conversion.
+
+    `quantize_inference_model` leaves each table's quantized weights in `_table_name_to_quantized_weights`, next
+    to the fused TBE buffer that serving reads: a second copy of every table. They are only read when a
+    collection is converted again (e.g. re-sharded), which a serving model never is.
+    """
+    for sub in module.modules():
+        if getattr(sub, "_table_name_to_quantized_weights", None) is not None:
+            sub._table_name_to_quantized_weights = None
+
+
+def _trim_heap() -> None:
+    """Returns the freed build-time buffers (float tables, conversion temporaries) to the OS (glibc only)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def build_serving_model(
     config: ModelConfig,
     *,
@@ -113,6 +134,7 @@ def build_serving_model(
     if engine is Engine.FUSED:
         per_table = {t.name: _WEIGHT_DTYPES[t.effective_serving_dtype] for t in config.tables}
         module = quantize_inference_model(model, per_table_weight_dtype=per_table, output_dtype=torch.float32)
+        _release_quantization_copies(module)
     elif any(t.effective_serving_dtype in (ServingDType.INT8, ServingDType.INT4) for t in config.tables):
         logger.warning("eager engine serves every table in its data_type; int8/int4 serving_dtype ignored")
     keys = canonical_keys(config)
@@ -121,6 +143,7 @@ def build_serving_model(
     offsets = [0]
     for d in dims:
         offsets.append(offsets[-1] + d)
+    _trim_heap()
     return ServingModel(
         config=config,
         module=module.eval(),
