@@ -117,7 +117,9 @@ def start_server(config: Any, model: ServingModel | None = None) -> ServerHandle
 
 @pytest.fixture
 def server_factory() -> Iterator[Callable[..., ServerHandle]]:
-    """Starts servers with `ServerConfig` overrides (`port=0` and no metrics port by default); stops them after."""
+    """Starts servers with `ServerConfig` overrides; stops them after. Defaults: port 0, no metrics port, and a
+    queue budget long enough that a loaded test machine never turns a correctness test into an overload test
+    (the tests of the budget set their own)."""
     from embserve.server.config import ServerConfig
 
     handles: list[ServerHandle] = []
@@ -125,6 +127,7 @@ def server_factory() -> Iterator[Callable[..., ServerHandle]]:
     def make(serving: ServingModel | None = None, **overrides: Any) -> ServerHandle:
         data: dict[str, Any] = {"port": 0, "metrics_port": None, "grace_period_s": 2.0}
         data.update(overrides)
+        data["batching"] = {"max_queue_wait_ms": 30_000, **overrides.get("batching", {})}
         handle = start_server(ServerConfig.model_validate(data), serving)
         handles.append(handle)
         return handle
