@@ -166,7 +166,7 @@ def plot(records: Sequence[Record], path: Path) -> None:
         for target, style in (("embserve", "o-"), ("unbatched", "s--"), ("transport-ceiling", "^:")):
             for mode in ("closed", "open"):
                 pts = sorted((r for r in records if r.workload == wl and r.target == target and r.mode == mode
-                              and r.output_dtype == "float32"), key=lambda r: r.eps)
+                              and r.output_dtype == "float32"), key=lambda r: (r.concurrency or 0, r.rate or 0))
                 if not pts:
                     continue
                 label = f"{target} ({mode})"

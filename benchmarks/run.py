@@ -113,10 +113,11 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
     payloads = {dtype: _encode(requests, dtype) for dtype in _DTYPES}
     out_dim = workload.config.output_dim
     min_bytes = {d: [s * out_dim * (4 if d == "float32" else 2) for s in sizes] for d in _DTYPES}
-    delay = ["--max-queue-delay-us", str(MAX_QUEUE_DELAY_US)]
+    # Closed-loop points measure throughput: a queue budget long enough never to reject a caller of the sweep.
+    common = ["--max-queue-delay-us", str(MAX_QUEUE_DELAY_US), "--max-queue-wait-ms", "30000"]
     servers = {
-        "embserve": ServerProcess(embserve_command(model_path, *delay), "embserve"),
-        "unbatched": ServerProcess(embserve_command(model_path, "--no-batching"), "embserve unbatched"),
+        "embserve": ServerProcess(embserve_command(model_path, *common), "embserve"),
+        "unbatched": ServerProcess(embserve_command(model_path, *common, "--no-batching"), "embserve unbatched"),
         "transport-ceiling": ServerProcess(noop_command(out_dim), "no-op server"),
     }
     progress.step(f"{workload.name}: starting servers")
@@ -129,8 +130,9 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
             s.wait_ready()
         levels = CONCURRENCY[workload.name][: args.max_points]
         batch_at_top: float | None = None
-        for target, server in servers.items():
-            for n in levels:
+        # Targets alternate at each load level, so a slow drift of this shared machine hits them all alike.
+        for n in levels:
+            for target, server in servers.items():
                 progress.step(f"{workload.name} {target} {n} callers")
                 before = server.metrics()
                 res = asyncio.run(closed_loop(
