@@ -96,18 +96,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    result = {"hardware": hardware(), "workers": workers_rows(args.workers, args.duration, args.callers),
-              "serving_dtypes": dtype_rows(args.duration)}
+    workers = workers_rows(args.workers, args.duration, args.callers)
+    dtypes = dtype_rows(args.duration)
+    result = {"hardware": hardware(), "workers": workers, "serving_dtypes": dtypes}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
     lines = ["| workload | workers | callers | req/s | examples/s | p50 ms | p99 ms | memory (PSS, all processes) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["workers"]:
+    for r in workers:
         lines.append(f"| {r['workload']} | {r['workers']} | {r['callers']} | {r['rps']:,.0f} | {r['eps']:,.0f} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['total_pss_mb']:,.0f} MiB |")
     lines += ["", "| serving_dtype | forward examples/s (in process, batches of 2,048) | table bytes |", "|---|---:|---:|"]
-    for r in result["serving_dtypes"]:
+    for r in dtypes:
         lines.append(f"| {r['serving_dtype']} | {r['eps']:,.0f} | {r['table_mb']:,.0f} MiB |")
     (out / "scaling.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -90,7 +90,7 @@ def _release_quantization_copies(module: nn.Module) -> None:
     """
     for sub in module.modules():
         if getattr(sub, "_table_name_to_quantized_weights", None) is not None:
-            sub._table_name_to_quantized_weights = None
+            setattr(sub, "_table_name_to_quantized_weights", None)
 
 
 def _trim_heap() -> None:
