@@ -14,7 +14,7 @@ from embserve.v1 import embserve_pb2_grpc as pb_grpc
 
 from ._common import DEFAULT_TIMEOUT_S, ClientSettings, prepare_requests
 from ._transport import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, TlsConfig, credentials
-from .errors import from_rpc_error
+from .errors import PermissionDenied, from_rpc_error
 from .result import LookupResult, ModelInfo
 
 __all__ = ["AsyncClient"]
@@ -48,6 +48,7 @@ class AsyncClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._max_message_bytes = max_message_bytes
         self._info: ModelInfo | None = None
+        self._metadata_denied = False
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self._settings.timeout if timeout is None else timeout
@@ -69,7 +70,7 @@ class AsyncClient:
             batch_size=batch_size,
             output_dtype=output_dtype,
             request_id=request_id,
-            info=self._info or await self.metadata(timeout=timeout),
+            info=await self._limits(timeout),
             max_message_bytes=self._max_message_bytes,
         )
         deadline = self._timeout(timeout)
@@ -80,6 +81,16 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return LookupResult.concat([LookupResult.from_proto(r) for r in responses])
+
+    async def _limits(self, timeout: float | None) -> ModelInfo | None:
+        """The server's request limits, fetched once; None (no client-side chunking) when the token may not read
+        metadata."""
+        if self._info is None and not self._metadata_denied:
+            try:
+                await self.metadata(timeout=timeout)
+            except PermissionDenied:
+                self._metadata_denied = True
+        return self._info
 
     async def metadata(self, *, timeout: float | None = None) -> ModelInfo:
         """The served model's tables, key order, version and request limits."""

@@ -58,7 +58,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         self._batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
-        # Metric children bound once: label lookups are measurable on the per-call path.
+        # Metric children are bound once per label set: label lookups are measurable on the per-call path.
         self._lookup_codes: dict[grpc.StatusCode, Any] = {}
         self._lookup_seconds = metrics.request_seconds.labels("Lookup")
         self._examples = metrics.examples

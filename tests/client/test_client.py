@@ -145,7 +145,7 @@ def test_oversized_request_is_chunked_and_joined_in_order(
     assert handle.metric("embserve_requests_total", {"method": "Lookup", "code": "OK"}) == 7 + 10
 
 
-def test_retries_on_resource_exhausted_stop_at_the_bound(server_factory: Factory, small_serving: ServingModel) -> None:
+def test_retries_stop_at_the_bound_and_can_be_switched_off(server_factory: Factory, small_serving: ServingModel) -> None:
     handle = server_factory(small_serving)
     handle.server.servicer.accepting = False  # every Lookup answers UNAVAILABLE
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)

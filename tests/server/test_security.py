@@ -56,9 +56,9 @@ def test_tls_and_mutual_tls(tmp_path: Path, server_factory: Factory, small_servi
 def test_bearer_tokens(
     tmp_path: Path, server_factory: Factory, small_serving: ServingModel, caplog: pytest.LogCaptureFixture
 ) -> None:
-    secret, meta_only = "s3cr3t-token-ABC", "metadata-only-XYZ"
+    secret, meta_only, lookup_only = "s3cr3t-token-ABC", "metadata-only-XYZ", "lookup-only-QRS"
     tokens = tmp_path / "tokens"
-    tokens.write_text(f"# ranking services\n{secret} *\n{meta_only} GetModelMetadata\n")
+    tokens.write_text(f"# ranking services\n{secret} *\n{meta_only} GetModelMetadata\n{lookup_only} Lookup\n")
     caplog.set_level(logging.DEBUG)
     handle = server_factory(small_serving, auth={"tokens_file": str(tokens)})
     with Client(handle.address, token=secret) as client:
@@ -74,9 +74,11 @@ def test_bearer_tokens(
         assert client.metadata().name == "small"
         with pytest.raises(PermissionDenied, match="token may not call Lookup"):
             client.lookup(FEATURES)
+    with Client(handle.address, token=lookup_only, retry=None) as client:
+        assert client.lookup(FEATURES).batch_size == 2  # the SDK does without the limits it may not read
     assert handle.metric("embserve_requests_total", {"method": "Lookup", "code": "PERMISSION_DENIED"}) == 1
     assert handle.metric("embserve_requests_total", {"method": "GetModelMetadata", "code": "UNAUTHENTICATED"}) == 2
-    assert secret not in caplog.text and meta_only not in caplog.text
+    assert secret not in caplog.text and meta_only not in caplog.text and lookup_only not in caplog.text
 
 
 def test_bad_tokens_file_is_reported_without_the_token(tmp_path: Path) -> None:
