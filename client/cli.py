@@ -51,6 +51,14 @@ def _parse_features(specs: list[str]) -> dict[str, list[list[int]]]:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    try:
+        return _query(args)
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+
+
+def _query(args: argparse.Namespace) -> int:
     addresses = args.address or ["127.0.0.1:50051"]
     try:
         with Client(addresses, timeout=args.timeout, token=args.token) as client:

@@ -1,0 +1,49 @@
+"""Device placement: a clear error without CUDA; on a CUDA host, the GPU path answers as the CPU path does."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from embserve.embeddings import ModelConfig, build_serving_model
+from embserve.server.app import load_model
+from embserve.server.codec import SparseRequest
+from embserve.server.config import ServerConfig
+from embserve.server.executor import BatchExecutor
+from embserve.v1 import embserve_pb2 as pb
+
+
+def _requests() -> list[SparseRequest]:
+    rng = np.random.default_rng(0)
+    out = []
+    for batch in (3, 1, 5):
+        lengths = rng.integers(0, 4, size=(2, batch)).astype(np.int32)
+        out.append(SparseRequest(batch_size=batch, key_index=np.array([0, 1]), lengths=lengths,
+                                 values=rng.integers(0, 100, int(lengths.sum())), weights=None,
+                                 ids_per_key=lengths.sum(axis=1, dtype=np.int64)))
+    return out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on hosts without CUDA")
+def test_cuda_requested_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match="device 'cuda' requested but CUDA is not available"):
+        load_model(ServerConfig(model="twhin_local", device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() == 0, reason="needs a CUDA device")
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_cuda_executor_matches_cpu(small_config: ModelConfig, pipelined: bool) -> None:
+    cpu = BatchExecutor(build_serving_model(small_config), pipelined=pipelined)
+    gpu = BatchExecutor(build_serving_model(small_config, device="cuda"), pipelined=pipelined)
+    requests = _requests()
+    want = asyncio.run(cpu.run(requests))
+    got = asyncio.run(gpu.run(requests))
+    for a, b in zip(want, got):
+        assert a.batch_size == b.batch_size
+        rows_a = np.frombuffer(pb.LookupResponse.FromString(a.response).embeddings, "<f4")
+        rows_b = np.frombuffer(pb.LookupResponse.FromString(b.response).embeddings, "<f4")
+        np.testing.assert_allclose(rows_a, rows_b, atol=1e-5)
