@@ -19,7 +19,7 @@ from torch import nn
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from .config import ModelConfig, ServingDType
+from .config import ConfigError, ModelConfig, ServingDType
 from .large_embeddings import LargeEmbeddings, canonical_keys
 from .weights import init_weights, load_checkpoint
 
@@ -68,7 +68,11 @@ class ServingModel:
     @torch.inference_mode()
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Pooled embeddings `[batch, output_dim]` (float32, on `device`) of a KJT holding every key in `keys`."""
-        values: torch.Tensor = self.module(features).values()
+        pooled = self.module(features)
+        if pooled.keys() != list(self.keys):  # sharded collections answer in their shards' order
+            values: torch.Tensor = torch.cat([pooled[k] for k in self.keys], dim=1)
+        else:
+            values = pooled.values()
         return values if values.dtype == torch.float32 else values.float()
 
 
@@ -109,6 +113,8 @@ def build_serving_model(
     device: str | torch.device = "cpu",
     engine: Engine | str = Engine.FUSED,
     version: str | None = None,
+    shard_devices: int = 1,
+    sharding: str = "table_wise",
 ) -> ServingModel:
     """Materialises `LargeEmbeddings` on `device`, loads or initialises its weights, and applies serving surgery.
 
@@ -119,6 +125,9 @@ def build_serving_model(
         device: `cpu`, `cuda` or `cuda:N`.
         engine: `fused` (torchrec quantized inference collection) or `eager` (the plain module).
         version: the version clients see; by default the checkpoint's content digest, or `init-<seed>`.
+        shard_devices: more than 1 splits the tables over that many devices with torchrec's sharding (fused
+            engine, int8/int4 tables): GPUs when `device` is CUDA, else shards on the CPU.
+        sharding: `table_wise` or `row_wise`.
     """
     engine = Engine(engine)
     device = torch.device(device)
@@ -134,9 +143,20 @@ def build_serving_model(
     if engine is Engine.FUSED:
         per_table = {t.name: _WEIGHT_DTYPES[t.effective_serving_dtype] for t in config.tables}
         module = quantize_inference_model(model, per_table_weight_dtype=per_table, output_dtype=torch.float32)
+        weight_bytes = _weight_bytes(module, [t.name for t in config.tables])
+        if shard_devices > 1:
+            from .sharding import shard_fused_module
+
+            module = shard_fused_module(
+                module, config, devices=shard_devices, sharding=sharding, device_type=device.type
+            )
         _release_quantization_copies(module)
-    elif any(t.effective_serving_dtype in (ServingDType.INT8, ServingDType.INT4) for t in config.tables):
-        logger.warning("eager engine serves every table in its data_type; int8/int4 serving_dtype ignored")
+    else:
+        if shard_devices > 1:
+            raise ConfigError("sharding needs the fused engine")
+        if any(t.effective_serving_dtype in (ServingDType.INT8, ServingDType.INT4) for t in config.tables):
+            logger.warning("eager engine serves every table in its data_type; int8/int4 serving_dtype ignored")
+        weight_bytes = _weight_bytes(module, [t.name for t in config.tables])
     keys = canonical_keys(config)
     by_name = {t.name: t for t in config.tables}
     dims = [by_name[k].embedding_dim for k in keys]
@@ -153,5 +173,5 @@ def build_serving_model(
         keys=tuple(keys),
         dims=tuple(dims),
         offsets=tuple(offsets),
-        weight_bytes=_weight_bytes(module, keys),
+        weight_bytes=weight_bytes,
     )

@@ -51,6 +51,8 @@ def load_model(config: ServerConfig) -> ServingModel:
         device=config.device,
         engine=config.engine,
         version=config.model_version,
+        shard_devices=config.shard_devices,
+        sharding=config.sharding,
     )
 
 

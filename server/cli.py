@@ -20,6 +20,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-version", help="version string reported to clients")
     p.add_argument("--engine", choices=["fused", "eager"], help="fused torchrec inference collection, or eager")
     p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument("--shard-devices", type=int, help="split the tables over this many devices (torchrec sharding)")
+    p.add_argument("--sharding", choices=["table_wise", "row_wise"], help="how tables are split (default table_wise)")
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464)")
@@ -64,6 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
                 "model_version": args.model_version,
                 "engine": args.engine,
                 "device": args.device,
+                "shard_devices": args.shard_devices,
+                "sharding": args.sharding,
                 "host": args.host,
                 "port": args.port,
                 "metrics_port": args.metrics_port,

@@ -95,6 +95,8 @@ class ServerConfig(_Strict):
     model_version: str | None = None
     engine: str = "fused"
     device: str = "cpu"
+    shard_devices: int = pydantic.Field(1, ge=1)  # > 1: torchrec table sharding over that many devices
+    sharding: str = "table_wise"
     host: str = DEFAULT_HOST
     port: int = pydantic.Field(DEFAULT_PORT, ge=0, le=65535)
     metrics_port: int | None = pydantic.Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
@@ -110,6 +112,13 @@ class ServerConfig(_Strict):
     def _engine(cls, value: str) -> str:
         if value not in ("fused", "eager"):
             raise ValueError(f"engine must be 'fused' or 'eager', got {value!r}")
+        return value
+
+    @pydantic.field_validator("sharding")
+    @classmethod
+    def _sharding(cls, value: str) -> str:
+        if value not in ("table_wise", "row_wise"):
+            raise ValueError(f"sharding must be 'table_wise' or 'row_wise', got {value!r}")
         return value
 
     @pydantic.field_validator("device")
