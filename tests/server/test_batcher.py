@@ -29,6 +29,15 @@ class Recorder:
         return [i * 10 for i in items]
 
 
+async def hold(run: Recorder, b: DynamicBatcher[int, int]) -> asyncio.Future[int]:
+    """Starts `b` and runs item 0 alone with the executor held closed, so the next items pile up in the queue."""
+    b.start()
+    run.gate.clear()
+    blocker = asyncio.ensure_future(b.submit(0))
+    await asyncio.sleep(0.01)
+    return blocker
+
+
 def make(run: Recorder, **kw: object) -> DynamicBatcher[int, int]:
     args: dict[str, object] = dict(
         size_of=lambda i: 1 if i < 1000 else i // 1000,
@@ -60,10 +69,7 @@ async def test_requests_gather_while_busy_and_results_fan_out_in_order() -> None
 async def test_oversized_request_runs_alone() -> None:
     run = Recorder()
     b = make(run)
-    b.start()
-    run.gate.clear()
-    blocker = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.01)
+    blocker = await hold(run, b)
     big = asyncio.ensure_future(b.submit(9000))  # 9 examples > max_batch_size 4
     small = asyncio.ensure_future(b.submit(1))
     await asyncio.sleep(0.01)
@@ -76,10 +82,7 @@ async def test_oversized_request_runs_alone() -> None:
 async def test_queue_limit_rejects_at_once() -> None:
     run = Recorder()
     b = make(run, max_queue_size=4)
-    b.start()
-    run.gate.clear()
-    blocker = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.01)
+    blocker = await hold(run, b)
     queued = [asyncio.ensure_future(b.submit(i)) for i in range(1, 5)]
     await asyncio.sleep(0)
     with pytest.raises(Overloaded, match="queue full: 4 examples queued, limit 4"):
@@ -92,10 +95,7 @@ async def test_queue_limit_rejects_at_once() -> None:
 async def test_expired_and_cancelled_requests_are_never_run() -> None:
     run = Recorder()
     b = make(run)
-    b.start()
-    run.gate.clear()
-    blocker = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.01)
+    blocker = await hold(run, b)
     expired = asyncio.ensure_future(b.submit(1, timeout=0.001))
     cancelled = asyncio.ensure_future(b.submit(2))
     kept = asyncio.ensure_future(b.submit(3))
@@ -114,10 +114,7 @@ async def test_expired_and_cancelled_requests_are_never_run() -> None:
 async def test_failure_fails_only_its_batch() -> None:
     run = Recorder(fail_on=5)
     b = make(run)
-    b.start()
-    run.gate.clear()
-    blocker = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.01)
+    blocker = await hold(run, b)
     doomed = [asyncio.ensure_future(b.submit(i)) for i in (4, 5, 6, 7)]
     fine = [asyncio.ensure_future(b.submit(i)) for i in (8, 9)]
     await asyncio.sleep(0.01)
@@ -191,10 +188,7 @@ def test_arguments_are_checked() -> None:
 async def test_queue_budget_fails_items_that_waited_too_long() -> None:
     run = Recorder()
     b = make(run, max_queue_wait_s=0.02)
-    b.start()
-    run.gate.clear()
-    blocker = asyncio.ensure_future(b.submit(0))
-    await asyncio.sleep(0.01)
+    blocker = await hold(run, b)
     stale = asyncio.ensure_future(b.submit(1))
     await asyncio.sleep(0.05)  # past the budget while the blocker holds the executor
     run.gate.set()

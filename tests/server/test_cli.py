@@ -35,6 +35,15 @@ def _wait_for_log(stream: IO[str], msg: str, timeout: float = 120) -> dict[str, 
     raise AssertionError(f"server never logged {msg!r}")
 
 
+def _kill(proc: subprocess.Popen[str]) -> None:
+    """Cleans up a server process a failed test left running, and its log pipe."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
 @pytest.mark.slow
 def test_serve_query_and_sigterm_under_load(tmp_path: Path) -> None:
     config = tmp_path / "server.yaml"
@@ -91,11 +100,7 @@ def test_serve_query_and_sigterm_under_load(tmp_path: Path) -> None:
         assert not errors, errors[:5]
         assert outcomes.count("ok") > 10 and outcomes.count("refused") >= 1
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        _kill(proc)
 
 
 def test_bad_configuration_is_reported(tmp_path: Path) -> None:
@@ -146,8 +151,4 @@ def test_sighup_reloads_the_checkpoint_file(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        _kill(proc)
