@@ -45,10 +45,9 @@ def compute_ceiling(model: ServingModel, requests: Sequence[Request], batch_exam
             n += sparse[i % len(sparse)].batch_size
             i += 1
         batches.append(batch)
-    with_weights = any(t.weighted for t in model.config.tables)
 
     def run(batch: list[SparseRequest]) -> int:
-        a = assemble(batch, len(model.keys), with_weights=with_weights)
+        a = assemble(batch, len(model.keys), with_weights=model.has_weighted_tables)
         kjt = KeyedJaggedTensor(
             keys=list(model.keys), values=torch.from_numpy(a.values), lengths=torch.from_numpy(a.lengths),
             weights=None if a.weights is None else torch.from_numpy(a.weights),

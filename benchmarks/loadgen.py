@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -86,10 +87,17 @@ class _Recorder:
         )
 
 
-def _channels(address: str, count: int) -> list[grpc.aio.Channel]:
+@contextlib.asynccontextmanager
+async def _lookup_methods(address: str, count: int) -> AsyncIterator[list[grpc.aio.UnaryUnaryMultiCallable]]:
+    """`count` channels (separate connections) to `address`, as raw-bytes Lookup callables; closed on exit."""
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                ("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    try:
+        yield [c.unary_unary(METHOD) for c in channels]
+    finally:
+        for c in channels:
+            await c.close()
 
 
 async def _call(method: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, timeout: float) -> tuple[bytes | None, str]:
@@ -113,8 +121,6 @@ async def closed_loop(
     timeout_s: float = 30.0,
 ) -> LoadResult:
     """`concurrency` callers each send their next request as soon as the previous one answered."""
-    channels = _channels(address, min(4, concurrency))
-    methods = [c.unary_unary(METHOD) for c in channels]
     rec = _Recorder(sizes, min_bytes, check, sample)
     start = time.perf_counter()
     measure_from = start + warmup_s
@@ -133,9 +139,8 @@ async def closed_loop(
                 rec.record(index, response, code, t1 - t0)
             index = (index + concurrency) % len(payloads)
 
-    await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    for c in channels:
-        await c.close()
+    async with _lookup_methods(address, min(4, concurrency)) as methods:
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
     return rec.result("closed", duration_s, concurrency, None)
 
 
@@ -154,33 +159,30 @@ async def open_loop(
     seed: int = 0,
 ) -> LoadResult:
     """Poisson arrivals at `rate` calls/s, whatever the server's speed; latency counts from the scheduled time."""
-    channels = _channels(address, 4)
-    methods = [c.unary_unary(METHOD) for c in channels]
     rec = _Recorder(sizes, min_bytes, check, sample)
     rng = np.random.default_rng(seed)
     total = warmup_s + duration_s
     gaps = rng.exponential(1.0 / rate, size=int(rate * total * 1.2) + 16)
     offsets = np.cumsum(gaps)
     offsets = offsets[offsets < total]
-    start = time.perf_counter()
     tasks: set[asyncio.Task[None]] = set()
+    async with _lookup_methods(address, 4) as methods:
+        start = time.perf_counter()
 
-    async def one(i: int, scheduled: float) -> None:
-        index = i % len(payloads)
-        response, code = await _call(methods[i % len(methods)], payloads[index], timeout_s)
-        if scheduled - start >= warmup_s:
-            rec.record(index, response, code, time.perf_counter() - scheduled)
+        async def one(i: int, scheduled: float) -> None:
+            index = i % len(payloads)
+            response, code = await _call(methods[i % len(methods)], payloads[index], timeout_s)
+            if scheduled - start >= warmup_s:
+                rec.record(index, response, code, time.perf_counter() - scheduled)
 
-    for i, offset in enumerate(offsets):
-        scheduled = start + float(offset)
-        delay = scheduled - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        task = asyncio.ensure_future(one(i, scheduled))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-    if tasks:
-        await asyncio.gather(*tasks)
-    for c in channels:
-        await c.close()
+        for i, offset in enumerate(offsets):
+            scheduled = start + float(offset)
+            delay = scheduled - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.ensure_future(one(i, scheduled))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
     return rec.result("open", duration_s, None, rate)

@@ -6,15 +6,18 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from grpc_health.v1 import health_pb2
+
 from embserve.v1 import embserve_pb2 as pb
 
 from ._transport import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, TlsConfig, build_target, call_metadata, channel_options
 from .inputs import to_sparse_input
 from .result import ModelInfo
 
-__all__ = ["ClientSettings", "prepare_requests"]
+__all__ = ["HEALTH_STATUS", "ClientSettings", "prepare_requests"]
 
 DEFAULT_TIMEOUT_S = 5.0
+HEALTH_STATUS: dict[int, str] = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _HEADROOM = 0.9  # chunks stay this far under the server's message limit
 
 

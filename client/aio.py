@@ -12,14 +12,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 
-from ._common import DEFAULT_TIMEOUT_S, ClientSettings, prepare_requests
+from ._common import DEFAULT_TIMEOUT_S, HEALTH_STATUS, ClientSettings, prepare_requests
 from ._transport import DEFAULT_MAX_MESSAGE_BYTES, RetryPolicy, TlsConfig, credentials
 from .errors import PermissionDenied, from_rpc_error
 from .result import LookupResult, ModelInfo
 
 __all__ = ["AsyncClient"]
-
-_STATUS: dict[int, str] = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 
 
 class AsyncClient:
@@ -111,7 +109,7 @@ class AsyncClient:
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
-        return _STATUS[resp.status]
+        return HEALTH_STATUS[resp.status]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -65,6 +65,11 @@ class ServingModel:
     def output_dim(self) -> int:
         return self.offsets[-1]
 
+    @property
+    def has_weighted_tables(self) -> bool:
+        """Whether the input KJT must carry weights (1.0 for the ids of unweighted tables)."""
+        return any(t.weighted for t in self.config.tables)
+
     @torch.inference_mode()
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
         """Pooled embeddings `[batch, output_dim]` (float32, on `device`) of a KJT holding every key in `keys`."""

@@ -51,10 +51,6 @@ class ModelSchema:
     def index_of(self, key: str) -> int | None:
         return self._index.get(key)  # type: ignore[attr-defined, no-any-return]
 
-    @property
-    def any_weighted(self) -> bool:
-        return bool(self.weighted.any())
-
 
 @dataclasses.dataclass(frozen=True)
 class SparseRequest:

@@ -91,8 +91,7 @@ class BatchExecutor:
 
     def _prepare(self, requests: list[SparseRequest]) -> _Prepared:
         model, encoder = self._current
-        weighted = any(t.weighted for t in model.config.tables)
-        batch = assemble(requests, len(model.keys), with_weights=weighted)
+        batch = assemble(requests, len(model.keys), with_weights=model.has_weighted_tables)
         lengths = torch.from_numpy(batch.lengths)
         values = torch.from_numpy(batch.values)
         weights = torch.from_numpy(batch.weights) if batch.weights is not None else None
