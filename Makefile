@@ -33,8 +33,15 @@ test: $(STAMP) typecheck
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
+# mypy sees the folders under their import names (embserve.server, ...) through a tree of links that mirrors
+# pyproject's package-dir mapping, so that every `from embserve.X import ...` resolves to the real module.
+TYPECHECK_ROOT := build/typecheck
 typecheck: $(STAMP)
-	$(BIN)/python -m mypy server client embeddings benchmarks
+	$(BIN)/python -c 'import os, tomllib; root = "$(TYPECHECK_ROOT)"; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; \
+	[os.makedirs(os.path.join(root, *pkg.split(".")[:-1]), exist_ok=True) for pkg in dirs]; \
+	[os.path.lexists(p) and os.remove(p) or os.symlink(os.path.relpath(d, os.path.dirname(p)), p) for pkg, d in dirs.items() for p in [os.path.join(root, *pkg.split("."))]]'
+	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(BIN)/python -m mypy --config-file $(CURDIR)/pyproject.toml \
+		--explicit-package-bases embserve/server embserve/client embserve/embeddings embserve/benchmarks embserve/v1/wire.py
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos \

@@ -1,4 +1,5 @@
-"""The compute ceiling: the server's own assembly and forward, in process, on the batches the server would form."""
+"""The compute ceiling: the server's own executor (assembly, forward, split, framing), in process, on the batches the
+server would form."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from embserve.embeddings import ServingModel
-from embserve.server.assembler import assemble
-from embserve.server.codec import SparseRequest
+from embserve.server.executor import BatchExecutor
+from embserve.server.request import SparseRequest
 
 from .workloads import Request
 
@@ -31,10 +32,8 @@ def to_sparse_requests(requests: Sequence[Request]) -> list[SparseRequest]:
 
 
 def compute_ceiling(model: ServingModel, requests: Sequence[Request], batch_examples: float, seconds: float = 2.0) -> float:
-    """Examples/s of assemble + forward over batches of about `batch_examples` examples built from `requests`."""
-    import torch
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
+    """Examples/s of the executor's whole batch step over batches of about `batch_examples` examples built from
+    `requests`."""
     sparse = to_sparse_requests(requests)
     batches: list[list[SparseRequest]] = []
     i = 0
@@ -46,19 +45,18 @@ def compute_ceiling(model: ServingModel, requests: Sequence[Request], batch_exam
             i += 1
         batches.append(batch)
 
-    def run(batch: list[SparseRequest]) -> int:
-        a = assemble(batch, len(model.keys), with_weights=model.has_weighted_tables)
-        kjt = KeyedJaggedTensor(
-            keys=list(model.keys), values=torch.from_numpy(a.values), lengths=torch.from_numpy(a.lengths),
-            weights=None if a.weights is None else torch.from_numpy(a.weights),
-        )
-        model.forward(kjt)
-        return int(a.batch_size)
+    executor = BatchExecutor(model, pipelined=False)
 
-    for b in batches[:4]:
-        run(b)
-    examples, start, k = 0, time.perf_counter(), 0
-    while time.perf_counter() - start < seconds:
-        examples += run(batches[k % len(batches)])
-        k += 1
-    return examples / (time.perf_counter() - start)
+    def run(batch: list[SparseRequest]) -> int:
+        return sum(out.batch_size for out in executor.run_blocking(batch))
+
+    try:
+        for b in batches[:4]:
+            run(b)
+        examples, start, k = 0, time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            examples += run(batches[k % len(batches)])
+            k += 1
+        return examples / (time.perf_counter() - start)
+    finally:
+        executor.shutdown()

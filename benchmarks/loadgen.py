@@ -18,9 +18,11 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 import numpy as np
 
+from embserve.v1.wire import LOOKUP_METHOD
+
 __all__ = ["LoadResult", "closed_loop", "open_loop"]
 
-METHOD = "/embserve.v1.EmbeddingService/Lookup"
+METHOD = LOOKUP_METHOD
 Checker = Callable[[int, bytes], bool]
 
 

@@ -14,11 +14,9 @@ import sys
 import grpc
 
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES, OUTPUT_DTYPES, OUTPUT_NUMPY_DTYPES, SERVICE_NAME
 
 __all__ = ["main"]
-
-_BYTES = {pb.DTYPE_UNSPECIFIED: 4, pb.DTYPE_FLOAT32: 4, pb.DTYPE_FLOAT16: 2, pb.DTYPE_BFLOAT16: 2}
-
 
 class _Noop:
     def __init__(self, output_dim: int) -> None:
@@ -34,7 +32,7 @@ class _Noop:
             response = pb.LookupResponse(
                 dtype=dtype or pb.DTYPE_FLOAT32,
                 shape=[batch, self.output_dim],
-                embeddings=bytes(batch * self.output_dim * _BYTES[dtype]),
+                embeddings=bytes(batch * self.output_dim * OUTPUT_NUMPY_DTYPES[OUTPUT_DTYPES[dtype]].itemsize),
                 model_name="noop",
                 model_version="noop",
             ).SerializeToString()
@@ -43,11 +41,11 @@ class _Noop:
 
 
 async def _serve(port: int, output_dim: int) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)])
     noop = _Noop(output_dim)
     handler = grpc.unary_unary_rpc_method_handler(noop.lookup)
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("embserve.v1.EmbeddingService", {"Lookup": handler}),)
+        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Lookup": handler}),)
     )
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

@@ -18,7 +18,7 @@ __all__ = ["ServerProcess", "embserve_command", "noop_command"]
 
 def embserve_command(model_path: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "embserve.server.cli", "serve", "--model", str(model_path),
+        sys.executable, "-m", "embserve.server", "--model", str(model_path),
         "--port", "0", "--metrics-port", "0", *extra,
     ]
 

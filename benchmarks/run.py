@@ -21,6 +21,7 @@ import yaml
 
 from embserve.embeddings import ServingModel, build_serving_model
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import DTYPE_NAMES, OUTPUT_NUMPY_DTYPES, pack_features
 
 from .ceilings import compute_ceiling
 from .loadgen import LoadResult, closed_loop, open_loop
@@ -34,17 +35,13 @@ CONCURRENCY = {"small": [1, 8, 64, 128], "large": [1, 8, 64], "multihot": [1, 16
 OPEN_FRACTIONS = (0.25, 0.5, 0.75)
 DISTINCT_REQUESTS = {"small": 1024, "large": 32, "multihot": 32}
 MAX_QUEUE_DELAY_US = 1000
-_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16}
+OUTPUT_DTYPES_MEASURED = ("float32", "float16")
 
 
 def _encode(requests: Sequence[Request], dtype: str) -> list[bytes]:
     return [
         pb.LookupRequest(
-            features=pb.SparseFeatures(
-                keys=r.keys, batch_size=r.batch_size,
-                lengths=r.lengths.astype("<i4").tobytes(), values=r.values.astype("<i8").tobytes(),
-            ),
-            output_dtype=_DTYPES[dtype],
+            features=pack_features(r.keys, r.batch_size, r.lengths, r.values), output_dtype=DTYPE_NAMES[dtype]
         ).SerializeToString()
         for r in requests
     ]
@@ -62,9 +59,9 @@ def _checker(model: ServingModel, requests: Sequence[Request]) -> Callable[[int,
                                 lengths=torch.from_numpy(r.lengths.reshape(-1)))
         expected = model.forward(kjt).numpy()
         if response.dtype == pb.DTYPE_FLOAT16:
-            got = np.frombuffer(response.embeddings, "<f2").reshape(expected.shape).astype(np.float32)
+            got = np.frombuffer(response.embeddings, OUTPUT_NUMPY_DTYPES["float16"]).reshape(expected.shape).astype(np.float32)
             return bool(np.allclose(got, expected, rtol=2e-3, atol=1e-4))
-        got = np.frombuffer(response.embeddings, "<f4").reshape(expected.shape)
+        got = np.frombuffer(response.embeddings, OUTPUT_NUMPY_DTYPES["float32"]).reshape(expected.shape)
         return bool(np.array_equal(got, expected))
 
     return check
@@ -110,9 +107,9 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
     model_path.write_text(yaml.safe_dump(workload.config.model_dump(mode="json", exclude_none=True)))
     requests = workload.requests(DISTINCT_REQUESTS[workload.name], seed=args.seed)
     sizes = [r.batch_size for r in requests]
-    payloads = {dtype: _encode(requests, dtype) for dtype in _DTYPES}
+    payloads = {dtype: _encode(requests, dtype) for dtype in OUTPUT_DTYPES_MEASURED}
     out_dim = workload.config.output_dim
-    min_bytes = {d: [s * out_dim * (4 if d == "float32" else 2) for s in sizes] for d in _DTYPES}
+    min_bytes = {d: [s * out_dim * OUTPUT_NUMPY_DTYPES[d].itemsize for s in sizes] for d in OUTPUT_DTYPES_MEASURED}
     # Closed-loop points measure throughput: a queue budget long enough never to reject a caller of the sweep.
     common = ["--max-queue-delay-us", str(MAX_QUEUE_DELAY_US), "--max-queue-wait-ms", "30000"]
     servers = {

@@ -12,10 +12,10 @@ from typing import Any
 
 import grpc
 
+from embserve.v1.wire import SERVICE_NAME
+
 __all__ = ["RetryPolicy", "TlsConfig", "build_target", "channel_options", "call_metadata", "credentials"]
 
-SERVICE = "embserve.v1.EmbeddingService"
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def channel_options(
     if retry is not None:
         config["methodConfig"] = [
             {
-                "name": [{"service": SERVICE}],
+                "name": [{"service": SERVICE_NAME}],
                 "retryPolicy": {
                     "maxAttempts": retry.max_attempts,
                     "initialBackoff": f"{retry.initial_backoff_s:.6f}s",

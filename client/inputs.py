@@ -15,13 +15,11 @@ from typing import Any
 import numpy as np
 
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import DTYPE_NAMES, pack_features
 
 from .errors import InvalidRequest
 
 __all__ = ["SparseInput", "to_sparse_input"]
-
-_DTYPES = {"float32": pb.DTYPE_FLOAT32, "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16}
-
 
 @dataclasses.dataclass(frozen=True)
 class SparseInput:
@@ -38,17 +36,11 @@ class SparseInput:
         return 4 * self.lengths.size + 8 * self.values.size + (4 * self.weights.size if self.weights is not None else 0)
 
     def to_proto(self, output_dtype: str, request_id: str = "") -> pb.LookupRequest:
-        if output_dtype not in _DTYPES:
-            raise InvalidRequest(f"output_dtype must be one of {sorted(_DTYPES)}, got {output_dtype!r}")
+        if output_dtype not in DTYPE_NAMES:
+            raise InvalidRequest(f"output_dtype must be one of {sorted(DTYPE_NAMES)}, got {output_dtype!r}")
         return pb.LookupRequest(
-            features=pb.SparseFeatures(
-                keys=self.keys,
-                batch_size=self.batch_size,
-                lengths=self.lengths.astype("<i4", copy=False).tobytes(),
-                values=self.values.astype("<i8", copy=False).tobytes(),
-                weights=b"" if self.weights is None else self.weights.astype("<f4", copy=False).tobytes(),
-            ),
-            output_dtype=_DTYPES[output_dtype],
+            features=pack_features(self.keys, self.batch_size, self.lengths, self.values, self.weights),
+            output_dtype=DTYPE_NAMES[output_dtype],
             request_id=request_id,
         )
 

@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import OUTPUT_DTYPES, OUTPUT_NUMPY_DTYPES
 
 __all__ = ["LookupResult", "ModelInfo", "TableInfo"]
 
-_NUMPY: dict[int, np.dtype[Any]] = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2"), pb.DTYPE_BFLOAT16: np.dtype("<u2")}
-_NAMES: dict[int, str] = {pb.DTYPE_FLOAT32: "float32", pb.DTYPE_FLOAT16: "float16", pb.DTYPE_BFLOAT16: "bfloat16"}
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -39,17 +38,18 @@ class LookupResult:
 
     @classmethod
     def from_proto(cls, response: pb.LookupResponse) -> LookupResult:
-        if response.dtype not in _NUMPY or len(response.shape) != 2:
+        if response.dtype == pb.DTYPE_UNSPECIFIED or response.dtype not in OUTPUT_DTYPES or len(response.shape) != 2:
             raise ValueError(f"unexpected response dtype {response.dtype} / shape {list(response.shape)}")
+        dtype = OUTPUT_DTYPES[response.dtype]
         rows, cols = (int(x) for x in response.shape)
-        raw = np.frombuffer(response.embeddings, dtype=_NUMPY[response.dtype]).reshape(rows, cols)
+        raw = np.frombuffer(response.embeddings, dtype=OUTPUT_NUMPY_DTYPES[dtype]).reshape(rows, cols)
         embeddings = _bf16_to_f32(raw) if response.dtype == pb.DTYPE_BFLOAT16 else raw
         return cls(
             embeddings=embeddings,
             keys=tuple(response.keys),
             dims=tuple(response.dims),
             offsets=tuple(response.offsets),
-            dtype=_NAMES[response.dtype],
+            dtype=dtype,
             model_name=response.model_name,
             model_version=response.model_version,
             raw=raw if response.dtype == pb.DTYPE_BFLOAT16 else None,

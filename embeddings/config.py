@@ -19,10 +19,12 @@ __all__ = [
     "DataType",
     "EmbeddingBagConfig",
     "EmbeddingSnapshot",
+    "Engine",
     "IdPolicy",
     "LargeEmbeddingsConfig",
     "ModelConfig",
     "ServingDType",
+    "ShardingType",
     "builtin_model_names",
     "load_model_config",
     "model_config_from_dict",
@@ -51,6 +53,22 @@ class ServingDType(str, enum.Enum):
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
+
+
+@enum.unique
+class Engine(str, enum.Enum):
+    """How the forward runs: torchrec's fused quantized inference collection, or the plain module."""
+
+    FUSED = "fused"
+    EAGER = "eager"
+
+
+@enum.unique
+class ShardingType(str, enum.Enum):
+    """How tables are split over several devices: each table whole on one device, or each table's rows split."""
+
+    TABLE_WISE = "table_wise"
+    ROW_WISE = "row_wise"
 
 
 @enum.unique

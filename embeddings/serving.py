@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import enum
 import logging
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch import nn
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from .config import ConfigError, ModelConfig, ServingDType
+from .config import ConfigError, EmbeddingBagConfig, Engine, IdPolicy, ModelConfig, ServingDType, ShardingType
 from .large_embeddings import LargeEmbeddings, canonical_keys
 from .weights import init_weights, load_checkpoint
 
@@ -33,14 +32,6 @@ _WEIGHT_DTYPES: dict[ServingDType, torch.dtype] = {
     ServingDType.INT8: torch.qint8,
     ServingDType.INT4: torch.quint4x2,
 }
-
-
-@enum.unique
-class Engine(str, enum.Enum):
-    """How the forward runs: torchrec's fused quantized inference collection, or the plain module."""
-
-    FUSED = "fused"
-    EAGER = "eager"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +60,23 @@ class ServingModel:
     def has_weighted_tables(self) -> bool:
         """Whether the input KJT must carry weights (1.0 for the ids of unweighted tables)."""
         return any(t.weighted for t in self.config.tables)
+
+    def table(self, key: str) -> EmbeddingBagConfig:
+        """The config of the table that feature `key` looks up (one feature per table)."""
+        for t in self.config.tables:
+            if t.name == key:
+                return t
+        raise KeyError(f"no table {key!r}; the model's keys are {list(self.keys)}")
+
+    def serving_dtype(self, key: str) -> ServingDType:
+        """The type table `key`'s weights are stored in while serving: its `serving_dtype` on the fused engine,
+        its training `data_type` on the eager one."""
+        t = self.table(key)
+        return t.effective_serving_dtype if self.engine is Engine.FUSED else ServingDType(t.data_type.value)
+
+    def hashes_ids(self, key: str) -> bool:
+        """Whether ids of `key` past the table's rows are hashed into range (`id_policy: hash`) rather than rejected."""
+        return self.table(key).id_policy is IdPolicy.HASH
 
     @torch.inference_mode()
     def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -119,7 +127,7 @@ def build_serving_model(
     engine: Engine | str = Engine.FUSED,
     version: str | None = None,
     shard_devices: int = 1,
-    sharding: str = "table_wise",
+    sharding: ShardingType | str = ShardingType.TABLE_WISE,
 ) -> ServingModel:
     """Materialises `LargeEmbeddings` on `device`, loads or initialises its weights, and applies serving surgery.
 

@@ -8,8 +8,6 @@ or fp16 tables its sharded quantized state has no row-wise scales to read and fa
 
 from __future__ import annotations
 
-import enum
-
 import torch
 from torch import nn
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
@@ -17,17 +15,11 @@ from torchrec.distributed.global_settings import set_propogate_device
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.inference.modules import shard_quant_model
 
-from .config import ConfigError, ModelConfig, ServingDType
+from .config import ConfigError, ModelConfig, ServingDType, ShardingType
 
 __all__ = ["ShardingType", "shard_fused_module"]
 
 SHARDABLE = (ServingDType.INT8, ServingDType.INT4)
-
-
-@enum.unique
-class ShardingType(str, enum.Enum):
-    TABLE_WISE = "table_wise"
-    ROW_WISE = "row_wise"
 
 
 def _fused_tables(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:

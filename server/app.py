@@ -15,10 +15,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from embserve.embeddings import ServingModel, build_serving_model, load_model_config
-from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import SERVICE_NAME
 
 from .batcher import DynamicBatcher
-from .codec import SparseRequest
+from .request import SparseRequest
 from .config import ServerConfig
 from .executor import BatchExecutor, BatchOutput
 from .metrics import ServerMetrics
@@ -29,11 +29,9 @@ __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server", "serve_
 
 logger = logging.getLogger(__name__)
 
+
 class ReloadFailed(RuntimeError):
     """A new model version could not be loaded; the old one keeps serving."""
-
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
 
 
 def load_model(config: ServerConfig) -> ServingModel:

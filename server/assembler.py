@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .codec import SparseRequest
+from .request import SparseRequest
 
 __all__ = ["AssembledBatch", "assemble"]
 

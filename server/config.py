@@ -12,11 +12,15 @@ from typing import Any
 import pydantic
 import yaml
 
+from embserve.embeddings.config import Engine, ShardingType
+from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES
+
 __all__ = [
     "AuthConfig",
     "BatchPolicy",
     "BatchingConfig",
     "LimitsConfig",
+    "LogFormat",
     "ServerConfig",
     "TlsConfig",
     "load_server_config",
@@ -31,8 +35,13 @@ DEFAULT_MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_QUEUE_WAIT_MS = 200.0
 DEFAULT_MAX_REQUEST_EXAMPLES = 16384
 DEFAULT_MAX_REQUEST_IDS = 4_000_000
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_GRACE_PERIOD_S = 10.0
+
+
+@enum.unique
+class LogFormat(str, enum.Enum):
+    JSON = "json"
+    TEXT = "text"
 
 
 class _Strict(pydantic.BaseModel):
@@ -93,33 +102,29 @@ class ServerConfig(_Strict):
     checkpoint: str | None = None
     seed: int = 0
     model_version: str | None = None
-    engine: str = "fused"
+    engine: Engine = Engine.FUSED
     device: str = "cpu"
     shard_devices: int = pydantic.Field(1, ge=1)  # > 1: torchrec table sharding over that many devices
-    sharding: str = "table_wise"
+    sharding: ShardingType = ShardingType.TABLE_WISE
     host: str = DEFAULT_HOST
     port: int = pydantic.Field(DEFAULT_PORT, ge=0, le=65535)
     metrics_port: int | None = pydantic.Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
     grace_period_s: float = pydantic.Field(DEFAULT_GRACE_PERIOD_S, ge=0)
     torch_threads: int | None = pydantic.Field(None, ge=1)
+    workers: int = pydantic.Field(1, ge=1)  # server processes sharing the port and the weights
+    log_level: str = "info"
+    log_format: LogFormat = LogFormat.JSON
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
 
-    @pydantic.field_validator("engine")
+    @pydantic.field_validator("log_level")
     @classmethod
-    def _engine(cls, value: str) -> str:
-        if value not in ("fused", "eager"):
-            raise ValueError(f"engine must be 'fused' or 'eager', got {value!r}")
-        return value
-
-    @pydantic.field_validator("sharding")
-    @classmethod
-    def _sharding(cls, value: str) -> str:
-        if value not in ("table_wise", "row_wise"):
-            raise ValueError(f"sharding must be 'table_wise' or 'row_wise', got {value!r}")
-        return value
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"log_level must be debug, info, warning or error, got {value!r}")
+        return value.lower()
 
     @pydantic.field_validator("device")
     @classmethod
@@ -138,11 +143,9 @@ class ServerConfig(_Strict):
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> ServerConfig:
-        """A copy with dotted keys (`batching.max_batch_size`) replaced; None values are ignored."""
+        """A copy with dotted keys (`batching.max_batch_size`) replaced."""
         data = self.model_dump(mode="json")
         for dotted, value in overrides.items():
-            if value is None:
-                continue
             node = data
             *parents, leaf = dotted.split(".")
             for p in parents:

@@ -12,7 +12,6 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -20,18 +19,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embserve.embeddings import ServingModel
 
 from .assembler import AssembledBatch, assemble
-from .codec import ResponseEncoder, SparseRequest
+from .framing import ResponseEncoder, rows_as_bytes
+from .request import SparseRequest
 
 __all__ = ["BatchExecutor", "BatchOutput"]
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchOutput:
-    """One request's share of a batch: its serialized LookupResponse, and the model version that computed it."""
+    """One request's share of a batch: its serialized LookupResponse and its number of examples."""
 
     response: bytes
     batch_size: int
-    model: ServingModel
 
 
 @dataclasses.dataclass
@@ -78,11 +77,13 @@ class BatchExecutor:
     async def run(self, requests: list[SparseRequest]) -> Sequence[BatchOutput]:
         loop = asyncio.get_running_loop()
         if not self._pipelined:
-            return await loop.run_in_executor(self._compute_pool, self._run_sync, requests)
+            return await loop.run_in_executor(self._compute_pool, self.run_blocking, requests)
         prepared = await loop.run_in_executor(self._prepare_pool, self._prepare, requests)
         return await loop.run_in_executor(self._compute_pool, self._compute, prepared, requests)
 
-    def _run_sync(self, requests: list[SparseRequest]) -> list[BatchOutput]:
+    def run_blocking(self, requests: list[SparseRequest]) -> list[BatchOutput]:
+        """One batch on the calling thread: assemble, copy, forward, split and frame (what `run` does off the
+        event loop)."""
         return self._compute(self._prepare(requests), requests)
 
     def shutdown(self) -> None:
@@ -120,12 +121,12 @@ class BatchExecutor:
         for r, req in enumerate(requests):  # one step per request: slice, cast, serialize
             rows = output[int(offsets[r]) : int(offsets[r + 1])]
             response = prepared.encoder.encode(
-                _serialize(rows, req.output_dtype),
+                rows_as_bytes(rows, req.output_dtype),
                 batch_size=req.batch_size,
                 output_dtype=req.output_dtype,
                 request_id=req.request_id,
             )
-            results.append(BatchOutput(response, req.batch_size, model))
+            results.append(BatchOutput(response, req.batch_size))
         return results
 
 
@@ -133,13 +134,3 @@ def _encoder_for(model: ServingModel) -> ResponseEncoder:
     return ResponseEncoder(
         keys=model.keys, dims=model.dims, offsets=model.offsets, model_name=model.config.name, model_version=model.version
     )
-
-
-def _serialize(rows: torch.Tensor, dtype: str) -> memoryview:
-    """The rows as a contiguous buffer of `dtype` (no copy for float32 rows of a contiguous output)."""
-    if dtype == "float16":
-        rows = rows.to(torch.float16)
-    elif dtype == "bfloat16":
-        rows = rows.to(torch.bfloat16).view(torch.int16)
-    array: Any = rows.contiguous().numpy()
-    return memoryview(array).cast("B")

@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from embserve.v1.wire import METHODS, method_path
+
 from .config import TlsConfig
 from .metrics import ServerMetrics
 
@@ -21,9 +23,9 @@ __all__ = ["AuthInterceptor", "load_tokens", "server_credentials"]
 
 logger = logging.getLogger(__name__)
 
-SERVICE_PREFIX = "/embserve.v1.EmbeddingService/"
+SERVICE_PREFIX = method_path("")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-ALL_METHODS = frozenset({"Lookup", "GetModelMetadata"})
+ALL_METHODS = frozenset(METHODS)
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:

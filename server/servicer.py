@@ -9,18 +9,19 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-import numpy as np
 
 from embserve.embeddings import ServingModel
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
+from embserve.v1.wire import SERVICE_NAME
 
 from .batcher import DynamicBatcher
-from .codec import ModelSchema, SparseRequest, decode_lookup, parse_message
 from .config import ServerConfig
+from .decode import decode_lookup, parse_message
 from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .metrics import ServerMetrics
+from .request import ModelSchema, SparseRequest
 
 __all__ = ["EmbeddingServicer", "add_to_server", "model_schema"]
 
@@ -28,14 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def model_schema(model: ServingModel, config: ServerConfig) -> ModelSchema:
-    """The codec's view of a model: canonical keys, rows, id policies, weighted flags, request limits."""
-    tables = {t.name: t for t in model.config.tables}
-    ordered = [tables[k] for k in model.keys]
-    return ModelSchema(
-        keys=model.keys,
-        num_embeddings=np.array([t.num_embeddings for t in ordered], dtype=np.int64),
-        hashed=np.array([t.id_policy.value == "hash" for t in ordered], dtype=bool),
-        weighted=np.array([t.weighted for t in ordered], dtype=bool),
+    """What requests to `model` are validated against under `config`'s request limits."""
+    return ModelSchema.of(
+        model,
         max_request_examples=config.limits.max_request_examples,
         max_request_ids=config.limits.max_request_ids,
     )
@@ -124,7 +120,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             self._metrics.requests.labels("GetModelMetadata", status_code_of(err).name).inc()
             await context.abort(status_code_of(err), str(err))
         model = self._current_model()
-        tables = {t.name: t for t in model.config.tables}
         self._metrics.requests.labels("GetModelMetadata", "OK").inc()
         return pb.ModelMetadata(
             name=model.config.name,
@@ -137,35 +132,32 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             max_request_examples=self._config.limits.max_request_examples,
             max_request_ids=self._config.limits.max_request_ids,
             max_message_bytes=self._config.limits.max_message_bytes,
-            tables=[
-                pb.TableMetadata(
-                    name=name,
-                    feature_names=[name],
-                    num_embeddings=tables[name].num_embeddings,
-                    embedding_dim=tables[name].embedding_dim,
-                    data_type=tables[name].data_type.value,
-                    serving_dtype=(
-                        tables[name].effective_serving_dtype.value
-                        if model.engine.value == "fused"
-                        else tables[name].data_type.value
-                    ),
-                    weight_bytes=model.weight_bytes.get(name, 0),
-                    weighted=tables[name].weighted,
-                    id_policy=tables[name].id_policy.value,
-                )
-                for name in model.keys
-            ],
+            tables=[_table_metadata(model, name) for name in model.keys],
         )
+
+
+def _table_metadata(model: ServingModel, name: str) -> pb.TableMetadata:
+    table = model.table(name)
+    return pb.TableMetadata(
+        name=name,
+        feature_names=[name],
+        num_embeddings=table.num_embeddings,
+        embedding_dim=table.embedding_dim,
+        data_type=table.data_type.value,
+        serving_dtype=model.serving_dtype(name).value,
+        weight_bytes=model.weight_bytes.get(name, 0),
+        weighted=table.weighted,
+        id_policy=table.id_policy.value,
+    )
 
 
 def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
     """Registers the service with request bytes handed to the handlers unparsed, so that corrupt wire data is
     answered with INVALID_ARGUMENT by the codec instead of an UNKNOWN from the framework."""
-    service = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
     handlers = {
         "Lookup": grpc.unary_unary_rpc_method_handler(servicer.Lookup),  # bytes in, serialized response out
         "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelMetadata, response_serializer=pb.ModelMetadata.SerializeToString
         ),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

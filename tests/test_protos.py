@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from embserve.client import LookupResult, to_sparse_input
-from embserve.server.codec import ModelSchema, ResponseEncoder, decode_lookup
+from embserve.server.decode import decode_lookup
+from embserve.server.framing import ResponseEncoder
+from embserve.server.request import ModelSchema
 from embserve.v1 import embserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from embserve.server.assembler import assemble
-from embserve.server.codec import SparseRequest
+from embserve.server.request import SparseRequest
 
 
 def _request(rng: np.random.Generator, num_keys: int, weighted: bool) -> SparseRequest:

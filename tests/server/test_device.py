@@ -10,7 +10,7 @@ import torch
 
 from embserve.embeddings import ModelConfig, build_serving_model
 from embserve.server.app import load_model
-from embserve.server.codec import SparseRequest
+from embserve.server.request import SparseRequest
 from embserve.server.config import ServerConfig
 from embserve.server.executor import BatchExecutor
 from embserve.v1 import embserve_pb2 as pb

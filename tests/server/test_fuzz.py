@@ -1,4 +1,4 @@
-"""Property-based bad input: the codec only ever answers InvalidRequest, and a live server gives every call a
+"""Property-based bad input: decoding only ever answers InvalidRequest, and a live server gives every call a
 defined status while concurrent valid callers keep getting correct answers."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embserve.client import Client
-from embserve.server.codec import decode_lookup, parse_message
+from embserve.server.decode import decode_lookup, parse_message
 from embserve.server.config import ServerConfig
 from embserve.server.errors import InvalidRequest
 from embserve.server.servicer import model_schema
@@ -67,7 +67,7 @@ def schema_model() -> ServingModel:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.one_of(requests(), st.binary(max_size=200)))
-def test_codec_answers_only_invalid_request(raw: bytes, schema_model: ServingModel) -> None:
+def test_decode_answers_only_invalid_request(raw: bytes, schema_model: ServingModel) -> None:
     schema = model_schema(schema_model, ServerConfig())
     try:
         decoded = decode_lookup(parse_message(pb.LookupRequest, raw), schema)

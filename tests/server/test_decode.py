@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embserve.server.codec import ModelSchema, decode_lookup
+from embserve.server.decode import decode_lookup
+from embserve.server.request import ModelSchema
 from embserve.server.errors import InvalidRequest
 from embserve.v1 import embserve_pb2 as pb
 

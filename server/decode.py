@@ -1,0 +1,147 @@
+"""Wire -> validated request: LookupRequest bytes to a `SparseRequest`, every check before batching.
+
+Runs on the event loop, before the batcher, so a bad request never reaches anyone else's batch. Arrays are
+decoded with one `np.frombuffer` each and checked with vectorised numpy; the only Python loop is one step per key,
+and the number of keys is checked against the model's before it runs. Messages name the offending field, key,
+index or size, and echo at most `ECHO_CHARS` characters of anything the caller sent.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import OUTPUT_DTYPES, WireFeatures, WireFormatError, unpack_features
+
+from .errors import InvalidRequest
+from .request import ModelSchema, SparseRequest
+
+__all__ = ["ECHO_CHARS", "decode_lookup", "echo", "parse_message", "validate_features"]
+
+ECHO_CHARS = 128
+
+M = TypeVar("M", bound=Message)
+
+
+def echo(value: object) -> str:
+    """`repr(value)`, cut to `ECHO_CHARS` characters: error messages never carry a caller's bytes unbounded."""
+    text = repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def parse_message(cls: type[M], raw: bytes) -> M:
+    """Parses request bytes; corrupt wire data is an `InvalidRequest`, not a servicer crash."""
+    try:
+        message: M = cls.FromString(raw)
+    except DecodeError as err:
+        raise InvalidRequest(f"request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
+    return message
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def decode_lookup(request: pb.LookupRequest, schema: ModelSchema) -> SparseRequest:
+    """Validates a LookupRequest against the model; raises `InvalidRequest` naming the first problem found."""
+    output_dtype = OUTPUT_DTYPES.get(request.output_dtype)
+    if output_dtype is None:
+        raise InvalidRequest(f"output_dtype {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
+    try:
+        features = unpack_features(request.features)
+    except WireFormatError as err:
+        raise InvalidRequest(str(err)) from None
+    return validate_features(features, schema, output_dtype=output_dtype, request_id=request.request_id)
+
+
+def _key_indices(keys: tuple[str, ...], schema: ModelSchema) -> np.ndarray:
+    if len(keys) > len(schema.keys):
+        raise InvalidRequest(f"features.keys has {len(keys)} keys; the model has {len(schema.keys)}")
+    key_index = np.empty(len(keys), dtype=np.int64)
+    for i, key in enumerate(keys):  # one step per key, at most one per model table
+        idx = schema.index_of(key)
+        if idx is None:
+            raise InvalidRequest(f"unknown key {echo(key)} at keys[{i}]; the model's keys are {echo(list(schema.keys))}")
+        key_index[i] = idx
+    if len(set(keys)) != len(keys):
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise InvalidRequest(f"duplicate key {echo(dup)} in features.keys")
+    return key_index
+
+
+def validate_features(
+    features: WireFeatures, schema: ModelSchema, *, output_dtype: str = "float32", request_id: str = ""
+) -> SparseRequest:
+    """Checks jagged features against the model and its limits; ids of hashed tables are taken into range."""
+    batch_size = features.batch_size
+    if batch_size <= 0:
+        raise InvalidRequest(f"features.batch_size must be > 0, got {batch_size}")
+    if batch_size > schema.max_request_examples:
+        raise InvalidRequest(
+            f"features.batch_size {batch_size} is over the server's max_request_examples {schema.max_request_examples}"
+        )
+    keys = features.keys
+    key_index = _key_indices(keys, schema)
+    n_keys = len(key_index)
+    lengths = features.lengths
+    if lengths.size != n_keys * batch_size:
+        raise InvalidRequest(
+            f"features.lengths has {lengths.size} entries, expected len(keys) x batch_size = "
+            f"{n_keys} x {batch_size} = {n_keys * batch_size}"
+        )
+    if lengths.size and int(lengths.min()) < 0:
+        i = _first(lengths < 0)
+        raise InvalidRequest(f"negative length {int(lengths[i])} at lengths[{i}] (key {keys[i // batch_size]!r})")
+    values = features.values
+    if values.size > schema.max_request_ids:
+        raise InvalidRequest(f"{values.size} ids is over the server's max_request_ids {schema.max_request_ids}")
+    lengths = lengths.reshape(n_keys, batch_size)
+    ids_per_key = lengths.sum(axis=1, dtype=np.int64)
+    total = int(ids_per_key.sum())
+    if total != values.size:
+        raise InvalidRequest(f"sum(lengths) = {total} but features.values has {values.size} ids")
+    weights = features.weights
+    if weights is not None:
+        if weights.size != values.size:
+            raise InvalidRequest(f"features.weights has {weights.size} entries but features.values has {values.size}")
+        if not np.isfinite(weights).all():
+            i = _first(~np.isfinite(weights))
+            raise InvalidRequest(f"non-finite weight {float(weights[i])} at weights[{i}]")
+    if values.size:
+        key_of_id = np.repeat(key_index, ids_per_key)
+        if int(values.min()) < 0:
+            i = _first(values < 0)
+            raise InvalidRequest(f"negative id {int(values[i])} at values[{i}] (key {schema.keys[key_of_id[i]]!r})")
+        rows = schema.num_embeddings[key_of_id]
+        too_big = values >= rows
+        if too_big.any():
+            reject = too_big & ~schema.hashed[key_of_id]
+            if reject.any():
+                i = _first(reject)
+                raise InvalidRequest(
+                    f"id {int(values[i])} at values[{i}] is out of range for key {schema.keys[key_of_id[i]]!r} "
+                    f"(num_embeddings {int(rows[i])})"
+                )
+            values = np.where(too_big, values % rows, values)
+        if weights is not None:
+            unweighted = ~schema.weighted[key_of_id] & (weights != 1.0)
+            if unweighted.any():
+                i = _first(unweighted)
+                raise InvalidRequest(
+                    f"weight {float(weights[i])} at weights[{i}] is for key {schema.keys[key_of_id[i]]!r}, "
+                    "which is not a weighted table (send 1.0 or no weights for its ids)"
+                )
+    return SparseRequest(
+        batch_size=batch_size,
+        key_index=key_index,
+        lengths=lengths,
+        values=values,
+        weights=weights,
+        ids_per_key=ids_per_key,
+        output_dtype=output_dtype,
+        request_id=request_id,
+    )

@@ -1,0 +1,78 @@
+"""Results -> wire: one request's rows of a batch output, framed as a serialized LookupResponse.
+
+Runs on the executor thread, after the forward; the rows are copied once, from the output tensor into the
+response bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import DTYPE_NAMES
+
+__all__ = ["ResponseEncoder", "rows_as_bytes"]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_tag(name: str) -> bytes:
+    """The tag of a length-delimited LookupResponse field (packed repeated, bytes or string)."""
+    return _varint(pb.LookupResponse.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+
+
+_SHAPE, _EMBEDDINGS, _REQUEST_ID = _field_tag("shape"), _field_tag("embeddings"), _field_tag("request_id")
+
+
+class ResponseEncoder:
+    """Serializes the LookupResponses of one model version.
+
+    The fields every response shares (dtype, key layout, model name and version) are serialized once per output
+    dtype; each response appends its shape, request id and embedding bytes. Protobuf parses concatenated
+    serializations as one message, so the result is an ordinary LookupResponse, built without copying the
+    embeddings into a message object first.
+    """
+
+    def __init__(
+        self, *, keys: Sequence[str], dims: Sequence[int], offsets: Sequence[int], model_name: str, model_version: str
+    ) -> None:
+        self.output_dim = int(offsets[-1])
+        self._prefix = {
+            name: pb.LookupResponse(
+                dtype=wire, keys=keys, dims=dims, offsets=offsets, model_name=model_name, model_version=model_version
+            ).SerializeToString()
+            for name, wire in DTYPE_NAMES.items()
+        }
+
+    def encode(self, payload: bytes | memoryview, *, batch_size: int, output_dtype: str, request_id: str = "") -> bytes:
+        """A serialized LookupResponse around one request's rows, already `output_dtype` bytes (any contiguous
+        buffer: the rows are copied once, into the response)."""
+        size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+        shape = _varint(batch_size) + _varint(self.output_dim)
+        parts: list[bytes | memoryview] = [self._prefix[output_dtype], _SHAPE, _varint(len(shape)), shape]
+        if request_id:
+            rid = request_id.encode()
+            parts += [_REQUEST_ID, _varint(len(rid)), rid]
+        parts += [_EMBEDDINGS, _varint(size), payload]
+        return b"".join(parts)
+
+
+def rows_as_bytes(rows: torch.Tensor, dtype: str) -> memoryview:
+    """float32 rows as a contiguous buffer of `dtype`, correctly rounded (no copy for float32 rows of a contiguous
+    output); bfloat16 as its raw 16-bit patterns."""
+    if dtype == "float16":
+        rows = rows.to(torch.float16)
+    elif dtype == "bfloat16":
+        rows = rows.to(torch.bfloat16).view(torch.int16)
+    array: Any = rows.contiguous().numpy()
+    return memoryview(array).cast("B")

@@ -1,0 +1,62 @@
+"""The pipeline's own types: a validated request, and the model facts requests are validated against.
+
+`SparseRequest` is what the batcher queues, the assembler merges and the executor answers; `ModelSchema` is the
+model as validation sees it. Both are plain numpy: no gRPC, no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from embserve.embeddings import ServingModel
+
+__all__ = ["ModelSchema", "SparseRequest"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSchema:
+    """The canonical keys with their row counts and policies, and the per-request limits."""
+
+    keys: tuple[str, ...]
+    num_embeddings: np.ndarray  # int64 [T], canonical key order
+    hashed: np.ndarray  # bool [T]: ids are taken mod num_embeddings instead of rejected
+    weighted: np.ndarray  # bool [T]
+    max_request_examples: int
+    max_request_ids: int
+    _index: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_index", {k: i for i, k in enumerate(self.keys)})
+
+    def index_of(self, key: str) -> int | None:
+        return self._index.get(key)
+
+    @classmethod
+    def of(cls, model: ServingModel, *, max_request_examples: int, max_request_ids: int) -> ModelSchema:
+        """The schema of a serving model, in its canonical key order."""
+        return cls(
+            keys=model.keys,
+            num_embeddings=np.array([model.table(k).num_embeddings for k in model.keys], dtype=np.int64),
+            hashed=np.array([model.hashes_ids(k) for k in model.keys], dtype=bool),
+            weighted=np.array([model.table(k).weighted for k in model.keys], dtype=bool),
+            max_request_examples=max_request_examples,
+            max_request_ids=max_request_ids,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseRequest:
+    """One validated request: its keys as canonical indices, lengths `[K, B]`, ids already in range."""
+
+    batch_size: int
+    key_index: np.ndarray  # int64 [K]
+    lengths: np.ndarray  # int32 [K, B]
+    values: np.ndarray  # int64 [N]
+    weights: np.ndarray | None  # float32 [N]
+    ids_per_key: np.ndarray  # int64 [K]
+    output_dtype: str = "float32"
+    request_id: str = ""
