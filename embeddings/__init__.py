@@ -8,16 +8,18 @@ from .config import (
     DataType,
     EmbeddingBagConfig,
     EmbeddingSnapshot,
+    Engine,
     IdPolicy,
     LargeEmbeddingsConfig,
     ModelConfig,
     ServingDType,
+    ShardingType,
     builtin_model_names,
     load_model_config,
     model_config_from_dict,
 )
 from .large_embeddings import LargeEmbeddings, canonical_keys
-from .serving import Engine, ServingModel, build_serving_model
+from .serving import ServingModel, build_serving_model
 from .weights import CheckpointError, init_weights, load_checkpoint, save_checkpoint, table_weights
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "ServingDType",
     "ServingModel",
+    "ShardingType",
     "build_serving_model",
     "builtin_model_names",
     "canonical_keys",

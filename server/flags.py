@@ -71,7 +71,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.cert_file", "--tls-cert", "PEM certificate chain: serve TLS"),
     Setting("tls.key_file", "--tls-key", "PEM private key for --tls-cert"),
     Setting("tls.client_ca_file", "--tls-client-ca", "PEM CA: require client certificates it signed (mutual TLS)"),
-    Setting("auth.tokens_file", "--auth-tokens-file", "bearer tokens file: lines '<token> <methods|*>'"),
+    Setting("auth.tokens_file", "--auth-tokens-file", "bearer tokens file: lines '<token> <methods or *>'"),
 )
 
 
@@ -152,3 +152,7 @@ def settings_table() -> str:
         default = "" if d is _UNSET or (s.const is not _UNSET and s.const is None) else f"`{_shown(d)}`"
         rows.append(f"| `{s.key}` | `{s.flag}` | {default} | {s.help} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m embserve.server.flags > table.md: the README settings table
+    print(settings_table())
