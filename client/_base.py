@@ -22,6 +22,8 @@ from .result import LookupResult, ModelInfo
 __all__ = ["DEFAULT_TIMEOUT_S", "HEALTH_STATUS", "BaseClient"]
 
 DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_TRANSPORT = "unary"
+DEFAULT_STREAMS = 2
 HEALTH_STATUS: dict[int, str] = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _HEADROOM = 0.9  # chunks stay this far under the server's message limit
 
@@ -40,12 +42,21 @@ class BaseClient(Generic[ChannelT]):
         tls: TlsConfig | bool | None = None,
         token: str | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        transport: str = DEFAULT_TRANSPORT,
+        streams: int = DEFAULT_STREAMS,
     ) -> None:
+        if transport not in ("unary", "stream"):
+            raise ValueError(f"transport must be 'unary' or 'stream', got {transport!r}")
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
         override = tls.server_name_override if isinstance(tls, TlsConfig) else None
         self._target = build_target(addresses)
         self._options = channel_options(retry=retry, max_message_bytes=max_message_bytes, server_name_override=override)
         self._metadata = call_metadata(token)
         self._default_timeout = timeout
+        self._retry = retry
+        self._transport = transport
+        self._stream_count = streams
         self._max_message_bytes = max_message_bytes
         self._channel = self._open_channel(self._target, credentials(tls), self._options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated, untyped

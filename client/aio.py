@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2
 from embserve.v1 import embserve_pb2 as pb
 
 from ._base import HEALTH_STATUS, BaseClient
+from ._streams import AsyncStreamPool
 from .errors import PermissionDenied, from_rpc_error
 from .result import LookupResult, ModelInfo
 
@@ -19,6 +20,8 @@ __all__ = ["AsyncClient"]
 
 class AsyncClient(BaseClient[grpc.aio.Channel]):
     """An asyncio embserve client over one reused `grpc.aio` channel; arguments as `Client`'s."""
+
+    _streams: AsyncStreamPool | None = None  # opened by the first lookup over streams
 
     def _open_channel(
         self, target: str, creds: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
@@ -43,6 +46,11 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
             features, weights=weights, batch_size=batch_size, output_dtype=output_dtype, request_id=request_id
         )
         deadline = self._timeout(timeout)
+        if self._transport == "stream":
+            if self._streams is None:
+                self._streams = AsyncStreamPool(self._channel, self._metadata, self._stream_count, self._retry)
+            pool = self._streams
+            return self._joined(await asyncio.gather(*(pool.lookup(r, deadline) for r in requests)))
         try:
             responses = await asyncio.gather(
                 *(self._stub.Lookup(r, timeout=deadline, metadata=self._metadata) for r in requests)
@@ -81,6 +89,8 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
         return HEALTH_STATUS[resp.status]
 
     async def close(self) -> None:
+        if self._streams is not None:
+            await self._streams.close()
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:

@@ -27,6 +27,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "from_rpc_error",
+    "from_status",
 ]
 
 
@@ -81,6 +82,12 @@ _BY_CODE: dict[grpc.StatusCode, type[EmbserveError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.CANCELLED: Cancelled,
 }
+
+
+def from_status(code: int, details: str) -> EmbserveError:
+    """The SDK exception for a LookupStream message answered with status `code` (a gRPC status number)."""
+    status = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(status, ServerError)(details, status.name)
 
 
 def from_rpc_error(err: grpc.RpcError) -> EmbserveError:

@@ -117,6 +117,7 @@ class ModelInfo:
     max_request_examples: int
     max_request_ids: int
     max_message_bytes: int
+    max_stream_outstanding: int = 0  # 0: the server did not say
 
     @classmethod
     def from_proto(cls, m: pb.ModelMetadata) -> ModelInfo:
@@ -138,4 +139,5 @@ class ModelInfo:
             max_request_examples=m.max_request_examples,
             max_request_ids=m.max_request_ids,
             max_message_bytes=m.max_message_bytes,
+            max_stream_outstanding=m.max_stream_outstanding,
         )

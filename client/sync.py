@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import grpc
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2
 from embserve.v1 import embserve_pb2 as pb
 
 from ._base import HEALTH_STATUS, BaseClient
+from ._streams import StreamPool
 from .errors import PermissionDenied, from_rpc_error
 from .result import LookupResult, ModelInfo
 
@@ -27,7 +29,12 @@ class Client(BaseClient[grpc.Channel]):
         tls: True for TLS with the system roots, a `TlsConfig` for custom roots or mutual TLS, None for plaintext.
         token: bearer token sent as `authorization` metadata on every call.
         max_message_bytes: largest request sent; larger requests are split into chunks and the results joined.
+        transport: `unary` (one Lookup call per request) or `stream` (messages multiplexed over a few
+            LookupStream calls; see README "Transports").
+        streams: with `stream`, the streams per client.
     """
+
+    _streams: StreamPool | None = None  # opened by the first lookup over streams
 
     def _open_channel(
         self, target: str, creds: grpc.ChannelCredentials | None, options: list[tuple[str, Any]]
@@ -64,6 +71,8 @@ class Client(BaseClient[grpc.Channel]):
             features, weights=weights, batch_size=batch_size, output_dtype=output_dtype, request_id=request_id
         )
         deadline = self._timeout(timeout)
+        if self._transport == "stream":
+            return self._joined(self._over_streams(requests, deadline))
         try:
             if len(requests) == 1:
                 responses = [self._stub.Lookup(requests[0], timeout=deadline, metadata=self._metadata)]
@@ -73,6 +82,14 @@ class Client(BaseClient[grpc.Channel]):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return self._joined(responses)
+
+    def _over_streams(self, requests: list[pb.LookupRequest], deadline: float | None) -> list[pb.LookupResponse]:
+        if self._streams is None:
+            self._streams = StreamPool(self._channel, self._metadata, self._stream_count, self._retry)
+        if len(requests) == 1:
+            return [self._streams.lookup(requests[0], deadline)]
+        with concurrent.futures.ThreadPoolExecutor(min(len(requests), 8)) as pool:
+            return list(pool.map(lambda r: self._streams.lookup(r, deadline), requests))  # type: ignore[union-attr]
 
     def _fetch_limits(self, timeout: float | None) -> None:
         """Fetches the server's request limits once; a token that may not read metadata gets no chunking."""
@@ -102,6 +119,8 @@ class Client(BaseClient[grpc.Channel]):
         return HEALTH_STATUS[resp.status]
 
     def close(self) -> None:
+        if self._streams is not None:
+            self._streams.close()
         self._channel.close()
 
     def __enter__(self) -> Client:

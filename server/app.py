@@ -193,7 +193,7 @@ class EmbserveServer:
         """Drains: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish within `grace` seconds."""
         grace = self.config.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.servicer.accepting = False
+        self.servicer.begin_drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         # Keep the port open while accepted calls finish, so probes read NOT_SERVING and new calls UNAVAILABLE.

@@ -114,6 +114,14 @@ class DynamicBatcher(Generic[T, R]):
             item: the request.
             timeout: seconds the caller is willing to wait (its gRPC deadline); past it the item is dropped unrun.
         """
+        return await self.enqueue(item, timeout=timeout)  # cancelling the caller cancels the future: dropped
+
+    def enqueue(self, item: T, *, timeout: float | None = None) -> asyncio.Future[R]:
+        """Queues `item` and returns the future of its result, for callers that wait on many at once (streams).
+
+        Cancelling the future drops the item before its batch forms. Raises `Overloaded` (queue full) or
+        `ShuttingDown` at once.
+        """
         if self._closed:
             raise ShuttingDown("server is shutting down")
         size = self._size_of(item)
@@ -132,7 +140,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._observer:
             self._observer.queue_depth(self._queued_examples)
         self._has_work.set()
-        return await entry.future  # cancelling the caller cancels the future; the loop then drops the entry
+        return entry.future
 
     async def close(self) -> None:
         """Stops taking items, runs everything already queued, and waits for running batches."""

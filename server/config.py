@@ -35,6 +35,7 @@ DEFAULT_MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_QUEUE_WAIT_MS = 200.0
 DEFAULT_MAX_REQUEST_EXAMPLES = 16384
 DEFAULT_MAX_REQUEST_IDS = 4_000_000
+DEFAULT_MAX_STREAM_OUTSTANDING = 256
 DEFAULT_GRACE_PERIOD_S = 10.0
 
 
@@ -77,6 +78,7 @@ class LimitsConfig(_Strict):
     max_request_examples: int = pydantic.Field(DEFAULT_MAX_REQUEST_EXAMPLES, gt=0)
     max_request_ids: int = pydantic.Field(DEFAULT_MAX_REQUEST_IDS, gt=0)
     max_message_bytes: int = pydantic.Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    max_stream_outstanding: int = pydantic.Field(DEFAULT_MAX_STREAM_OUTSTANDING, ge=1)
 
 
 class TlsConfig(_Strict):

@@ -68,6 +68,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_request_examples", "--max-request-examples", "largest batch_size of one request"),
     Setting("limits.max_request_ids", "--max-request-ids", "most ids in one request"),
     Setting("limits.max_message_bytes", "--max-message-bytes", "largest request message received, bytes"),
+    Setting("limits.max_stream_outstanding", "--max-stream-outstanding", "LookupStream messages in progress per "
+            "stream; beyond it a message is answered RESOURCE_EXHAUSTED at once"),
     Setting("tls.cert_file", "--tls-cert", "PEM certificate chain: serve TLS"),
     Setting("tls.key_file", "--tls-key", "PEM private key for --tls-cert"),
     Setting("tls.client_ca_file", "--tls-client-ca", "PEM CA: require client certificates it signed (mutual TLS)"),

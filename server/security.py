@@ -51,6 +51,8 @@ def load_tokens(path: str | Path) -> dict[str, frozenset[str]]:
         if len(parts) != 2:
             raise ValueError(f"{path}:{number}: expected '<token> <methods>'")
         methods = ALL_METHODS if parts[1] == "*" else frozenset(parts[1].split(","))
+        if "Lookup" in methods:
+            methods |= {"LookupStream"}  # the same lookups, over a stream
         unknown = methods - ALL_METHODS
         if unknown:
             raise ValueError(f"{path}:{number}: unknown methods {sorted(unknown)}; known: {sorted(ALL_METHODS)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -22,6 +22,7 @@ from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .metrics import ServerMetrics
 from .request import ModelSchema, SparseRequest
+from .streams import LookupStream
 
 __all__ = ["EmbeddingServicer", "add_to_server", "model_schema"]
 
@@ -50,21 +51,54 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         current_model: Callable[[], ServingModel],
     ) -> None:
         self._config = config
-        self._schema = schema
-        self._batcher = batcher
+        self.schema = schema
+        self.batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
         # Metric children are bound once per label set: label lookups are measurable on the per-call path.
-        self._lookup_codes: dict[grpc.StatusCode, Any] = {}
+        self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._lookup_seconds = metrics.request_seconds.labels("Lookup")
+        self._stream_seconds = metrics.request_seconds.labels("LookupStream")
         self._examples = metrics.examples
         self.accepting = True
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._streams: set[LookupStream] = set()
+
+    def enter(self) -> None:
+        """A lookup (a call or a stream message) started."""
+        self._inflight += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        """A lookup ended."""
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+
+    def count(self, method: str, code: grpc.StatusCode) -> None:
+        counter = self._codes.get((method, code))
+        if counter is None:
+            counter = self._codes[(method, code)] = self._metrics.requests.labels(method, code.name)
+        counter.inc()
+
+    def count_stream_message(self, code: grpc.StatusCode, start: float) -> None:
+        self.count("LookupStream", code)
+        self._stream_seconds.observe(time.perf_counter() - start)
+
+    def count_examples(self, examples: int) -> None:
+        self._examples.inc(examples)
+
+    def begin_drain(self) -> None:
+        """New calls and stream messages are answered UNAVAILABLE; open streams end once their messages are
+        answered."""
+        self.accepting = False
+        for stream in self._streams:
+            stream.wake()
 
     async def wait_idle(self, timeout: float) -> bool:
-        """Waits until no Lookup is in progress (or `timeout` passes); True when idle."""
+        """Waits until no lookup (call or stream message) is in progress (or `timeout` passes); True when idle."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -73,8 +107,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
 
     async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[override]
         start = time.perf_counter()
-        self._inflight += 1
-        self._idle.clear()
+        self.enter()
         error: EmbserveError | None = None
         code = grpc.StatusCode.OK
         try:
@@ -92,13 +125,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             raise
         finally:
             # Recorded before the status leaves the server, so a caller that sees it also sees it counted.
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
-            counter = self._lookup_codes.get(code)
-            if counter is None:
-                counter = self._lookup_codes[code] = self._metrics.requests.labels("Lookup", code.name)
-            counter.inc()
+            self.exit()
+            self.count("Lookup", code)
             self._lookup_seconds.observe(time.perf_counter() - start)
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover
@@ -106,10 +134,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if not self.accepting:
             raise ShuttingDown("server is shutting down; retry on another replica")
-        sparse = decode_lookup(parse_message(pb.LookupRequest, request), self._schema)
-        out = await self._batcher.submit(sparse, timeout=context.time_remaining())
+        sparse = decode_lookup(parse_message(pb.LookupRequest, request), self.schema)
+        out = await self.batcher.submit(sparse, timeout=context.time_remaining())
         self._examples.inc(out.batch_size)
         return out.response
+
+    async def LookupStream(  # type: ignore[override]
+        self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> None:
+        if not self.accepting:
+            self.count("LookupStream", grpc.StatusCode.UNAVAILABLE)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
+        stream = LookupStream(self, context, self._config.limits.max_stream_outstanding)
+        self._streams.add(stream)
+        try:
+            await stream.run(requests)
+        finally:
+            self._streams.discard(stream)
 
     async def GetModelMetadata(  # type: ignore[override]
         self, request: bytes, context: grpc.aio.ServicerContext
@@ -117,10 +158,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         try:
             parse_message(pb.GetModelMetadataRequest, request)
         except EmbserveError as err:
-            self._metrics.requests.labels("GetModelMetadata", status_code_of(err).name).inc()
+            self.count("GetModelMetadata", status_code_of(err))
             await context.abort(status_code_of(err), str(err))
         model = self._current_model()
-        self._metrics.requests.labels("GetModelMetadata", "OK").inc()
+        self.count("GetModelMetadata", grpc.StatusCode.OK)
         return pb.ModelMetadata(
             name=model.config.name,
             version=model.version,
@@ -128,10 +169,11 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             output_dim=model.output_dim,
             device=str(model.device),
             engine=model.engine.value,
-            max_batch_size=self._batcher.max_batch_size,
+            max_batch_size=self.batcher.max_batch_size,
             max_request_examples=self._config.limits.max_request_examples,
             max_request_ids=self._config.limits.max_request_ids,
             max_message_bytes=self._config.limits.max_message_bytes,
+            max_stream_outstanding=self._config.limits.max_stream_outstanding,
             tables=[_table_metadata(model, name) for name in model.keys],
         )
 
@@ -156,6 +198,7 @@ def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
     answered with INVALID_ARGUMENT by the codec instead of an UNKNOWN from the framework."""
     handlers = {
         "Lookup": grpc.unary_unary_rpc_method_handler(servicer.Lookup),  # bytes in, serialized response out
+        "LookupStream": grpc.stream_stream_rpc_method_handler(servicer.LookupStream),  # bytes both ways
         "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelMetadata, response_serializer=pb.ModelMetadata.SerializeToString
         ),

@@ -24,27 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbserve/v1/embserve.proto\x12\x0b\x65mbserve.v1\"d\n\x0eSparseFeatures\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\"|\n\rLookupRequest\x12-\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1b.embserve.v1.SparseFeatures\x12(\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\x12.embserve.v1.DType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xc2\x01\n\x0eLookupResponse\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.embserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nembeddings\x18\x03 \x01(\x0c\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0c\n\x04\x64ims\x18\x05 \x03(\x05\x12\x0f\n\x07offsets\x18\x06 \x03(\x05\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\"\x19\n\x17GetModelMetadataRequest\"\xc8\x01\n\rTableMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfeature_names\x18\x02 \x03(\t\x12\x16\n\x0enum_embeddings\x18\x03 \x01(\x03\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x11\n\tdata_type\x18\x05 \x01(\t\x12\x15\n\rserving_dtype\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x10\n\x08weighted\x18\x08 \x01(\x08\x12\x11\n\tid_policy\x18\t \x01(\t\"\x86\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\x06tables\x18\x03 \x03(\x0b\x32\x1a.embserve.v1.TableMetadata\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x12\n\noutput_dim\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1c\n\x14max_request_examples\x18\t \x01(\x05\x12\x17\n\x0fmax_request_ids\x18\n \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x05*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xab\x01\n\x10\x45mbeddingService\x12\x41\n\x06Lookup\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse\x12T\n\x10GetModelMetadata\x12$.embserve.v1.GetModelMetadataRequest\x1a\x1a.embserve.v1.ModelMetadatab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbserve/v1/embserve.proto\x12\x0b\x65mbserve.v1\"d\n\x0eSparseFeatures\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\"\x90\x01\n\rLookupRequest\x12-\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1b.embserve.v1.SparseFeatures\x12(\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\x12.embserve.v1.DType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe7\x01\n\x0eLookupResponse\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.embserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nembeddings\x18\x03 \x01(\x0c\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0c\n\x04\x64ims\x18\x05 \x03(\x05\x12\x0f\n\x07offsets\x18\x06 \x03(\x05\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12#\n\x06status\x18\n \x01(\x0b\x32\x13.embserve.v1.Status\"\x19\n\x17GetModelMetadataRequest\"\xc8\x01\n\rTableMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfeature_names\x18\x02 \x03(\t\x12\x16\n\x0enum_embeddings\x18\x03 \x01(\x03\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x11\n\tdata_type\x18\x05 \x01(\t\x12\x15\n\rserving_dtype\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x10\n\x08weighted\x18\x08 \x01(\x08\x12\x11\n\tid_policy\x18\t \x01(\t\"\xa6\x02\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\x06tables\x18\x03 \x03(\x0b\x32\x1a.embserve.v1.TableMetadata\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x12\n\noutput_dim\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1c\n\x14max_request_examples\x18\t \x01(\x05\x12\x17\n\x0fmax_request_ids\x18\n \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x05\x12\x1e\n\x16max_stream_outstanding\x18\x0c \x01(\x05*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x32\xf8\x01\n\x10\x45mbeddingService\x12\x41\n\x06Lookup\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse\x12K\n\x0cLookupStream\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse(\x01\x30\x01\x12T\n\x10GetModelMetadata\x12$.embserve.v1.GetModelMetadataRequest\x1a\x1a.embserve.v1.ModelMetadatab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embserve.v1.embserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=963
-  _globals['_DTYPE']._serialized_end=1051
+  _globals['_DTYPE']._serialized_start=1094
+  _globals['_DTYPE']._serialized_end=1182
   _globals['_SPARSEFEATURES']._serialized_start=43
   _globals['_SPARSEFEATURES']._serialized_end=143
-  _globals['_LOOKUPREQUEST']._serialized_start=145
-  _globals['_LOOKUPREQUEST']._serialized_end=269
-  _globals['_LOOKUPRESPONSE']._serialized_start=272
-  _globals['_LOOKUPRESPONSE']._serialized_end=466
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=468
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=493
-  _globals['_TABLEMETADATA']._serialized_start=496
-  _globals['_TABLEMETADATA']._serialized_end=696
-  _globals['_MODELMETADATA']._serialized_start=699
-  _globals['_MODELMETADATA']._serialized_end=961
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1054
-  _globals['_EMBEDDINGSERVICE']._serialized_end=1225
+  _globals['_LOOKUPREQUEST']._serialized_start=146
+  _globals['_LOOKUPREQUEST']._serialized_end=290
+  _globals['_STATUS']._serialized_start=292
+  _globals['_STATUS']._serialized_end=331
+  _globals['_LOOKUPRESPONSE']._serialized_start=334
+  _globals['_LOOKUPRESPONSE']._serialized_end=565
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=567
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=592
+  _globals['_TABLEMETADATA']._serialized_start=595
+  _globals['_TABLEMETADATA']._serialized_end=795
+  _globals['_MODELMETADATA']._serialized_start=798
+  _globals['_MODELMETADATA']._serialized_end=1092
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1185
+  _globals['_EMBEDDINGSERVICE']._serialized_end=1433
 # @@protoc_insertion_point(module_scope)

@@ -39,6 +39,11 @@ class EmbeddingServiceStub:
                 request_serializer=embserve_dot_v1_dot_embserve__pb2.LookupRequest.SerializeToString,
                 response_deserializer=embserve_dot_v1_dot_embserve__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/embserve.v1.EmbeddingService/LookupStream',
+                request_serializer=embserve_dot_v1_dot_embserve__pb2.LookupRequest.SerializeToString,
+                response_deserializer=embserve_dot_v1_dot_embserve__pb2.LookupResponse.FromString,
+                _registered_method=True)
         self.GetModelMetadata = channel.unary_unary(
                 '/embserve.v1.EmbeddingService/GetModelMetadata',
                 request_serializer=embserve_dot_v1_dot_embserve__pb2.GetModelMetadataRequest.SerializeToString,
@@ -56,6 +61,16 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LookupStream(self, request_iterator, context):
+        """Many lookups over one stream: each message is batched like a Lookup call and answered as soon as its batch
+        completes, in any order, matched by request_id. A message that fails is answered with its status; the stream
+        goes on. At most max_stream_outstanding messages per stream are in progress; beyond that a message is answered
+        RESOURCE_EXHAUSTED at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelMetadata(self, request, context):
         """The served model's tables, key order, sizes and limits.
         """
@@ -68,6 +83,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
+                    request_deserializer=embserve_dot_v1_dot_embserve__pb2.LookupRequest.FromString,
+                    response_serializer=embserve_dot_v1_dot_embserve__pb2.LookupResponse.SerializeToString,
+            ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
                     request_deserializer=embserve_dot_v1_dot_embserve__pb2.LookupRequest.FromString,
                     response_serializer=embserve_dot_v1_dot_embserve__pb2.LookupResponse.SerializeToString,
             ),
@@ -102,6 +122,33 @@ class EmbeddingService:
             request,
             target,
             '/embserve.v1.EmbeddingService/Lookup',
+            embserve_dot_v1_dot_embserve__pb2.LookupRequest.SerializeToString,
+            embserve_dot_v1_dot_embserve__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embserve.v1.EmbeddingService/LookupStream',
             embserve_dot_v1_dot_embserve__pb2.LookupRequest.SerializeToString,
             embserve_dot_v1_dot_embserve__pb2.LookupResponse.FromString,
             options,

@@ -1,0 +1,148 @@
+"""LookupStream: many lookups over one bidirectional stream, each batched like a Lookup call.
+
+A reader task decodes each message and hands it to the batcher (no task per message: the batch's future calls
+back); replies go out in completion order, matched by `request_id`. A message that fails is answered with its
+status and the stream goes on. Two bounds keep a stream's memory fixed: at most `max_outstanding` messages in
+progress (beyond it a message is answered RESOURCE_EXHAUSTED at once), and at most `max_outstanding` replies
+waiting to be written (beyond it the reader stops reading, so HTTP/2 flow control holds a client that does not
+read its answers). On drain, new messages are answered UNAVAILABLE, those in progress are answered, then the
+stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from embserve.v1 import embserve_pb2 as pb
+
+from .decode import decode_lookup, parse_message
+from .errors import BatchFailed, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
+from .executor import BatchOutput
+
+if TYPE_CHECKING:
+    from .servicer import EmbeddingServicer
+
+__all__ = ["LookupStream"]
+
+logger = logging.getLogger(__name__)
+
+
+
+def error_reply(request_id: str, error: BaseException) -> bytes:
+    """A LookupResponse that carries only the request id and the status of a failed message."""
+    code = status_code_of(error)
+    message = str(error) if isinstance(error, EmbserveError) else "internal error"
+    status = pb.Status(code=code.value[0], message=message)
+    return pb.LookupResponse(request_id=request_id, status=status).SerializeToString()
+
+
+class LookupStream:
+    """One open LookupStream call."""
+
+    def __init__(self, servicer: EmbeddingServicer, context: grpc.aio.ServicerContext, max_outstanding: int) -> None:
+        self._servicer = servicer
+        self._context = context
+        self._max_outstanding = max_outstanding
+        self._replies: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: only re-check whether the stream is done
+        self._room = asyncio.Event()
+        self._room.set()
+        self._futures: set[asyncio.Future[BatchOutput]] = set()
+        self._in_progress = 0
+        self._reading = True
+
+    def wake(self) -> None:
+        """Makes the writer re-check its state (the server started draining)."""
+        self._replies.put_nowait(None)
+
+    async def run(self, requests: AsyncIterator[bytes]) -> None:
+        reader = asyncio.get_running_loop().create_task(self._read(requests))
+        try:
+            await self._write()
+        finally:
+            reader.cancel()
+            for future in list(self._futures):  # the caller went away: its queued messages are dropped unrun
+                future.cancel()
+
+    def _done(self) -> bool:
+        return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._servicer.accepting)
+
+    async def _write(self) -> None:
+        while not self._done():
+            reply = await self._replies.get()
+            if self._replies.qsize() < self._max_outstanding:
+                self._room.set()
+            if reply is not None:
+                await self._context.write(reply)
+
+    async def _read(self, requests: AsyncIterator[bytes]) -> None:
+        try:
+            async for raw in requests:
+                if self._replies.qsize() >= self._max_outstanding:
+                    self._room.clear()
+                    await self._room.wait()  # the client is not reading its answers: stop reading its requests
+                self._accept(raw)
+        finally:
+            self._reading = False
+            self.wake()
+
+    def _accept(self, raw: bytes) -> None:
+        start = time.perf_counter()
+        request_id = ""
+        servicer = self._servicer
+        try:
+            if not servicer.accepting:
+                raise ShuttingDown("server is draining; send this request to another replica")
+            request = parse_message(pb.LookupRequest, raw)
+            request_id = request.request_id
+            if not request_id:
+                raise InvalidRequest("request_id is required on LookupStream: answers are matched to it")
+            if self._in_progress >= self._max_outstanding:
+                raise Overloaded(
+                    f"{self._in_progress} messages in progress on this stream, the server's max_stream_outstanding; "
+                    "wait for answers before sending more"
+                )
+            sparse = decode_lookup(request, servicer.schema)
+            timeout = self._context.time_remaining()
+            if request.timeout_ms:
+                timeout = request.timeout_ms / 1e3 if timeout is None else min(timeout, request.timeout_ms / 1e3)
+            future = servicer.batcher.enqueue(sparse, timeout=timeout)
+        except EmbserveError as err:
+            self._reply_error(request_id, err, start)
+            return
+        self._in_progress += 1
+        servicer.enter()
+        self._futures.add(future)
+        future.add_done_callback(functools.partial(self._answered, request_id, start))
+
+    def _answered(self, request_id: str, start: float, future: asyncio.Future[BatchOutput]) -> None:
+        self._futures.discard(future)
+        self._in_progress -= 1
+        self._servicer.exit()
+        if future.cancelled():
+            self._servicer.count_stream_message(grpc.StatusCode.CANCELLED, start)
+            return
+        error = future.exception()
+        if error is not None:
+            if not isinstance(error, EmbserveError):
+                logger.error("stream message failed unexpectedly", exc_info=error)
+                error = BatchFailed(f"{type(error).__name__}: {error}")
+            self._reply_error(request_id, error, start)
+            return
+        out = future.result()
+        self._servicer.count_examples(out.batch_size)
+        self._servicer.count_stream_message(grpc.StatusCode.OK, start)
+        self._replies.put_nowait(out.response)
+
+    def _reply_error(self, request_id: str, error: BaseException, start: float) -> None:
+        code = status_code_of(error)
+        if code is grpc.StatusCode.INTERNAL:
+            logger.error("stream message failed: %s", error)
+        self._servicer.count_stream_message(code, start)
+        self._replies.put_nowait(error_reply(request_id, error))
