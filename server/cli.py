@@ -107,6 +107,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from embserve.client.cli import add_query_args, run_query
 
     add_query_args(sub.add_parser("query", help="call a running server and print the result"))
+    export_parser = sub.add_parser("export", help="write a checkpoint from the seeded init or a loaded checkpoint")
+    convert_parser = sub.add_parser("convert", help="turn trained weights (state dict, DCP directory) into a checkpoint")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["export"], ["convert"]):  # their flags need torch; `query` must not import it
+        from embserve.embeddings import weights_cli
+
+        weights_cli.add_export_args(export_parser)
+        weights_cli.add_convert_args(convert_parser)
+        args = parser.parse_args(argv)
+        return weights_cli.run_export(args) if args.command == "export" else weights_cli.run_convert(args)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
