@@ -162,7 +162,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def _dcp_reader(path: Path) -> Any:
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
 
     class SafeReader(FileSystemReader):  # type: ignore[misc]
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
@@ -175,9 +175,9 @@ def _dcp_reader(path: Path) -> Any:
 
             if not isinstance(metadata, Metadata):
                 raise ConvertError(f"{path}: .metadata holds a {type(metadata).__name__}, not DCP metadata")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            storage_meta = metadata.storage_meta or StorageMeta()
+            storage_meta.load_id = self.load_id
+            metadata.storage_meta = storage_meta
             return metadata
 
     return SafeReader(str(path))
@@ -207,12 +207,12 @@ def _check_chunks(path: Path, key: str, size: tuple[int, ...], chunks: list[Any]
 
 
 def _read_dcp(path: Path, ignore_other_keys: bool) -> tuple[dict[str, TableSource], dict[str, torch.Tensor]]:
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     metadata = read_dcp_metadata(path)
     entries = metadata.state_dict_metadata
-    # The saving ranks' key order is not meaningful: tables are listed by name (a --model config sets the order).
+    # The saving ranks' key order is not meaningful: tables are listed in key order (a --model config sets the order).
     specs = {
         k: (tuple(int(x) for x in v.size), v.properties.dtype) if isinstance(v, TensorStorageMetadata) else None
         for k, v in sorted(entries.items())
@@ -224,7 +224,7 @@ def _read_dcp(path: Path, ignore_other_keys: bool) -> tuple[dict[str, TableSourc
     try:
         with warnings.catch_warnings():  # DCP warns that it reads in one process, which is the intent here
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-            dcp.load(state, storage_reader=_dcp_reader(path), no_dist=True)
+            dcp_load(state, storage_reader=_dcp_reader(path), no_dist=True)
     except ConvertError:
         raise
     except Exception as err:

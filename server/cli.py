@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_cli.add_export_args(export_parser)
         weights_cli.add_convert_args(convert_parser)
         args = parser.parse_args(argv)
-        return weights_cli.run_export(args) if args.command == "export" else weights_cli.run_convert(args)
+        run = weights_cli.run_export if args.command == "export" else weights_cli.run_convert
+        return run(args)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
