@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights_cli.add_convert_args(convert_parser)
         args = parser.parse_args(argv)
         run = weights_cli.run_export if args.command == "export" else weights_cli.run_convert
-        return run(args)
+        return int(run(args))
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
