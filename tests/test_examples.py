@@ -75,8 +75,9 @@ def test_async_lookup_over_several_addresses(
     assert len(records) == 6
     for record in records:
         _check(record, small_tables, small_serving)
-    # Both replicas answered: round_robin spread the calls over the two addresses.
-    assert a.metric("embserve_examples_total") > 0 and b.metric("embserve_examples_total") > 0
+    # Every example was served by one of the two replicas given (round_robin uses whichever are connected, so how
+    # the calls split between them is not fixed).
+    assert a.metric("embserve_examples_total") + b.metric("embserve_examples_total") == 6 * 2
 
 
 def test_kjt_in_keyed_tensor_out(
