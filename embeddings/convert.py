@@ -6,7 +6,7 @@ Inputs, none of which runs code from the file:
   (`{"model": {...}}`), with any key prefix: a torchrec `EmbeddingBagCollection`'s `embedding_bags.<table>.weight`,
   the seed module's `ebc.embedding_bags.<table>.weight`, or a whole model's
   `model.large_embeddings.ebc.embedding_bags.<table>.weight`;
-- a DCP directory written from a sharded model (table-wise, row-wise or column-wise shards). Its `.metadata` is a
+- a DCP directory written from a sharded model (any layout of shards; tested table-wise and row-wise). Its `.metadata` is a
   pickle, read by an unpickler that admits only DCP's own metadata classes; shards are read by DCP's
   `FileSystemReader`, which loads tensors with `weights_only=True`.
 
