@@ -1,0 +1,121 @@
+"""Every script in `examples/` runs as a user would run it (a separate process, the server's address as argument)
+against an in-process server, and every embedding it prints is the numpy gather-and-sum of the same features."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embserve.embeddings import ServingModel
+from tests.certs import make_pki
+from tests.conftest import ServerHandle
+from tests.reference import assert_pooled_close, pool
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SMALL_MODEL_FLAGS = ["--id-feature", "user", "--weighted-feature", "hashtags"]
+WEIGHTED = {"hashtags"}
+
+
+def _run(script: str, *args: str) -> list[dict[str, Any]]:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stderr}"
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert records, f"{script} printed no lookups:\n{proc.stdout}"
+    return records
+
+
+def _check(record: dict[str, Any], tables: dict[str, np.ndarray], serving: ServingModel) -> None:
+    """Rebuilds the jagged features from the printed id lists and compares every printed value with numpy."""
+    features, weights = record["features"], record["weights"]
+    keys = list(features)
+    batch = len(next(iter(features.values())))
+    lengths = np.array([[len(ids) for ids in features[k]] for k in keys], dtype=np.int32).reshape(len(keys), batch)
+    values = np.array([i for k in keys for ids in features[k] for i in ids], dtype=np.int64)
+    w = np.array(
+        [x for k in keys for b, ids in enumerate(features[k]) for x in (weights[k][b] if k in weights else [1.0] * len(ids))],
+        dtype=np.float32,
+    )
+    assert record["keys"] == list(serving.keys)
+    expected = pool(tables, keys, lengths, values, w, record["keys"], weighted_keys=WEIGHTED)
+    out = np.array(record["embeddings"], dtype=np.float32)
+    assert out.shape == expected.shape
+    dims = {t.name: t.embedding_dim for t in serving.config.tables}
+    fp16 = {t.name for t in serving.config.tables if t.data_type.value == "fp16"}
+    assert_pooled_close(dims, fp16, record["keys"], out, expected)
+    assert np.abs(out).sum() > 0  # the features hit real rows, not only empty bags
+
+
+Factory = Callable[..., ServerHandle]
+
+
+def test_sync_lookup_lists_and_numpy(
+    server_factory: Factory, small_serving: ServingModel, small_tables: dict[str, np.ndarray]
+) -> None:
+    server = server_factory(small_serving)
+    records = _run("sync_lookup.py", server.address, *SMALL_MODEL_FLAGS)
+    assert [r["example"] for r in records] == ["lists", "numpy"]
+    for record in records:
+        _check(record, small_tables, small_serving)
+
+
+def test_async_lookup_over_several_addresses(
+    server_factory: Factory, small_serving: ServingModel, small_tables: dict[str, np.ndarray]
+) -> None:
+    a, b = server_factory(small_serving), server_factory(small_serving)
+    records = _run("async_lookup.py", a.address, b.address, "--feature", "user", "--calls", "6")
+    assert len(records) == 6
+    for record in records:
+        _check(record, small_tables, small_serving)
+    # Every example was served by one of the two replicas given (round_robin uses whichever are connected, so how
+    # the calls split between them is not fixed).
+    assert a.metric("embserve_examples_total") + b.metric("embserve_examples_total") == 6 * 2
+
+
+def test_kjt_in_keyed_tensor_out(
+    server_factory: Factory, small_serving: ServingModel, small_tables: dict[str, np.ndarray]
+) -> None:
+    server = server_factory(small_serving)
+    (record,) = _run("kjt_lookup.py", server.address, *SMALL_MODEL_FLAGS)
+    _check(record, small_tables, small_serving)
+
+
+def test_tls_and_token(
+    tmp_path: Path, server_factory: Factory, small_serving: ServingModel, small_tables: dict[str, np.ndarray]
+) -> None:
+    pki = make_pki(tmp_path)
+    (tmp_path / "tokens.txt").write_text("s3cret-example-token Lookup,GetModelMetadata\n")
+    (tmp_path / "token").write_text("s3cret-example-token\n")
+    server = server_factory(
+        small_serving,
+        tls={"cert_file": str(pki["server.pem"]), "key_file": str(pki["server.key"])},
+        auth={"tokens_file": str(tmp_path / "tokens.txt")},
+    )
+    port = server.address.rsplit(":", 1)[1]
+    args = [f"localhost:{port}", "--ca", str(pki["ca.pem"]), "--token-file", str(tmp_path / "token"), "--feature", "user"]
+    (record,) = _run("tls_token.py", *args)
+    _check(record, small_tables, small_serving)
+
+    (tmp_path / "wrong").write_text("not-the-token\n")
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "tls_token.py"), *args[:3], "--token-file", str(tmp_path / "wrong")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode != 0 and "Unauthenticated" in proc.stderr
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("[!_]*.py")))
+def test_every_example_has_help(script: str) -> None:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and "python examples/" in proc.stdout, proc.stderr
