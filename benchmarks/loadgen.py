@@ -1,9 +1,12 @@
-"""Load generators over raw pre-encoded requests: closed loop (N callers) and open loop (Poisson arrivals).
+"""Load generators over raw pre-encoded requests: closed loop (N callers) and open loop (Poisson arrivals), over
+unary Lookup calls or LookupStream messages.
 
 Requests are serialized once before the run and responses are kept as bytes, so the generator spends its CPU on
 gRPC and not on protobuf; every response's size is checked, and a sample is parsed and checked for exact values.
 Latencies exclude the warm-up; in open loop they are measured from each call's scheduled send time, so queueing in
-the generator or the server is never hidden.
+the generator or the server is never hidden. Over streams, callers share a few streams per connection; each
+message gets a request id appended to its pre-encoded bytes, and answers are matched by the id read from the reply's
+fields without parsing the embeddings.
 """
 
 from __future__ import annotations
@@ -12,18 +15,23 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import itertools
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import numpy as np
 
-from embserve.v1.wire import LOOKUP_METHOD
+from embserve.v1.wire import LOOKUP_METHOD, method_path
 
 __all__ = ["LoadResult", "closed_loop", "open_loop"]
 
 METHOD = LOOKUP_METHOD
+STREAM_METHOD = method_path("LookupStream")
+TRANSPORTS = ("unary", "stream")
+STREAMS_PER_CONNECTION = 2
 Checker = Callable[[int, bytes], bool]
+Call = Callable[[bytes, float], Awaitable[tuple[bytes | None, str]]]
 
 
 @dataclasses.dataclass
@@ -89,24 +97,148 @@ class _Recorder:
         )
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = raw[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+_REQUEST_ID_FIELD, _STATUS_FIELD, _CODE_FIELD = 9, 10, 1
+
+
+def reply_id_and_code(raw: bytes) -> tuple[bytes, int]:
+    """A LookupResponse's request id and status code (0 when it carries embeddings), read from its field tags:
+    every field but those two is skipped over, the embeddings bytes included."""
+    i, end, request_id, code = 0, len(raw), b"", 0
+    while i < end:
+        key, i = _read_varint(raw, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            _, i = _read_varint(raw, i)
+        elif wire == 2:
+            size, i = _read_varint(raw, i)
+            if field == _REQUEST_ID_FIELD:
+                request_id = raw[i : i + size]
+            elif field == _STATUS_FIELD:
+                j = i
+                while j < i + size:
+                    k, j = _read_varint(raw, j)
+                    if k & 7 == 0:
+                        v, j = _read_varint(raw, j)
+                        if k >> 3 == _CODE_FIELD:
+                            code = v
+                    else:
+                        n, j = _read_varint(raw, j)
+                        j += n
+            i += size
+        elif wire == 5:
+            i += 4
+        elif wire == 1:
+            i += 8
+        else:
+            raise ValueError(f"wire type {wire} in a LookupResponse")
+    return request_id, code
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
+
+
+class _StreamMux:
+    """One LookupStream call shared by many callers: pre-encoded requests with an id appended, answers matched by id."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._outbox: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._pending: dict[bytes, asyncio.Future[tuple[bytes | None, str]]] = {}
+        self._ids = itertools.count()
+        self._call = channel.stream_stream(STREAM_METHOD)(self._requests())
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while (payload := await self._outbox.get()) is not None:
+            yield payload
+
+    async def _read(self) -> None:
+        code = "STREAM_ENDED"
+        try:
+            async for raw in self._call:
+                request_id, status = reply_id_and_code(raw)
+                future = self._pending.pop(request_id, None)
+                if future is not None and not future.done():
+                    future.set_result((None, _CODE_NAMES.get(status, "UNKNOWN")) if status else (raw, "OK"))
+        except grpc.aio.AioRpcError as err:
+            code = err.code().name
+        finally:
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_result((None, code))
+            self._pending.clear()
+
+    async def __call__(self, payload: bytes, timeout: float) -> tuple[bytes | None, str]:
+        request_id = b"%x" % next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        self._outbox.put_nowait(payload + _TAG_REQUEST_ID + _varint(len(request_id)) + request_id)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return None, "DEADLINE_EXCEEDED"
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def close(self) -> None:
+        self._outbox.put_nowait(None)
+        self._call.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
+
+
+_TAG_REQUEST_ID = _varint(3 << 3 | 2)  # LookupRequest.request_id: the last occurrence of a field wins
+
+
+def _unary(method: grpc.aio.UnaryUnaryMultiCallable) -> Call:
+    async def call(payload: bytes, timeout: float) -> tuple[bytes | None, str]:
+        try:
+            return await method(payload, timeout=timeout), "OK"
+        except grpc.aio.AioRpcError as err:
+            return None, err.code().name
+
+    return call
+
+
 @contextlib.asynccontextmanager
-async def _lookup_methods(address: str, count: int) -> AsyncIterator[list[grpc.aio.UnaryUnaryMultiCallable]]:
-    """`count` channels (separate connections) to `address`, as raw-bytes Lookup callables; closed on exit."""
+async def _lookup_methods(address: str, count: int, transport: str = "unary") -> AsyncIterator[list[Call]]:
+    """`count` channels (separate connections) to `address`, each as a raw-bytes Lookup callable, or as
+    `STREAMS_PER_CONNECTION` LookupStream multiplexers; closed on exit."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
+    muxes: list[_StreamMux] = []
     try:
-        yield [c.unary_unary(METHOD) for c in channels]
+        if transport == "unary":
+            yield [_unary(c.unary_unary(METHOD)) for c in channels]
+        else:
+            muxes = [_StreamMux(c) for c in channels for _ in range(STREAMS_PER_CONNECTION)]
+            yield list(muxes)
     finally:
+        for mux in muxes:
+            await mux.close()
         for c in channels:
             await c.close()
-
-
-async def _call(method: grpc.aio.UnaryUnaryMultiCallable, payload: bytes, timeout: float) -> tuple[bytes | None, str]:
-    try:
-        return await method(payload, timeout=timeout), "OK"
-    except grpc.aio.AioRpcError as err:
-        return None, err.code().name
 
 
 async def closed_loop(
@@ -121,6 +253,7 @@ async def closed_loop(
     check: Checker | None = None,
     sample: int = 16,
     timeout_s: float = 30.0,
+    transport: str = "unary",
 ) -> LoadResult:
     """`concurrency` callers each send their next request as soon as the previous one answered."""
     rec = _Recorder(sizes, min_bytes, check, sample)
@@ -135,13 +268,13 @@ async def closed_loop(
             t0 = time.perf_counter()
             if t0 >= stop_at:
                 return
-            response, code = await _call(method, payloads[index], timeout_s)
+            response, code = await method(payloads[index], timeout_s)
             t1 = time.perf_counter()
             if t0 >= measure_from and t1 <= stop_at:
                 rec.record(index, response, code, t1 - t0)
             index = (index + concurrency) % len(payloads)
 
-    async with _lookup_methods(address, min(4, concurrency)) as methods:
+    async with _lookup_methods(address, min(4, concurrency), transport) as methods:
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
     return rec.result("closed", duration_s, concurrency, None)
 
@@ -159,6 +292,7 @@ async def open_loop(
     sample: int = 16,
     timeout_s: float = 5.0,
     seed: int = 0,
+    transport: str = "unary",
 ) -> LoadResult:
     """Poisson arrivals at `rate` calls/s, whatever the server's speed; latency counts from the scheduled time."""
     rec = _Recorder(sizes, min_bytes, check, sample)
@@ -168,12 +302,12 @@ async def open_loop(
     offsets = np.cumsum(gaps)
     offsets = offsets[offsets < total]
     tasks: set[asyncio.Task[None]] = set()
-    async with _lookup_methods(address, 4) as methods:
+    async with _lookup_methods(address, 4, transport) as methods:
         start = time.perf_counter()
 
         async def one(i: int, scheduled: float) -> None:
             index = i % len(payloads)
-            response, code = await _call(methods[i % len(methods)], payloads[index], timeout_s)
+            response, code = await methods[i % len(methods)](payloads[index], timeout_s)
             if scheduled - start >= warmup_s:
                 rec.record(index, response, code, time.perf_counter() - scheduled)
 

@@ -1,5 +1,6 @@
 """The transport ceiling: a gRPC server with embserve's protocol that parses each request and answers a prebuilt
-response of the right size, computing nothing.
+response of the right size, computing nothing; over unary Lookup calls and over LookupStream messages (each
+answered at once, in order, with its request id).
 
     python -m embserve.benchmarks.noop_server --port 0 --output-dim 1664
 """
@@ -10,6 +11,8 @@ import argparse
 import asyncio
 import json
 import sys
+
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -24,7 +27,15 @@ class _Noop:
         self._cache: dict[tuple[int, int], bytes] = {}
 
     async def lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        request = pb.LookupRequest.FromString(raw)
+        return self._answer(pb.LookupRequest.FromString(raw))
+
+    async def lookup_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        async for raw in requests:
+            request = pb.LookupRequest.FromString(raw)
+            rid = pb.LookupResponse(request_id=request.request_id).SerializeToString()
+            await context.write(self._answer(request) + rid)  # concatenated serializations parse as one message
+
+    def _answer(self, request: pb.LookupRequest) -> bytes:
         key = (request.features.batch_size, request.output_dtype)
         response = self._cache.get(key)
         if response is None:
@@ -43,10 +54,11 @@ class _Noop:
 async def _serve(port: int, output_dim: int) -> None:
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES)])
     noop = _Noop(output_dim)
-    handler = grpc.unary_unary_rpc_method_handler(noop.lookup)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(SERVICE_NAME, {"Lookup": handler}),)
-    )
+    handlers = {
+        "Lookup": grpc.unary_unary_rpc_method_handler(noop.lookup),
+        "LookupStream": grpc.stream_stream_rpc_method_handler(noop.lookup_stream),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(json.dumps({"msg": "serving", "address": f"127.0.0.1:{bound}"}), file=sys.stderr, flush=True)

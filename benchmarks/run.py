@@ -1,5 +1,6 @@
 """The standard benchmark suite: each workload against embserve, embserve unbatched, the transport ceiling (a no-op
-server) and the compute ceiling (the forward in process), closed and open loop.
+server) and the compute ceiling (the forward in process), closed and open loop; embserve and the no-op server
+over unary calls and over streams.
 
     python -m embserve.benchmarks.run                       # the standard suite (about 5 minutes on 2 cores)
     python -m embserve.benchmarks.run --workloads small --duration 1 --out /tmp/bench
@@ -35,6 +36,14 @@ CONCURRENCY = {"small": [1, 8, 64, 128], "large": [1, 8, 64], "multihot": [1, 16
 OPEN_FRACTIONS = (0.25, 0.5, 0.75)
 DISTINCT_REQUESTS = {"small": 1024, "large": 32, "multihot": 32}
 MAX_QUEUE_DELAY_US = 1000
+# target -> (server process, transport); each closed-loop level measures every target, one after the other.
+TARGETS = {
+    "embserve": ("embserve", "unary"),
+    "embserve-stream": ("embserve", "stream"),
+    "unbatched": ("unbatched", "unary"),
+    "transport-ceiling": ("transport-ceiling", "unary"),
+    "transport-ceiling-stream": ("transport-ceiling", "stream"),
+}
 OUTPUT_DTYPES_MEASURED = ("float32", "float16")
 
 
@@ -129,13 +138,14 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
         batch_at_top: float | None = None
         # Targets alternate at each load level, so a slow drift of this shared machine hits them all alike.
         for n in levels:
-            for target, server in servers.items():
+            for target, (server_name, transport) in TARGETS.items():
+                server = servers[server_name]
                 progress.step(f"{workload.name} {target} {n} callers")
                 before = server.metrics()
                 res = asyncio.run(closed_loop(
                     server.address, payloads["float32"], sizes, min_bytes["float32"], concurrency=n,
                     duration_s=args.duration, warmup_s=args.warmup,
-                    check=None if target == "transport-ceiling" else check,
+                    check=None if server_name == "transport-ceiling" else check, transport=transport,
                 ))
                 mean = _batch_mean(before, server.metrics())
                 if target == "embserve" and n == levels[-1]:
@@ -156,16 +166,19 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
                 records.append(rec)
                 progress.done(rec)
         if workload.name == "small" and not args.no_open_loop:
+            # The same offered loads over both transports, as fractions of unary's closed-loop peak.
             top = max((r.rps for r in records if r.target == "embserve" and r.mode == "closed"), default=0.0)
             for fraction in OPEN_FRACTIONS:
-                progress.step(f"{workload.name} open loop {fraction:.0%}")
-                res = asyncio.run(open_loop(
-                    servers["embserve"].address, payloads["float32"], sizes, min_bytes["float32"],
-                    rate=max(1.0, fraction * top), duration_s=args.duration, warmup_s=args.warmup, check=check,
-                ))
-                rec = _record(workload.name, "embserve", "float32", res, load_fraction=fraction)
-                records.append(rec)
-                progress.done(rec)
+                for target in ("embserve", "embserve-stream"):
+                    progress.step(f"{workload.name} {target} open loop {fraction:.0%}")
+                    res = asyncio.run(open_loop(
+                        servers["embserve"].address, payloads["float32"], sizes, min_bytes["float32"],
+                        rate=max(1.0, fraction * top), duration_s=args.duration, warmup_s=args.warmup, check=check,
+                        transport=TARGETS[target][1],
+                    ))
+                    rec = _record(workload.name, target, "float32", res, load_fraction=fraction)
+                    records.append(rec)
+                    progress.done(rec)
         progress.step(f"{workload.name} compute ceiling")
         batch = batch_at_top or float(np.mean(sizes))
         eps = compute_ceiling(model, requests, batch, seconds=args.duration)
@@ -188,8 +201,8 @@ def run_suite(args: argparse.Namespace) -> tuple[list[Record], dict[str, Path]]:
     total = 0
     for name in names:
         levels = len(CONCURRENCY[name][: args.max_points])
-        total += 3 * levels + 1 + (2 if name == "large" else 0)
-        total += len(OPEN_FRACTIONS) if name == "small" and not args.no_open_loop else 0
+        total += len(TARGETS) * levels + 1 + (2 if name == "large" else 0)
+        total += 2 * len(OPEN_FRACTIONS) if name == "small" and not args.no_open_loop else 0
     progress = _Progress(total)
     records: list[Record] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,15 +22,18 @@ def test_small_suite_writes_json_markdown_and_png(tmp_path: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data["hardware"]["cores"] >= 1 and "cpu" in data["hardware"]
     by_target = {r["target"]: r for r in data["records"] if r["mode"] != "open"}
-    assert set(by_target) == {"embserve", "unbatched", "transport-ceiling", "compute-ceiling"}
-    for target in ("embserve", "unbatched", "transport-ceiling"):
+    served = {"embserve", "embserve-stream", "unbatched", "transport-ceiling", "transport-ceiling-stream"}
+    assert set(by_target) == served | {"compute-ceiling"}
+    for target in served:
         r = by_target[target]
         assert r["requests"] > 0 and r["errors"] == {} and r["wrong"] == 0
-    assert by_target["embserve"]["checked"] > 0  # sampled responses compared with the model
-    opens = [r for r in data["records"] if r["mode"] == "open"]
-    assert [r["load_fraction"] for r in opens] == [0.25, 0.5, 0.75]
+    for target in ("embserve", "embserve-stream"):
+        assert by_target[target]["checked"] > 0  # sampled responses compared with the model
+    opens = [(r["target"], r["load_fraction"]) for r in data["records"] if r["mode"] == "open"]
+    assert opens == [(t, f) for f in (0.25, 0.5, 0.75) for t in ("embserve", "embserve-stream")]
     md = (out / "report.md").read_text()
-    assert "| small | embserve | 1 callers |" in md and "Hardware:" in md
+    assert "| small | embserve | 1 callers |" in md and "| small | embserve-stream | 1 callers |" in md
+    assert "Hardware:" in md
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,9 +64,30 @@ def _rec(**kw: object) -> Record:
 
 def test_targets_are_judged_from_the_records() -> None:
     records = [
-        _rec(rps=900.0), _rec(target="transport-ceiling", rps=1000.0),
-        _rec(concurrency=128, rps=700.0), _rec(target="transport-ceiling", concurrency=128, rps=1000.0),
+        _rec(rps=700.0), _rec(concurrency=128, rps=650.0),  # peak 700
+        _rec(target="transport-ceiling", rps=1000.0),
+        _rec(target="embserve-stream", rps=1600.0), _rec(target="transport-ceiling-stream", rps=2500.0),
+        _rec(workload="large", eps=84.0), _rec(workload="large", target="transport-ceiling", eps=100.0),
+        _rec(mode="open", load_fraction=0.5, p99_ms=3.0), _rec(mode="open", target="embserve-stream",
+                                                               load_fraction=0.5, p99_ms=2.0, checked=4),
     ]
     verdicts = {desc: met for desc, met, _ in targets(records, 1.0)}
-    assert verdicts["small, 64 callers: requests/s >= 0.8 x transport"] is True
-    assert verdicts["small, 128 callers: requests/s >= 0.8 x transport"] is False
+    assert verdicts["small, unary: req/s >= 0.7 x unary no-op"] is True
+    assert verdicts["large, unary: examples/s >= 0.85 x unary no-op"] is False
+    assert verdicts["small, stream: req/s >= 1.5 x unary no-op"] is True
+    assert verdicts["small, stream: req/s >= 0.7 x stream no-op"] is False  # 1600 < 1750
+    assert verdicts["small, open loop at 50% of unary's peak: stream p99 <= unary p99"] is True
+    assert verdicts["every sampled response exact"] is True
+    wrong = targets([*records, _rec(wrong=1, checked=1)], 1.0)
+    assert dict((d, m) for d, m, _ in wrong)["every sampled response exact"] is False
+
+
+def test_reply_parser_reads_id_and_status_as_protobuf_does() -> None:
+    from embserve.benchmarks.loadgen import reply_id_and_code
+    from embserve.v1 import embserve_pb2 as pb
+
+    ok = pb.LookupResponse(dtype=pb.DTYPE_FLOAT32, shape=[2, 3], embeddings=bytes(24), keys=["a", "b"], dims=[1, 2],
+                           offsets=[0, 1, 3], model_name="m", model_version="v", request_id="r-17")
+    assert reply_id_and_code(ok.SerializeToString()) == (b"r-17", 0)
+    failed = pb.LookupResponse(request_id="x" * 300, status=pb.Status(code=8, message="queue full"))
+    assert reply_id_and_code(failed.SerializeToString()) == (b"x" * 300, 8)
