@@ -97,10 +97,10 @@ class LookupStream:
         request_id = ""
         servicer = self._servicer
         try:
-            if not servicer.accepting:
-                raise ShuttingDown("server is draining; send this request to another replica")
             request = parse_message(pb.LookupRequest, raw)
             request_id = request.request_id
+            if not servicer.accepting:
+                raise ShuttingDown("server is draining; send this request to another replica")
             if not request_id:
                 raise InvalidRequest("request_id is required on LookupStream: answers are matched to it")
             if self._in_progress >= self._max_outstanding:
