@@ -8,6 +8,7 @@ index or size, and echo at most `ECHO_CHARS` characters of anything the caller s
 
 from __future__ import annotations
 
+import collections
 from typing import TypeVar
 
 import numpy as np
@@ -19,7 +20,7 @@ from embserve.v1.wire import OUTPUT_DTYPES, WireFeatures, WireFormatError, unpac
 from .errors import InvalidRequest
 from .request import ModelSchema, SparseRequest
 
-__all__ = ["ECHO_CHARS", "decode_lookup", "echo", "parse_message", "validate_features"]
+__all__ = ["ECHO_CHARS", "KeyOrders", "decode_lookup", "echo", "parse_message", "validate_features"]
 
 ECHO_CHARS = 128
 
@@ -45,8 +46,9 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def decode_lookup(request: pb.LookupRequest, schema: ModelSchema) -> SparseRequest:
-    """Validates a LookupRequest against the model; raises `InvalidRequest` naming the first problem found."""
+def decode_lookup(request: pb.LookupRequest, schema: ModelSchema, key_orders: KeyOrders | None = None) -> SparseRequest:
+    """Validates a LookupRequest against the model; raises `InvalidRequest` naming the first problem found.
+    `key_orders` caches the check of key lists seen before."""
     output_dtype = OUTPUT_DTYPES.get(request.output_dtype)
     if output_dtype is None:
         raise InvalidRequest(f"output_dtype {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
@@ -54,7 +56,38 @@ def decode_lookup(request: pb.LookupRequest, schema: ModelSchema) -> SparseReque
         features = unpack_features(request.features)
     except WireFormatError as err:
         raise InvalidRequest(str(err)) from None
-    return validate_features(features, schema, output_dtype=output_dtype, request_id=request.request_id)
+    return validate_features(
+        features, schema, output_dtype=output_dtype, request_id=request.request_id, key_orders=key_orders
+    )
+
+
+KEY_ORDER_CACHE_SIZE = 1024
+
+
+class KeyOrders:
+    """The canonical indices of each key list requests send, checked once per distinct list.
+
+    Callers send the same few key lists over and over; checking a list (known keys, no duplicates, at most one
+    step per model table) and mapping it to canonical indices is done once and kept, for at most `max_entries`
+    lists (least recently used dropped first).
+    """
+
+    def __init__(self, schema: ModelSchema, max_entries: int = KEY_ORDER_CACHE_SIZE) -> None:
+        self._schema = schema
+        self._max_entries = max_entries
+        self._known: collections.OrderedDict[tuple[str, ...], np.ndarray] = collections.OrderedDict()
+
+    def __call__(self, keys: tuple[str, ...]) -> np.ndarray:
+        key_index = self._known.get(keys)
+        if key_index is not None:
+            self._known.move_to_end(keys)
+            return key_index
+        key_index = _key_indices(keys, self._schema)
+        key_index.setflags(write=False)
+        self._known[keys] = key_index
+        if len(self._known) > self._max_entries:
+            self._known.popitem(last=False)
+        return key_index
 
 
 def _key_indices(keys: tuple[str, ...], schema: ModelSchema) -> np.ndarray:
@@ -74,7 +107,12 @@ def _key_indices(keys: tuple[str, ...], schema: ModelSchema) -> np.ndarray:
 
 
 def validate_features(
-    features: WireFeatures, schema: ModelSchema, *, output_dtype: str = "float32", request_id: str = ""
+    features: WireFeatures,
+    schema: ModelSchema,
+    *,
+    output_dtype: str = "float32",
+    request_id: str = "",
+    key_orders: KeyOrders | None = None,
 ) -> SparseRequest:
     """Checks jagged features against the model and its limits; ids of hashed tables are taken into range."""
     batch_size = features.batch_size
@@ -85,7 +123,7 @@ def validate_features(
             f"features.batch_size {batch_size} is over the server's max_request_examples {schema.max_request_examples}"
         )
     keys = features.keys
-    key_index = _key_indices(keys, schema)
+    key_index = key_orders(keys) if key_orders is not None else _key_indices(keys, schema)
     n_keys = len(key_index)
     lengths = features.lengths
     if lengths.size != n_keys * batch_size:
@@ -112,22 +150,19 @@ def validate_features(
             i = _first(~np.isfinite(weights))
             raise InvalidRequest(f"non-finite weight {float(weights[i])} at weights[{i}]")
     if values.size:
-        key_of_id = np.repeat(key_index, ids_per_key)
         if int(values.min()) < 0:
             i = _first(values < 0)
-            raise InvalidRequest(f"negative id {int(values[i])} at values[{i}] (key {schema.keys[key_of_id[i]]!r})")
-        rows = schema.num_embeddings[key_of_id]
-        too_big = values >= rows
-        if too_big.any():
-            reject = too_big & ~schema.hashed[key_of_id]
-            if reject.any():
-                i = _first(reject)
-                raise InvalidRequest(
-                    f"id {int(values[i])} at values[{i}] is out of range for key {schema.keys[key_of_id[i]]!r} "
-                    f"(num_embeddings {int(rows[i])})"
-                )
-            values = np.where(too_big, values % rows, values)
+            key_of = np.repeat(key_index, ids_per_key)[i]
+            raise InvalidRequest(f"negative id {int(values[i])} at values[{i}] (key {schema.keys[key_of]!r})")
+        # One max per key (reduceat over the keys that have ids), compared with the key's rows: the common case
+        # of ids all in range costs two passes over the ids, whatever the number of keys.
+        present = ids_per_key > 0
+        starts = np.concatenate(([0], np.cumsum(ids_per_key)[:-1]))[present]
+        rows_present = schema.num_embeddings[key_index[present]]
+        if (np.maximum.reduceat(values, starts) >= rows_present).any():
+            values = _ids_into_range(values, key_index, ids_per_key, schema)
         if weights is not None:
+            key_of_id = np.repeat(key_index, ids_per_key)
             unweighted = ~schema.weighted[key_of_id] & (weights != 1.0)
             if unweighted.any():
                 i = _first(unweighted)
@@ -145,3 +180,20 @@ def validate_features(
         output_dtype=output_dtype,
         request_id=request_id,
     )
+
+
+def _ids_into_range(
+    values: np.ndarray, key_index: np.ndarray, ids_per_key: np.ndarray, schema: ModelSchema
+) -> np.ndarray:
+    """Ids past their table's rows: hashed into range (`id_policy: hash`), else the first one is an error."""
+    key_of_id = np.repeat(key_index, ids_per_key)
+    rows = schema.num_embeddings[key_of_id]
+    too_big = values >= rows
+    reject = too_big & ~schema.hashed[key_of_id]
+    if reject.any():
+        i = _first(reject)
+        raise InvalidRequest(
+            f"id {int(values[i])} at values[{i}] is out of range for key {schema.keys[key_of_id[i]]!r} "
+            f"(num_embeddings {int(rows[i])})"
+        )
+    return np.where(too_big, values % rows, values)

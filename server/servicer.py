@@ -17,7 +17,7 @@ from embserve.v1.wire import SERVICE_NAME
 
 from .batcher import DynamicBatcher
 from .config import ServerConfig
-from .decode import decode_lookup, parse_message
+from .decode import KeyOrders, decode_lookup, parse_message
 from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .metrics import ServerMetrics
@@ -52,6 +52,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     ) -> None:
         self._config = config
         self.schema = schema
+        self.key_orders = KeyOrders(schema)
         self.batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
@@ -134,7 +135,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         if not self.accepting:
             raise ShuttingDown("server is shutting down; retry on another replica")
-        sparse = decode_lookup(parse_message(pb.LookupRequest, request), self.schema)
+        sparse = decode_lookup(parse_message(pb.LookupRequest, request), self.schema, self.key_orders)
         out = await self.batcher.submit(sparse, timeout=context.time_remaining())
         self._examples.inc(out.batch_size)
         return out.response

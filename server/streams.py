@@ -108,7 +108,7 @@ class LookupStream:
                     f"{self._in_progress} messages in progress on this stream, the server's max_stream_outstanding; "
                     "wait for answers before sending more"
                 )
-            sparse = decode_lookup(request, servicer.schema)
+            sparse = decode_lookup(request, servicer.schema, servicer.key_orders)
             timeout = self._context.time_remaining()
             if request.timeout_ms:
                 timeout = request.timeout_ms / 1e3 if timeout is None else min(timeout, request.timeout_ms / 1e3)

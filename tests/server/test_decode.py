@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embserve.server.decode import decode_lookup
+from embserve.server.decode import ECHO_CHARS, KeyOrders, decode_lookup
 from embserve.server.request import ModelSchema
 from embserve.server.errors import InvalidRequest
 from embserve.v1 import embserve_pb2 as pb
@@ -85,3 +85,31 @@ def test_hash_policy_maps_ids_into_range_and_weights_of_one_are_allowed() -> Non
 def test_valid_empty_request_and_missing_keys() -> None:
     decoded = decode_lookup(request([], 3, [], []), SCHEMA)
     assert decoded.batch_size == 3 and decoded.values.size == 0 and decoded.lengths.shape == (0, 3)
+
+
+def test_key_order_cache_is_bounded_and_never_keeps_a_bad_list() -> None:
+    orders = KeyOrders(SCHEMA, max_entries=2)
+    lists = [("user",), ("hashtags",), ("topics",), ("user", "topics"), ("topics", "user")]
+    for keys in lists * 2:
+        np.testing.assert_array_equal(orders(keys), [SCHEMA.index_of(k) for k in keys])
+    assert len(orders._known) == 2  # pushed past its bound: the least recently used lists were dropped
+    for _ in range(2):
+        with pytest.raises(InvalidRequest, match="unknown key 'nope'"):
+            orders(("user", "nope"))
+    assert ("user", "nope") not in orders._known
+    r = decode_lookup(request(["topics", "user"], 1, [1, 1], [12, 7]), SCHEMA, orders)
+    assert r.key_index.tolist() == [2, 0] and r.values.tolist() == [2, 7]  # topics hashes: 12 mod 10
+
+
+def test_more_keys_than_the_model_is_rejected_before_any_per_key_work() -> None:
+    keys = [f"k{i}" for i in range(10_000)]
+    with pytest.raises(InvalidRequest, match="features.keys has 10000 keys; the model has 3"):
+        decode_lookup(request(keys, 1, [0] * 10_000, []), SCHEMA)
+
+
+def test_echoed_input_is_bounded() -> None:
+    name = "x" * 1_000_000
+    with pytest.raises(InvalidRequest) as err:
+        decode_lookup(request([name], 1, [0], []), SCHEMA)
+    message = str(err.value)
+    assert len(message) < 3 * ECHO_CHARS + 200 and "(1000002 characters)" in message
