@@ -114,7 +114,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if allowed is None:
             return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
         if name not in allowed:
-            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED, f"token may not call {name[:_ECHO_CHARS]!r}")
+            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED, f"token may not call {name[:_ECHO_CHARS]}")
         return await continuation(details)
 
     def _refuse(self, name: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
