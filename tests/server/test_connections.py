@@ -134,6 +134,12 @@ def test_concurrent_streams_per_connection_are_capped(server_factory: Factory, s
             health.Check(health_pb2.HealthCheckRequest(), timeout=2)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         watches[0].cancel()
+        # Once the server has seen the cancel, the stream is free. (A call sent before that would be refused with
+        # REFUSED_STREAM, which the grpc client reports as UNAVAILABLE: see docs/hardening.md.)
+        deadline = time.monotonic() + 10
+        while handle.metric("embserve_tokenless_health_watches") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
         watches[1].cancel()
     finally:
