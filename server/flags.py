@@ -16,6 +16,7 @@ from typing import Any
 import pydantic
 
 from .config import ServerConfig
+from .connections import FD_RESERVE
 
 __all__ = ["SETTINGS", "Setting", "add_flags", "overrides_from", "settings_table"]
 
@@ -83,9 +84,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connections.max_connection_age_grace_ms", "--max-connection-age-grace-ms", "time calls get to finish "
             "on a connection past its age, milliseconds"),
     Setting("connections.max_concurrent_streams", "--max-concurrent-streams", "calls open at once on one "
-            "connection; clients queue the rest"),
+            "connection; keep it above any one client channel's concurrency (a burst past it can be refused)"),
     Setting("connections.max_connections", "--max-connections", "open connections; more are closed at once; "
-            "none: the open-file limit less 256"),
+            f"none: the open-file limit less {FD_RESERVE}"),
     Setting("connections.handshake_timeout_ms", "--handshake-timeout-ms", "close a connection that has not "
             "finished its TLS/HTTP/2 set-up in this long, milliseconds"),
     Setting("connections.min_ping_interval_ms", "--min-ping-interval-ms", "client pings closer than this without "
