@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -20,9 +20,10 @@ from embserve.v1.wire import SERVICE_NAME
 from .batcher import DynamicBatcher
 from .request import SparseRequest
 from .config import ServerConfig
+from .connections import grpc_options as connection_options
 from .executor import BatchExecutor, BatchOutput
 from .metrics import ServerMetrics
-from .security import AuthInterceptor, load_tokens, server_credentials
+from .security import peer_guards, server_credentials
 from .servicer import EmbeddingServicer, add_to_server, model_schema
 
 __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server", "serve_until_signal"]
@@ -96,8 +97,7 @@ class EmbserveServer:
             metrics=self.metrics,
             current_model=lambda: self.executor.model,
         )
-        self.health = health.aio.HealthServicer()
-        self._interceptors = [AuthInterceptor(load_tokens(config.auth.tokens_file), self.metrics)] if config.auth else []
+        self.health, self._interceptors = peer_guards(config, self.metrics)
         self._reload_lock = asyncio.Lock()
         self.port: int = 0
         self.metrics_port: int | None = None
@@ -115,6 +115,7 @@ class EmbserveServer:
             ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 1 if self.reuse_port else 0),
+            *connection_options(self.config.connections),
         ]
 
     async def start(self) -> None:

@@ -24,6 +24,7 @@ def serve_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
 
 def _serve(args: argparse.Namespace) -> int:
     from .app import run_server
+    from .connections import raise_fd_limit
     from .logs import configure_logging
     from .workers import run_workers
 
@@ -33,6 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"embserve serve: invalid configuration: {err}", file=sys.stderr)
         return 2
     configure_logging(config.log_level, config.log_format.value)
+    raise_fd_limit()  # before any connection is accepted; workers inherit it
     if config.workers > 1:
         return run_workers(config, config.workers)
     run_server(config)

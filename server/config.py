@@ -19,6 +19,7 @@ __all__ = [
     "AuthConfig",
     "BatchPolicy",
     "BatchingConfig",
+    "ConnectionsConfig",
     "LimitsConfig",
     "LogFormat",
     "ServerConfig",
@@ -37,6 +38,17 @@ DEFAULT_MAX_REQUEST_EXAMPLES = 16384
 DEFAULT_MAX_REQUEST_IDS = 4_000_000
 DEFAULT_MAX_STREAM_OUTSTANDING = 256
 DEFAULT_GRACE_PERIOD_S = 10.0
+DEFAULT_MAX_WORKER_RESTARTS_PER_MINUTE = 10
+DEFAULT_MAX_HEALTH_WATCHES = 1000
+DEFAULT_KEEPALIVE_TIME_MS = 60_000
+DEFAULT_KEEPALIVE_TIMEOUT_MS = 20_000
+DEFAULT_MAX_CONNECTION_IDLE_MS = 300_000
+DEFAULT_MAX_CONNECTION_AGE_MS = 1_800_000
+DEFAULT_MAX_CONNECTION_AGE_GRACE_MS = 60_000
+DEFAULT_MAX_CONCURRENT_STREAMS = 1000
+DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
+DEFAULT_MIN_PING_INTERVAL_MS = 60_000
+DEFAULT_MAX_PING_STRIKES = 2
 
 
 @enum.unique
@@ -79,6 +91,24 @@ class LimitsConfig(_Strict):
     max_request_ids: int = pydantic.Field(DEFAULT_MAX_REQUEST_IDS, gt=0)
     max_message_bytes: int = pydantic.Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     max_stream_outstanding: int = pydantic.Field(DEFAULT_MAX_STREAM_OUTSTANDING, ge=1)
+    # Health.Watch streams open at once from callers without a valid token; beyond it RESOURCE_EXHAUSTED.
+    max_health_watches: int = pydantic.Field(DEFAULT_MAX_HEALTH_WATCHES, ge=0)
+
+
+class ConnectionsConfig(_Strict):
+    """HTTP/2 connection bounds, passed to gRPC as server options (`connections.grpc_options`)."""
+
+    keepalive_time_ms: int = pydantic.Field(DEFAULT_KEEPALIVE_TIME_MS, gt=0)
+    keepalive_timeout_ms: int = pydantic.Field(DEFAULT_KEEPALIVE_TIMEOUT_MS, gt=0)
+    max_connection_idle_ms: int = pydantic.Field(DEFAULT_MAX_CONNECTION_IDLE_MS, gt=0)
+    max_connection_age_ms: int = pydantic.Field(DEFAULT_MAX_CONNECTION_AGE_MS, gt=0)
+    max_connection_age_grace_ms: int = pydantic.Field(DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, ge=0)
+    max_concurrent_streams: int = pydantic.Field(DEFAULT_MAX_CONCURRENT_STREAMS, gt=0)
+    # None: the open-file limit less a reserve for the process's own files (`connections.FD_RESERVE`).
+    max_connections: int | None = pydantic.Field(None, gt=0)
+    handshake_timeout_ms: int = pydantic.Field(DEFAULT_HANDSHAKE_TIMEOUT_MS, gt=0)
+    min_ping_interval_ms: int = pydantic.Field(DEFAULT_MIN_PING_INTERVAL_MS, ge=0)
+    max_ping_strikes: int = pydantic.Field(DEFAULT_MAX_PING_STRIKES, ge=0)
 
 
 class TlsConfig(_Strict):
@@ -114,10 +144,13 @@ class ServerConfig(_Strict):
     grace_period_s: float = pydantic.Field(DEFAULT_GRACE_PERIOD_S, ge=0)
     torch_threads: int | None = pydantic.Field(None, ge=1)
     workers: int = pydantic.Field(1, ge=1)  # server processes sharing the port and the weights
+    # Worker deaths within a minute that the supervisor replaces; one more and it stops and exits non-zero.
+    max_worker_restarts_per_minute: int = pydantic.Field(DEFAULT_MAX_WORKER_RESTARTS_PER_MINUTE, ge=0)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.JSON
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
+    connections: ConnectionsConfig = ConnectionsConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
 

@@ -16,6 +16,7 @@ from typing import Any
 import pydantic
 
 from .config import ServerConfig
+from .connections import FD_RESERVE
 
 __all__ = ["SETTINGS", "Setting", "add_flags", "overrides_from", "settings_table"]
 
@@ -52,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace_period_s", "--grace-period", "seconds to drain on SIGTERM/SIGINT"),
     Setting("torch_threads", "--torch-threads", "torch intra-op threads; none: torch's default"),
     Setting("workers", "--workers", "server processes sharing the port and the weights"),
+    Setting("max_worker_restarts_per_minute", "--max-worker-restarts", "worker deaths per minute the supervisor "
+            "replaces; one more and it stops and exits 1"),
     Setting("log_level", "--log-level", "debug, info, warning or error"),
     Setting("log_format", "--log-format", "log line format on stderr"),
     Setting("batching.enabled", "--no-batching", "one forward per request", const=False),
@@ -70,6 +73,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_message_bytes", "--max-message-bytes", "largest request message received, bytes"),
     Setting("limits.max_stream_outstanding", "--max-stream-outstanding", "LookupStream messages in progress per "
             "stream; beyond it a message is answered RESOURCE_EXHAUSTED at once"),
+    Setting("limits.max_health_watches", "--max-health-watches", "Health.Watch streams open at once without a "
+            "valid token; beyond it RESOURCE_EXHAUSTED"),
+    Setting("connections.keepalive_time_ms", "--keepalive-time-ms", "server ping on a connection quiet this long, "
+            "milliseconds"),
+    Setting("connections.keepalive_timeout_ms", "--keepalive-timeout-ms", "close a connection whose ping is "
+            "unanswered this long, milliseconds"),
+    Setting("connections.max_connection_idle_ms", "--max-connection-idle-ms", "close a connection with no call "
+            "for this long, milliseconds"),
+    Setting("connections.max_connection_age_ms", "--max-connection-age-ms", "ask clients to reconnect after this "
+            "long, milliseconds"),
+    Setting("connections.max_connection_age_grace_ms", "--max-connection-age-grace-ms", "time calls get to finish "
+            "on a connection past its age, milliseconds"),
+    Setting("connections.max_concurrent_streams", "--max-concurrent-streams", "calls open at once on one "
+            "connection; keep it above any one client channel's concurrency (a burst past it can be refused)"),
+    Setting("connections.max_connections", "--max-connections", "open connections; more are closed at once; "
+            f"none: the open-file limit less {FD_RESERVE}"),
+    Setting("connections.handshake_timeout_ms", "--handshake-timeout-ms", "close a connection that has not "
+            "finished its TLS/HTTP/2 set-up in this long, milliseconds"),
+    Setting("connections.min_ping_interval_ms", "--min-ping-interval-ms", "client pings closer than this without "
+            "data are strikes, milliseconds"),
+    Setting("connections.max_ping_strikes", "--max-ping-strikes", "strikes before the connection is closed "
+            "(GOAWAY); 0: no limit"),
     Setting("tls.cert_file", "--tls-cert", "PEM certificate chain: serve TLS"),
     Setting("tls.key_file", "--tls-key", "PEM private key for --tls-cert"),
     Setting("tls.client_ca_file", "--tls-client-ca", "PEM CA: require client certificates it signed (mutual TLS)"),

@@ -1,4 +1,8 @@
-"""Prometheus metrics (prometheus-client), one registry per server so several servers can share a process."""
+"""Prometheus metrics (prometheus-client), one registry per server so several servers can share a process.
+
+Label values come only from fixed sets: a method name a caller made up is counted as `unknown`, so no caller can
+add label sets (each one a permanent series in `/metrics`).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,20 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-__all__ = ["ServerMetrics"]
+from embserve.v1.wire import METHODS
+
+__all__ = ["UNKNOWN_METHOD", "ServerMetrics", "method_label"]
+
+UNKNOWN_METHOD = "unknown"
+_KNOWN_METHODS = frozenset(METHODS)
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EXAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+def method_label(name: str) -> str:
+    """The `method` label for an EmbeddingService method name: itself if the service has it, else `unknown`."""
+    return name if name in _KNOWN_METHODS else UNKNOWN_METHOD
 
 
 class ServerMetrics:
@@ -39,6 +53,9 @@ class ServerMetrics:
         self.queue_examples = Gauge("embserve_queue_examples", "Examples waiting in the batch queue", registry=r)
         self.drops = Counter("embserve_dropped", "Requests dropped before computing, by reason", ["reason"], registry=r)
         self.model = Info("embserve_model", "The model being served", registry=r)
+        self.health_watches = Gauge(
+            "embserve_tokenless_health_watches", "Health.Watch streams open without a valid token", registry=r
+        )
         self.reloads = Counter("embserve_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
 
     def set_model(self, name: str, version: str, engine: str, device: str) -> None:

@@ -1,6 +1,10 @@
-"""Transport security and auth: TLS / mutual-TLS credentials, and a bearer-token interceptor.
+"""Transport security and auth: TLS / mutual-TLS credentials, a bearer-token interceptor, and the bounds on what
+callers without a token can cost.
 
-Tokens are kept only as SHA-256 digests and compared in constant time; no token is ever logged.
+Tokens are kept only as SHA-256 digests and compared in constant time; no token is ever logged. A refused call is
+answered without reading its request message (the refusal is a request-streaming handler that never reads), and
+is counted under its method's name only if the service has that method (`metrics.method_label`). Health stays
+open for probes, but token-free `Health.Watch` streams are capped (`limits.max_health_watches`).
 """
 
 from __future__ import annotations
@@ -8,24 +12,28 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health, health_pb2
 
 from embserve.v1.wire import METHODS, method_path
 
-from .config import TlsConfig
-from .metrics import ServerMetrics
+from .config import ServerConfig, TlsConfig
+from .metrics import ServerMetrics, method_label
 
-__all__ = ["AuthInterceptor", "load_tokens", "server_credentials"]
+__all__ = ["AuthInterceptor", "WatchLimitedHealth", "load_tokens", "peer_guards", "server_credentials"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE_PREFIX = method_path("")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ALL_METHODS = frozenset(METHODS)
+_ECHO_CHARS = 128  # longest piece of a caller's input repeated in an error message
+
+Metadata = Sequence[tuple[str, str | bytes]]
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -63,10 +71,13 @@ def load_tokens(path: str | Path) -> dict[str, frozenset[str]]:
 
 
 def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """A handler that answers `code` without reading the request: grpc.aio receives a unary handler's message in
+    full before calling it, but leaves a request-streaming handler's messages unread until it iterates them."""
+
+    async def deny(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         await context.abort(code, message)
 
-    return grpc.unary_unary_rpc_method_handler(deny)
+    return grpc.stream_unary_rpc_method_handler(deny)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -84,6 +95,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return methods
         return None
 
+    def authenticated(self, metadata: Metadata | None) -> bool:
+        """Whether the call carries a valid token (for any method)."""
+        header = _bearer(metadata)
+        return header is not None and self._allowed(header) is not None
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -93,16 +109,61 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not method.startswith(SERVICE_PREFIX) or method.startswith(OPEN_PREFIXES):
             return await continuation(details)
         name = method[len(SERVICE_PREFIX) :]
-        header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
-        if not isinstance(header, str) or not header.startswith("Bearer "):
+        token = _bearer(details.invocation_metadata)
+        if token is None:
             return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>'")
-        allowed = self._allowed(header[len("Bearer ") :].strip())
+        allowed = self._allowed(token)
         if allowed is None:
             return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
         if name not in allowed:
-            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED, f"token may not call {name}")
+            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED, f"token may not call {name[:_ECHO_CHARS]}")
         return await continuation(details)
 
     def _refuse(self, name: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-        self._metrics.requests.labels(name, code.name).inc()
+        self._metrics.requests.labels(method_label(name), code.name).inc()
         return _deny(code, message)
+
+
+def _bearer(metadata: Metadata | None) -> str | None:
+    header = next((v for k, v in metadata or () if k == "authorization"), None)
+    if not isinstance(header, str) or not header.startswith("Bearer "):
+        return None
+    return header[len("Bearer ") :].strip()
+
+
+class WatchLimitedHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """The standard health service, with at most `limit` `Health.Watch` streams open at once from callers
+    without a valid token (each holds a stream and a task until the caller leaves); beyond it RESOURCE_EXHAUSTED.
+    Callers with a valid token, and `Check`, are not limited."""
+
+    def __init__(self, limit: int, metrics: ServerMetrics, auth: AuthInterceptor | None = None) -> None:
+        super().__init__()
+        self._limit = limit
+        self._metrics = metrics
+        self._auth = auth
+        self._open = 0
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if self._auth is not None and self._auth.authenticated(context.invocation_metadata()):
+            await super().Watch(request, context)
+            return
+        if self._open >= self._limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self._open} health watches without a token are open, the limit (limits.max_health_watches)",
+            )
+        self._open += 1
+        self._metrics.health_watches.set(self._open)
+        try:
+            await super().Watch(request, context)
+        finally:
+            self._open -= 1
+            self._metrics.health_watches.set(self._open)
+
+
+def peer_guards(
+    config: ServerConfig, metrics: ServerMetrics
+) -> tuple[WatchLimitedHealth, list[grpc.aio.ServerInterceptor]]:
+    """The server's health servicer and its interceptors: bearer-token auth when `config.auth` is set."""
+    auth = AuthInterceptor(load_tokens(config.auth.tokens_file), metrics) if config.auth else None
+    return WatchLimitedHealth(config.limits.max_health_watches, metrics, auth), [auth] if auth else []

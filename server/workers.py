@@ -6,17 +6,25 @@ copy-on-write by every worker. Each worker binds the same port with SO_REUSEPORT
 connections over them. The parent supervises: a worker that dies is replaced; SIGHUP loads the new checkpoint in
 the parent and replaces the workers one generation at a time (new ones ready before the old ones drain); SIGTERM
 drains every worker and exits 0.
+
+The supervisor's exit code tells the truth: more than `max_worker_restarts_per_minute` worker deaths within a
+minute and it drains the rest and exits 1, so that systemd or Kubernetes restarts the whole service. Workers do
+not outlive it: each asks the kernel for SIGTERM when its parent dies (Linux `PR_SET_PDEATHSIG`), so a supervisor
+killed with SIGKILL leaves no orphan holding the port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import select
 import signal
 import socket
+import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from embserve.embeddings import ServingModel
@@ -29,7 +37,8 @@ __all__ = ["run_workers"]
 logger = logging.getLogger(__name__)
 
 _READY_TIMEOUT_S = 120.0
-_MAX_RESTARTS_PER_MINUTE = 10
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+EXIT_GAVE_UP = 1  # the supervisor's exit code when workers keep dying or do not start
 
 
 def _reserve_port(host: str, port: int) -> socket.socket:
@@ -48,16 +57,33 @@ def _worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
     )
 
 
-def _fork_worker(config: ServerConfig, model: ServingModel, index: int, threads: int) -> tuple[int, int]:
-    """Forks one worker; returns (pid, fd that becomes readable when it serves)."""
+def _die_with_parent(parent: int) -> None:
+    """In a new worker: SIGTERM (drain, then exit) when the supervisor dies. The check of the parent's pid after
+    `prctl` covers a supervisor that died between the fork and the `prctl`."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os._exit(EXIT_GAVE_UP)
+
+
+def _fork_worker(
+    config: ServerConfig, model: ServingModel, index: int, threads: int, inherited: Iterable[int]
+) -> tuple[int, int]:
+    """Forks one worker; returns (pid, fd that becomes readable when it serves). The worker closes the
+    supervisor's descriptors listed in `inherited`."""
+    parent = os.getpid()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the worker
-        os.close(read_fd)
         code = 0
         try:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_DFL)
+            _die_with_parent(parent)
+            for fd in (read_fd, *inherited):
+                os.close(fd)
             import torch
 
             torch.set_num_threads(threads)
@@ -74,29 +100,53 @@ def _fork_worker(config: ServerConfig, model: ServingModel, index: int, threads:
 
 
 class _Generation:
-    """The workers serving one model version."""
+    """The workers serving one model version. Each worker not yet serving has an open ready pipe in `pending`;
+    it is closed when the worker reports ready, when it dies, or when the generation is abandoned."""
 
-    def __init__(self, config: ServerConfig, model: ServingModel, count: int, threads: int, port: int) -> None:
-        self.config, self.model, self.threads, self.port = config, model, threads, port
-        self.pids: dict[int, int] = {}
-        self.pending: dict[int, int] = {}  # ready fd -> worker index
+    def __init__(
+        self, config: ServerConfig, model: ServingModel, count: int, threads: int, port: int, listener: int
+    ) -> None:
+        self.config, self.model, self.threads, self.port, self.listener = config, model, threads, port, listener
+        self.pids: dict[int, int] = {}  # pid -> worker index
+        self.pending: dict[int, int] = {}  # ready fd -> pid
         for index in range(count):
             self.spawn(index)
 
     def spawn(self, index: int) -> None:
-        pid, fd = _fork_worker(_worker_config(self.config, index, self.port), self.model, index, self.threads)
+        config = _worker_config(self.config, index, self.port)
+        pid, fd = _fork_worker(config, self.model, index, self.threads, [self.listener, *self.pending])
         self.pids[pid] = index
-        self.pending[fd] = index
+        self.pending[fd] = pid
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while self.pending and time.monotonic() < deadline:
-            ready, _, _ = select.select(list(self.pending), [], [], min(0.5, max(0.0, deadline - time.monotonic())))
-            for fd in ready:
-                os.read(fd, 1)
+            self.poll_ready(min(0.5, max(0.0, deadline - time.monotonic())))
+        return not self.pending
+
+    def poll_ready(self, timeout: float = 0.0) -> list[int]:
+        """Closes the pipes of workers that now serve (or died); returns their pids."""
+        ready, _, _ = select.select(list(self.pending), [], [], timeout) if self.pending else ([], [], [])
+        pids = []
+        for fd in ready:
+            os.read(fd, 1)  # b"1" when serving, b"" when the worker died first
+            os.close(fd)
+            pids.append(self.pending.pop(fd))
+        return pids
+
+    def forget(self, pid: int) -> int | None:
+        """Drops an exited worker (closing its pipe if it never served); returns its index if it was ours."""
+        for fd, owner in list(self.pending.items()):
+            if owner == pid:
                 os.close(fd)
                 del self.pending[fd]
-        return not self.pending
+        return self.pids.pop(pid, None)
+
+    def close(self) -> None:
+        """Closes the pipes of workers that never reported ready (the generation is being abandoned)."""
+        for fd in self.pending:
+            os.close(fd)
+        self.pending.clear()
 
     def signal_all(self, sig: int) -> None:
         for pid in list(self.pids):
@@ -125,15 +175,18 @@ def run_workers(config: ServerConfig, workers: int) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
-    current = _Generation(config, model, workers, threads, port)
+    listener = reserved.fileno()
+    current = _Generation(config, model, workers, threads, port, listener)
     if not current.wait_ready(_READY_TIMEOUT_S):
-        logger.error("workers did not start", extra={"missing": sorted(current.pending.values())})
+        logger.error("workers did not start", extra={"missing": sorted(current.pids[p] for p in current.pending.values())})
+        current.close()
         current.signal_all(signal.SIGKILL)
-        return 1
+        return EXIT_GAVE_UP
     logger.info("workers serving", extra={"address": f"{config.host}:{port}", "workers": workers, "pid": os.getpid(),
                                           "version": model.version, "torch_threads_per_worker": threads})
     retiring: list[_Generation] = []
     restarts: list[float] = []
+    gave_up = False
     while not flags["stop"]:
         time.sleep(0.2)
         while True:  # reap exited workers
@@ -144,16 +197,20 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             if pid == 0:
                 break
             for gen in retiring:
-                gen.pids.pop(pid, None)
-            index = current.pids.pop(pid, None)
+                gen.forget(pid)
+            index = current.forget(pid)
             if index is not None and not flags["stop"]:
                 restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
-                if len(restarts) > _MAX_RESTARTS_PER_MINUTE:
-                    logger.error("workers keep dying; giving up", extra={"status": status})
-                    flags["stop"] = True
+                if len(restarts) > config.max_worker_restarts_per_minute:
+                    logger.error("workers keep dying; giving up", extra={
+                        "status": status, "max_worker_restarts_per_minute": config.max_worker_restarts_per_minute})
+                    flags["stop"] = gave_up = True
                     break
                 logger.error("worker exited; replacing it", extra={"worker": index, "pid": pid, "status": status})
                 current.spawn(index)
+        for pid in current.poll_ready():
+            if pid in current.pids:
+                logger.info("worker replaced", extra={"worker": current.pids[pid], "pid": pid})
         retiring = [g for g in retiring if g.pids]
         if flags["reload"]:
             flags["reload"] = False
@@ -163,11 +220,13 @@ def run_workers(config: ServerConfig, workers: int) -> int:
                 logger.error("reload failed; still serving the old version",
                              extra={"version": current.model.version, "error": f"{type(err).__name__}: {err}"})
                 continue
-            fresh = _Generation(config, new_model, workers, threads, port)
+            fresh = _Generation(config, new_model, workers, threads, port, listener)
             if not fresh.wait_ready(_READY_TIMEOUT_S):
                 logger.error("new workers did not start; keeping the old ones")
+                fresh.close()
                 fresh.signal_all(signal.SIGKILL)
                 continue
+            current.close()
             current.signal_all(signal.SIGTERM)  # they drain while the new generation takes new connections
             retiring.append(current)
             logger.info("reloaded", extra={"old_version": current.model.version, "version": new_model.version})
@@ -187,6 +246,8 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             time.sleep(0.05)
     for pid in alive:
         os.kill(pid, signal.SIGKILL)
+    for gen in [current, *retiring]:
+        gen.close()
     reserved.close()
-    logger.info("stopped", extra={"address": f"{config.host}:{port}"})
-    return 0
+    logger.info("stopped", extra={"address": f"{config.host}:{port}", "gave_up": gave_up})
+    return EXIT_GAVE_UP if gave_up else 0
