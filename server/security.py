@@ -1,6 +1,10 @@
 """Transport security and auth: TLS / mutual-TLS credentials, and a bearer-token interceptor.
 
-Tokens are kept only as SHA-256 digests and compared in constant time; no token is ever logged.
+Tokens are kept only as SHA-256 digests and compared in constant time; no token is ever logged. A token's line
+names the methods it may call, by method name, from either service: embserve.v1's (`Lookup`, `GetModelMetadata`)
+and the Open Inference Protocol's (`ModelInfer`, `ModelMetadata`, `ServerMetadata`), or `*` for all of them. The
+names are distinct across the two services, and a token gets exactly what it names: `Lookup` does not imply
+`ModelInfer`. The probes need no token: the health service, and OIP's `ServerLive`, `ServerReady`, `ModelReady`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from embserve.oip import wire as oip
 from embserve.v1.wire import METHODS, method_path
 
 from .config import TlsConfig
@@ -23,9 +28,10 @@ __all__ = ["AuthInterceptor", "load_tokens", "server_credentials"]
 
 logger = logging.getLogger(__name__)
 
-SERVICE_PREFIX = method_path("")
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-ALL_METHODS = frozenset(METHODS)
+SERVICE_PREFIXES = (method_path(""), oip.method_path(""))
+OPEN_METHODS = frozenset(oip.method_path(m) for m in ("ServerLive", "ServerReady", "ModelReady"))
+ALL_METHODS = frozenset(METHODS) | frozenset(oip.METHODS)
+assert not set(METHODS) & set(oip.METHODS), "a token's method names must be unambiguous across the services"
 
 
 def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
@@ -68,8 +74,9 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Checks `authorization: Bearer <token>` on the embserve service: a missing or unknown token is
-    UNAUTHENTICATED, a token without the method PERMISSION_DENIED. Health and reflection stay open."""
+    """Checks `authorization: Bearer <token>` on the embserve and OIP services: a missing or unknown token is
+    UNAUTHENTICATED, a token without the method PERMISSION_DENIED. Health, reflection and the OIP probes stay
+    open."""
 
     def __init__(self, tokens: dict[str, frozenset[str]], metrics: ServerMetrics) -> None:
         self._tokens = tokens
@@ -88,9 +95,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method
-        if not method.startswith(SERVICE_PREFIX) or method.startswith(OPEN_PREFIXES):
+        prefix = next((p for p in SERVICE_PREFIXES if method.startswith(p)), None)
+        if prefix is None or method in OPEN_METHODS:
             return await continuation(details)
-        name = method[len(SERVICE_PREFIX) :]
+        name = method[len(prefix) :]
         header = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
         if not isinstance(header, str) or not header.startswith("Bearer "):
             return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>'")
