@@ -90,13 +90,16 @@ class _Recorder:
 
 
 @contextlib.asynccontextmanager
-async def _lookup_methods(address: str, count: int) -> AsyncIterator[list[grpc.aio.UnaryUnaryMultiCallable]]:
-    """`count` channels (separate connections) to `address`, as raw-bytes Lookup callables; closed on exit."""
+async def _lookup_methods(
+    address: str, count: int, method: str = METHOD
+) -> AsyncIterator[list[grpc.aio.UnaryUnaryMultiCallable]]:
+    """`count` channels (separate connections) to `address`, as raw-bytes callables of `method` (Lookup, or
+    another unary method such as the Open Inference Protocol's ModelInfer); closed on exit."""
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
                ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
     try:
-        yield [c.unary_unary(METHOD) for c in channels]
+        yield [c.unary_unary(method) for c in channels]
     finally:
         for c in channels:
             await c.close()
@@ -121,8 +124,10 @@ async def closed_loop(
     check: Checker | None = None,
     sample: int = 16,
     timeout_s: float = 30.0,
+    method: str = METHOD,
 ) -> LoadResult:
-    """`concurrency` callers each send their next request as soon as the previous one answered."""
+    """`concurrency` callers each send their next request as soon as the previous one answered; `payloads` are
+    serialized requests of `method`."""
     rec = _Recorder(sizes, min_bytes, check, sample)
     start = time.perf_counter()
     measure_from = start + warmup_s
@@ -141,7 +146,7 @@ async def closed_loop(
                 rec.record(index, response, code, t1 - t0)
             index = (index + concurrency) % len(payloads)
 
-    async with _lookup_methods(address, min(4, concurrency)) as methods:
+    async with _lookup_methods(address, min(4, concurrency), method) as methods:
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
     return rec.result("closed", duration_s, concurrency, None)
 
@@ -159,6 +164,7 @@ async def open_loop(
     sample: int = 16,
     timeout_s: float = 5.0,
     seed: int = 0,
+    method: str = METHOD,
 ) -> LoadResult:
     """Poisson arrivals at `rate` calls/s, whatever the server's speed; latency counts from the scheduled time."""
     rec = _Recorder(sizes, min_bytes, check, sample)
@@ -168,7 +174,7 @@ async def open_loop(
     offsets = np.cumsum(gaps)
     offsets = offsets[offsets < total]
     tasks: set[asyncio.Task[None]] = set()
-    async with _lookup_methods(address, 4) as methods:
+    async with _lookup_methods(address, 4, method) as methods:
         start = time.perf_counter()
 
         async def one(i: int, scheduled: float) -> None:

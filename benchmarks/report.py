@@ -19,7 +19,7 @@ class Record:
     """One measurement: a workload, a target server, a load point."""
 
     workload: str
-    target: str  # embserve | unbatched | transport-ceiling | compute-ceiling
+    target: str  # embserve | embserve-oip (ModelInfer) | unbatched | transport-ceiling | compute-ceiling
     mode: str  # closed | open | in-process
     concurrency: int | None
     rate: float | None
@@ -121,6 +121,13 @@ def targets(records: Sequence[Record], max_queue_delay_ms: float) -> list[tuple[
         bound = 2 * (max_queue_delay_ms + forward_ms)
         out.append(("small, open loop at half the max rate: p99 <= 2 x (queue delay + forward)", half.p99_ms <= bound,
                     f"p99 {half.p99_ms:.2f} ms at {half.rate or 0:,.0f}/s vs 2 x ({max_queue_delay_ms:.2f} + {forward_ms:.2f}) = {bound:.2f} ms"))
+    for wl in ("small", "large", "multihot"):
+        top = max((r.concurrency or 0 for r in records if r.workload == wl and r.target == "embserve-oip"), default=0)
+        infer = _find(records, workload=wl, target="embserve-oip", concurrency=top)
+        lookup = _find(records, workload=wl, target="embserve", mode="closed", concurrency=top, output_dtype="float32")
+        if infer and lookup:
+            out.append((f"{wl}, {top} callers: ModelInfer examples/s >= 0.8 x Lookup", infer.eps >= 0.8 * lookup.eps,
+                        f"{infer.eps:,.0f} vs 0.8 x {lookup.eps:,.0f} = {0.8 * lookup.eps:,.0f}"))
     fp16 = _find(records, workload="large", target="embserve", output_dtype="float16")
     fp32 = _find(records, workload="large", target="embserve", concurrency=fp16.concurrency if fp16 else -1,
                  output_dtype="float32")
@@ -163,7 +170,8 @@ def plot(records: Sequence[Record], path: Path) -> None:
     workloads = sorted({r.workload for r in records})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
     for ax, wl in zip(axes[0], workloads):
-        for target, style in (("embserve", "o-"), ("unbatched", "s--"), ("transport-ceiling", "^:")):
+        for target, style in (("embserve", "o-"), ("embserve-oip", "d-."), ("unbatched", "s--"),
+                              ("transport-ceiling", "^:")):
             for mode in ("closed", "open"):
                 pts = sorted((r for r in records if r.workload == wl and r.target == target and r.mode == mode
                               and r.output_dtype == "float32"), key=lambda r: (r.concurrency or 0, r.rate or 0))

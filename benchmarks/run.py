@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from embserve.embeddings import ServingModel, build_serving_model
+from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import DTYPE_NAMES, OUTPUT_NUMPY_DTYPES, pack_features
 
@@ -45,6 +46,41 @@ def _encode(requests: Sequence[Request], dtype: str) -> list[bytes]:
         ).SerializeToString()
         for r in requests
     ]
+
+
+# The Open Inference Protocol target: the same embserve server and requests, through ModelInfer.
+OIP_TARGET = "embserve-oip"
+
+
+def _encode_oip(requests: Sequence[Request], model_name: str) -> list[bytes]:
+    """ModelInferRequests with raw contents: per key `<key>__lengths` and `<key>__values`."""
+    payloads = []
+    for r in requests:
+        request = oip.ModelInferRequest(model_name=model_name)
+        ids = np.concatenate([[0], np.cumsum(r.lengths.sum(axis=1))]).astype(np.int64)
+        for k, key in enumerate(r.keys):
+            lengths = r.lengths[k].astype("<i4")
+            values = r.values[ids[k] : ids[k + 1]].astype("<i8")
+            request.inputs.add(name=oip.input_name(key, "lengths"), datatype="INT32", shape=[lengths.size])
+            request.inputs.add(name=oip.input_name(key, "values"), datatype="INT64", shape=[values.size])
+            request.raw_input_contents.extend([lengths.tobytes(), values.tobytes()])
+        payloads.append(request.SerializeToString())
+    return payloads
+
+
+def _oip_point(workload: str, address: str, payloads: Sequence[bytes], sizes: Sequence[int],
+               min_bytes: Sequence[int], n: int, args: argparse.Namespace, check: Callable[[int, bytes], bool]) -> Record:
+    res = asyncio.run(closed_loop(
+        address, payloads, sizes, min_bytes, concurrency=n, duration_s=args.duration, warmup_s=args.warmup,
+        check=lambda i, raw: check(i, _as_lookup(raw)), method=oip.MODEL_INFER_METHOD,
+    ))
+    return _record(workload, OIP_TARGET, "float32", res)
+
+
+def _as_lookup(raw: bytes) -> bytes:
+    """A float32 ModelInferResponse's rows as a LookupResponse, for the Lookup checker."""
+    response = oip.ModelInferResponse.FromString(raw)
+    return pb.LookupResponse(dtype=pb.DTYPE_FLOAT32, embeddings=response.raw_output_contents[0]).SerializeToString()
 
 
 def _checker(model: ServingModel, requests: Sequence[Request]) -> Callable[[int, bytes], bool]:
@@ -108,6 +144,7 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
     requests = workload.requests(DISTINCT_REQUESTS[workload.name], seed=args.seed)
     sizes = [r.batch_size for r in requests]
     payloads = {dtype: _encode(requests, dtype) for dtype in OUTPUT_DTYPES_MEASURED}
+    oip_payloads = _encode_oip(requests, workload.config.name)
     out_dim = workload.config.output_dim
     min_bytes = {d: [s * out_dim * OUTPUT_NUMPY_DTYPES[d].itemsize for s in sizes] for d in OUTPUT_DTYPES_MEASURED}
     # Closed-loop points measure throughput: a queue budget long enough never to reject a caller of the sweep.
@@ -144,6 +181,11 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
                               server_rss_mb=server.rss_bytes() / 2**20)
                 records.append(rec)
                 progress.done(rec)
+            progress.step(f"{workload.name} {OIP_TARGET} {n} callers")
+            rec = _oip_point(workload.name, servers["embserve"].address, oip_payloads, sizes, min_bytes["float32"], n,
+                             args, check)
+            records.append(rec)
+            progress.done(rec)
         if workload.name == "large":
             for target in ("embserve", "transport-ceiling"):
                 progress.step(f"{workload.name} {target} fp16")
@@ -188,7 +230,7 @@ def run_suite(args: argparse.Namespace) -> tuple[list[Record], dict[str, Path]]:
     total = 0
     for name in names:
         levels = len(CONCURRENCY[name][: args.max_points])
-        total += 3 * levels + 1 + (2 if name == "large" else 0)
+        total += 4 * levels + 1 + (2 if name == "large" else 0)  # 3 servers + the OIP target per level
         total += len(OPEN_FRACTIONS) if name == "small" and not args.no_open_loop else 0
     progress = _Progress(total)
     records: list[Record] = []

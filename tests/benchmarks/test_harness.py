@@ -22,15 +22,17 @@ def test_small_suite_writes_json_markdown_and_png(tmp_path: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data["hardware"]["cores"] >= 1 and "cpu" in data["hardware"]
     by_target = {r["target"]: r for r in data["records"] if r["mode"] != "open"}
-    assert set(by_target) == {"embserve", "unbatched", "transport-ceiling", "compute-ceiling"}
-    for target in ("embserve", "unbatched", "transport-ceiling"):
+    assert set(by_target) == {"embserve", "embserve-oip", "unbatched", "transport-ceiling", "compute-ceiling"}
+    for target in ("embserve", "embserve-oip", "unbatched", "transport-ceiling"):
         r = by_target[target]
         assert r["requests"] > 0 and r["errors"] == {} and r["wrong"] == 0
-    assert by_target["embserve"]["checked"] > 0  # sampled responses compared with the model
+    for target in ("embserve", "embserve-oip"):
+        assert by_target[target]["checked"] > 0  # sampled responses compared with the model
     opens = [r for r in data["records"] if r["mode"] == "open"]
     assert [r["load_fraction"] for r in opens] == [0.25, 0.5, 0.75]
     md = (out / "report.md").read_text()
-    assert "| small | embserve | 1 callers |" in md and "Hardware:" in md
+    assert "| small | embserve | 1 callers |" in md and "| small | embserve-oip | 1 callers |" in md
+    assert "ModelInfer examples/s >= 0.8 x Lookup" in md and "Hardware:" in md
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
