@@ -34,7 +34,7 @@ from .framing import field_header
 from .metrics import ServerMetrics
 from .request import ModelSchema, SparseRequest
 
-__all__ = ["InferenceServicer", "add_inference_to_server", "decode_infer"]
+__all__ = ["InferDecoder", "InferenceServicer", "add_inference_to_server", "model_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +53,17 @@ def _server_version() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _TensorNames(FieldNames):
-    """Positions in the flat feature arrays, named as elements of the per-key tensors they came from."""
+    """Positions in the flat feature arrays, named as elements of the per-key tensors they came from (worked out
+    only when a message needs one)."""
 
     batch_size: str = "batch size (the shape of the <key>__lengths inputs)"
-    key_position: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    id_start: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    keys: tuple[str, ...] = ()
+    ids_per_key: tuple[int, ...] = ()
     batch: int = 0
 
     def element(self, field: str, index: int, key: str) -> str:
-        start = self.key_position[key] * self.batch if field == "lengths" else self.id_start[key]
+        k = self.keys.index(key)
+        start = k * self.batch if field == "lengths" else sum(self.ids_per_key[:k])
         return f"{oip.input_name(key, field)}[{index - start}]"
 
 
@@ -75,32 +77,33 @@ def _check_model(name: str, version: str, model: ServingModel) -> None:
         )
 
 
-def _tensor(tensor: Any, raw: bytes | None, datatype: str, model: str) -> np.ndarray:
-    """The 1-D array an input tensor carries, raw or typed, after checking its datatype, shape and size."""
+def _tensor_bytes(tensor: Any, raw: bytes | None, datatype: str, model: str) -> tuple[bytes, int]:
+    """The little-endian bytes of an input tensor, raw or typed, and its element count, after checking its
+    datatype, shape and size."""
     name = tensor.name
     if tensor.datatype != datatype:
         raise InvalidRequest(
             f"input {name!r} has datatype {echo(tensor.datatype)}, but model {model!r} expects {datatype}"
         )
-    shape = list(tensor.shape)
+    shape = tensor.shape
     if len(shape) != 1 or shape[0] < 0:
-        raise InvalidRequest(f"input {name!r} has shape {echo(shape)}; expected a 1-D shape [n]")
+        raise InvalidRequest(f"input {name!r} has shape {echo(list(shape))}; expected a 1-D shape [n]")
     n = shape[0]
     dtype = oip.DATATYPES[datatype]
     if raw is not None:
-        if tensor.HasField("contents"):
-            raise InvalidRequest(f"input {name!r} has both typed contents and raw_input_contents")
         if len(raw) != n * dtype.itemsize:
             raise InvalidRequest(
                 f"input {name!r} has {len(raw)} bytes of raw contents; shape [{n}] of {datatype} is "
                 f"{n * dtype.itemsize} bytes"
             )
-        return np.frombuffer(raw, dtype=dtype)
+        if tensor.HasField("contents"):
+            raise InvalidRequest(f"input {name!r} has both typed contents and raw_input_contents")
+        return raw, n
     field = _CONTENTS_FIELD[datatype]
     contents = getattr(tensor.contents, field)
     if len(contents) != n:
         raise InvalidRequest(f"input {name!r} has {len(contents)} contents.{field}; shape [{n}] needs {n}")
-    return np.array(contents, dtype=dtype)
+    return np.array(contents, dtype=dtype).tobytes(), n
 
 
 def _output_dtype(request: Any) -> str:
@@ -131,83 +134,107 @@ def _string_param(param: Any, name: str) -> str:
     return str(param.string_param)
 
 
-def decode_infer(request: Any, schema: ModelSchema, model: ServingModel) -> SparseRequest:
-    """Checks a ModelInferRequest's tensors and validates its features; raises `InvalidRequest` naming the tensor
-    (or `UnknownModel`)."""
-    _check_model(request.model_name, request.model_version, model)
-    output_dtype = _output_dtype(request)
-    inputs = request.inputs
-    raw = request.raw_input_contents
-    if len(inputs) > len(oip.INPUT_SUFFIXES) * len(schema.keys):
-        raise InvalidRequest(f"{len(inputs)} inputs; model {model.config.name!r} has at most "
-                             f"{len(oip.INPUT_SUFFIXES) * len(schema.keys)}")
-    if raw and len(raw) != len(inputs):
-        raise InvalidRequest(f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs")
-    tensors: dict[tuple[str, str], np.ndarray] = {}
-    for i, tensor in enumerate(inputs):  # one step per input, at most three per model key
-        parts = oip.split_input_name(tensor.name)
-        if parts is None or schema.index_of(parts[0]) is None:
+class InferDecoder:
+    """ModelInferRequest -> `SparseRequest`: checks the tensors, gathers them into the flat arrays of an
+    embserve.v1 request in canonical key order, and validates those with `validate_features`.
+
+    Per tensor, the work is a dictionary lookup and a few field reads; the arrays are joined and decoded with one
+    `np.frombuffer` per kind, and the per-key checks are vectorised.
+    """
+
+    def __init__(self, schema: ModelSchema) -> None:
+        self._schema = schema
+        # Every valid input name -> (canonical key index, kind); weights only for weighted tables.
+        self._inputs = {
+            oip.input_name(key, kind): (k, kind)
+            for k, key in enumerate(schema.keys)
+            for kind in oip.INPUT_SUFFIXES
+            if kind != "weights" or schema.weighted[k]
+        }
+
+    def decode(self, request: Any, model: ServingModel) -> SparseRequest:
+        """Raises `InvalidRequest` naming the tensor, or `UnknownModel`."""
+        _check_model(request.model_name, request.model_version, model)
+        output_dtype = _output_dtype(request)
+        schema = self._schema
+        inputs = request.inputs
+        raw = request.raw_input_contents
+        if len(inputs) > len(self._inputs):
+            raise InvalidRequest(f"{len(inputs)} inputs; model {model.config.name!r} has {len(self._inputs)}")
+        if raw and len(raw) != len(inputs):
+            raise InvalidRequest(f"raw_input_contents has {len(raw)} entries for {len(inputs)} inputs")
+        tensors: dict[tuple[int, str], tuple[bytes, int]] = {}
+        for i, tensor in enumerate(inputs):  # one step per input, at most three per model key
+            slot = self._inputs.get(tensor.name)
+            if slot is None:
+                raise self._unexpected(tensor.name, model.config.name)
+            if slot in tensors:
+                raise InvalidRequest(f"input {tensor.name!r} is given twice")
+            tensors[slot] = _tensor_bytes(tensor, raw[i] if raw else None, oip.INPUT_SUFFIXES[slot[1]],
+                                          model.config.name)
+        present = sorted({k for k, _ in tensors})
+        if not present:
+            raise InvalidRequest("no inputs: send <key>__lengths and <key>__values for at least one of the model's keys")
+        keys = tuple(schema.keys[k] for k in present)
+        lengths_parts, values_parts, counts = [], [], []
+        batch: int | None = None
+        for k, key in zip(present, keys):
+            lengths = tensors.get((k, "lengths"))
+            if lengths is None:
+                other = next(oip.input_name(key, kind) for j, kind in tensors if j == k)
+                raise InvalidRequest(f"input {other!r} needs the input {oip.input_name(key, 'lengths')!r}")
+            if batch is None:
+                batch, first = lengths[1], oip.input_name(key, "lengths")
+            elif lengths[1] != batch:
+                raise InvalidRequest(
+                    f"input {oip.input_name(key, 'lengths')!r} has shape [{lengths[1]}] but {first!r} has [{batch}]: "
+                    "every <key>__lengths holds one length per example of the request"
+                )
+            values = tensors.get((k, "values"), (b"", 0))
+            weights = tensors.get((k, "weights"))
+            if weights is not None and weights[1] != values[1]:
+                raise InvalidRequest(
+                    f"input {oip.input_name(key, 'weights')!r} has {weights[1]} entries but "
+                    f"{oip.input_name(key, 'values')!r} has {values[1]}"
+                )
+            lengths_parts.append(lengths[0])
+            values_parts.append(values[0])
+            counts.append(values[1])
+        assert batch is not None
+        flat_lengths = np.frombuffer(b"".join(lengths_parts), dtype=oip.DATATYPES["INT32"])
+        ids_per_key = flat_lengths.reshape(len(keys), batch).sum(axis=1, dtype=np.int64)
+        mismatch = ids_per_key != np.array(counts, dtype=np.int64)
+        if mismatch.any() and not (flat_lengths < 0).any():  # negative lengths: validate_features names them
+            j = int(np.flatnonzero(mismatch)[0])
             raise InvalidRequest(
-                f"unexpected inference input {echo(tensor.name)} for model {model.config.name!r}; inputs are "
-                "<key>__lengths, <key>__values and <key>__weights for the keys in the model's metadata"
+                f"input {oip.input_name(keys[j], 'values')!r} has {counts[j]} ids but "
+                f"sum({oip.input_name(keys[j], 'lengths')}) = {int(ids_per_key[j])}"
             )
-        if parts in tensors:
-            raise InvalidRequest(f"input {tensor.name!r} is given twice")
-        key, kind = parts
-        if kind == "weights" and not model.table(key).weighted:
-            raise InvalidRequest(f"unexpected inference input {tensor.name!r}: table {key!r} is not weighted")
-        tensors[parts] = _tensor(tensor, raw[i] if raw else None, oip.INPUT_SUFFIXES[kind], model.config.name)
-    keys = sorted({key for key, _ in tensors}, key=lambda k: schema.index_of(k) or 0)
-    if not keys:
-        raise InvalidRequest("no inputs: send <key>__lengths and <key>__values for at least one of the model's keys")
-    first: str | None = None
-    lengths: list[np.ndarray] = []
-    values: list[np.ndarray] = []
-    weights: list[np.ndarray | None] = []
-    id_start: dict[str, int] = {}
-    n_ids = 0
-    for key in keys:
-        name = oip.input_name(key, "lengths")
-        if (key, "lengths") not in tensors:
-            other = next(oip.input_name(key, kind) for k, kind in tensors if k == key)
-            raise InvalidRequest(f"input {other!r} needs the input {name!r}")
-        key_lengths = tensors[key, "lengths"]
-        if first is None:
-            first = name
-        elif key_lengths.size != lengths[0].size:
-            raise InvalidRequest(
-                f"input {name!r} has shape [{key_lengths.size}] but {first!r} has [{lengths[0].size}]: every "
-                "<key>__lengths holds one length per example of the request"
-            )
-        key_values = tensors.get((key, "values"), np.zeros(0, dtype=oip.DATATYPES["INT64"]))
-        if key_lengths.size and int(key_lengths.min()) >= 0 and int(key_lengths.sum()) != key_values.size:
-            raise InvalidRequest(
-                f"input {oip.input_name(key, 'values')!r} has {key_values.size} ids but sum({name}) = "
-                f"{int(key_lengths.sum())}"
-            )
-        key_weights = tensors.get((key, "weights"))
-        if key_weights is not None and key_weights.size != key_values.size:
-            raise InvalidRequest(
-                f"input {oip.input_name(key, 'weights')!r} has {key_weights.size} entries but "
-                f"{oip.input_name(key, 'values')!r} has {key_values.size}"
-            )
-        lengths.append(key_lengths)
-        values.append(key_values)
-        weights.append(key_weights)
-        id_start[key] = n_ids
-        n_ids += key_values.size
-    any_weights = any(w is not None for w in weights)
-    features = WireFeatures(
-        keys=tuple(keys),
-        batch_size=lengths[0].size,
-        lengths=np.concatenate(lengths),
-        values=np.concatenate(values),
-        weights=np.concatenate(
-            [w if w is not None else np.ones(v.size, dtype=np.float32) for w, v in zip(weights, values)]
-        ) if any_weights else None,
-    )
-    names = _TensorNames(key_position={k: i for i, k in enumerate(keys)}, id_start=id_start, batch=lengths[0].size)
-    return validate_features(features, schema, output_dtype=output_dtype, request_id=request.id, names=names)
+        weights_array = None
+        if any(kind == "weights" for _, kind in tensors):
+            ones = np.ones(max(counts), dtype=oip.DATATYPES["FP32"])
+            weights_array = np.frombuffer(b"".join(
+                tensors[k, "weights"][0] if (k, "weights") in tensors else ones[:n].tobytes()
+                for k, n in zip(present, counts)
+            ), dtype=oip.DATATYPES["FP32"])
+        features = WireFeatures(
+            keys=keys,
+            batch_size=batch,
+            lengths=flat_lengths,
+            values=np.frombuffer(b"".join(values_parts), dtype=oip.DATATYPES["INT64"]),
+            weights=weights_array,
+        )
+        names = _TensorNames(keys=keys, ids_per_key=tuple(counts), batch=batch)
+        return validate_features(features, schema, output_dtype=output_dtype, request_id=request.id, names=names)
+
+    def _unexpected(self, name: str, model: str) -> InvalidRequest:
+        parts = oip.split_input_name(name)
+        if parts is not None and parts[1] == "weights" and self._schema.index_of(parts[0]) is not None:
+            return InvalidRequest(f"unexpected inference input {name!r}: table {parts[0]!r} is not weighted")
+        return InvalidRequest(
+            f"unexpected inference input {echo(name)} for model {model!r}; inputs are <key>__lengths, "
+            "<key>__values and <key>__weights for the keys in the model's metadata"
+        )
 
 
 class InferenceServicer:
@@ -230,7 +257,7 @@ class InferenceServicer:
         current_model: Callable[[], ServingModel],
         accepting: Callable[[], bool],
     ) -> None:
-        self._schema = schema
+        self._decoder = InferDecoder(schema)
         self._batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
@@ -295,7 +322,7 @@ class InferenceServicer:
             raise ShuttingDown("server is shutting down; retry on another replica")
         model = self._current_model()
         request = parse_message(oip.ModelInferRequest, raw)
-        sparse = decode_infer(request, self._schema, model)
+        sparse = self._decoder.decode(request, model)
         out = await self._batcher.submit(sparse, timeout=context.time_remaining())
         self._metrics.examples.inc(out.batch_size)
         datatype = next(k for k, v in oip.OUTPUT_DATATYPES.items() if v == sparse.output_dtype)

@@ -259,6 +259,17 @@ def test_full_queue_is_unavailable_as_in_triton(server_factory: Factory, small_s
     assert handle.metric("embserve_requests_total", {"method": "ModelInfer", "code": "UNAVAILABLE"}) >= 1
 
 
+def test_deadline_passed_in_the_queue(server_factory: Factory, small_serving: ServingModel) -> None:
+    handle = server_factory(wrapped(small_serving, delay_s=0.6), batching={"max_batch_size": 2, "max_inflight_batches": 1})
+    with triton.InferenceServerClient(handle.address) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(c.infer, "small", USER)  # holds the executor for 0.6 s
+        time.sleep(0.1)
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("small", USER, client_timeout=0.2)
+        assert info.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        assert first.result(timeout=30).as_numpy("embeddings").shape == (2, 40)
+
+
 def test_readiness_follows_drain(server_factory: Factory, small_serving: ServingModel) -> None:
     handle = server_factory(wrapped(small_serving, delay_s=0.3), batching={"max_inflight_batches": 1})
     with triton.InferenceServerClient(handle.address) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
