@@ -68,13 +68,14 @@ def _encode_oip(requests: Sequence[Request], model_name: str) -> list[bytes]:
     return payloads
 
 
-def _oip_point(workload: str, address: str, payloads: Sequence[bytes], sizes: Sequence[int],
+def _oip_point(workload: str, server: ServerProcess, payloads: Sequence[bytes], sizes: Sequence[int],
                min_bytes: Sequence[int], n: int, args: argparse.Namespace, check: Callable[[int, bytes], bool]) -> Record:
+    before = server.metrics()
     res = asyncio.run(closed_loop(
-        address, payloads, sizes, min_bytes, concurrency=n, duration_s=args.duration, warmup_s=args.warmup,
+        server.address, payloads, sizes, min_bytes, concurrency=n, duration_s=args.duration, warmup_s=args.warmup,
         check=lambda i, raw: check(i, _as_lookup(raw)), method=oip.MODEL_INFER_METHOD,
     ))
-    return _record(workload, OIP_TARGET, "float32", res)
+    return _record(workload, OIP_TARGET, "float32", res, mean_batch_examples=_batch_mean(before, server.metrics()))
 
 
 def _as_lookup(raw: bytes) -> bytes:
@@ -182,8 +183,8 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
                 records.append(rec)
                 progress.done(rec)
             progress.step(f"{workload.name} {OIP_TARGET} {n} callers")
-            rec = _oip_point(workload.name, servers["embserve"].address, oip_payloads, sizes, min_bytes["float32"], n,
-                             args, check)
+            rec = _oip_point(workload.name, servers["embserve"], oip_payloads, sizes, min_bytes["float32"], n, args,
+                             check)
             records.append(rec)
             progress.done(rec)
         if workload.name == "large":

@@ -16,7 +16,7 @@ import dataclasses
 import importlib.metadata
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -77,7 +77,7 @@ def _check_model(name: str, version: str, model: ServingModel) -> None:
         )
 
 
-def _tensor_bytes(tensor: Any, raw: bytes | None, datatype: str, model: str) -> tuple[bytes, int]:
+def _tensor_bytes(tensor: oip.ModelInferRequest.InferInputTensor, raw: bytes | None, datatype: str, model: str) -> tuple[bytes, int]:
     """The little-endian bytes of an input tensor, raw or typed, and its element count, after checking its
     datatype, shape and size."""
     name = tensor.name
@@ -106,7 +106,7 @@ def _tensor_bytes(tensor: Any, raw: bytes | None, datatype: str, model: str) -> 
     return np.array(contents, dtype=dtype).tobytes(), n
 
 
-def _output_dtype(request: Any) -> str:
+def _output_dtype(request: oip.ModelInferRequest) -> str:
     """The embserve dtype of the output: FP32 unless the request parameter `output_datatype` or the requested
     output's parameter `datatype` says FP16 or BF16."""
     asked: dict[str, str] = {}
@@ -128,7 +128,7 @@ def _output_dtype(request: Any) -> str:
     return dtype
 
 
-def _string_param(param: Any, name: str) -> str:
+def _string_param(param: oip.InferParameter, name: str) -> str:
     if param.WhichOneof("parameter_choice") != "string_param":
         raise InvalidRequest(f"parameter {name!r} must be a string (FP32, FP16 or BF16)")
     return str(param.string_param)
@@ -152,7 +152,7 @@ class InferDecoder:
             if kind != "weights" or schema.weighted[k]
         }
 
-    def decode(self, request: Any, model: ServingModel) -> SparseRequest:
+    def decode(self, request: oip.ModelInferRequest, model: ServingModel) -> SparseRequest:
         """Raises `InvalidRequest` naming the tensor, or `UnknownModel`."""
         _check_model(request.model_name, request.model_version, model)
         output_dtype = _output_dtype(request)
