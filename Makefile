@@ -7,6 +7,8 @@ STAMP := $(VENV)/.embserve-installed
 TORCH_VERSION := 2.13.0
 FBGEMM_VERSION := 1.8.0
 TORCHREC_VERSION := 1.8.0
+# The Triton client the Open Inference Protocol tests call the server with (see the dev extra in pyproject.toml).
+TRITONCLIENT_VERSION := 2.73.0
 # CUDA hosts get the CUDA fbgemm-gpu wheel, every other host the CPU one.
 FBGEMM := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo fbgemm-gpu || echo fbgemm-gpu-cpu)
 HOST ?= 127.0.0.1
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)" "$(FBGEMM)==$(FBGEMM_VERSION)"
 	$(BIN)/pip install --quiet --no-deps "torchrec==$(TORCHREC_VERSION)"
 	$(BIN)/pip install --quiet -e ".[server,dev,bench]"
+	$(BIN)/pip install --quiet --no-deps "tritonclient==$(TRITONCLIENT_VERSION)"
 	touch $@
 
 serve: $(STAMP)
@@ -41,11 +44,14 @@ typecheck: $(STAMP)
 	[os.makedirs(os.path.join(root, *pkg.split(".")[:-1]), exist_ok=True) for pkg in dirs]; \
 	[os.path.lexists(p) and os.remove(p) or os.symlink(os.path.relpath(d, os.path.dirname(p)), p) for pkg, d in dirs.items() for p in [os.path.join(root, *pkg.split("."))]]'
 	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(BIN)/python -m mypy --config-file $(CURDIR)/pyproject.toml \
-		--explicit-package-bases embserve/server embserve/client embserve/embeddings embserve/benchmarks embserve/v1/wire.py
+		--explicit-package-bases embserve/server embserve/client embserve/embeddings embserve/benchmarks embserve/v1/wire.py \
+		embserve/oip/wire.py
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos \
-		protos/embserve/v1/embserve.proto
+		protos/embserve/v1/embserve.proto protos/embserve/oip/grpc_predict_v2.proto
+	$(BIN)/python -m grpc_tools.protoc -I protos --descriptor_set_out=protos/embserve/oip/grpc_predict_v2.binpb \
+		protos/embserve/oip/grpc_predict_v2.proto
 
 bench: $(STAMP)
 	$(BIN)/python -m embserve.benchmarks.run $(ARGS)

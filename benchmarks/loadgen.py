@@ -219,9 +219,12 @@ def _unary(method: grpc.aio.UnaryUnaryMultiCallable) -> Call:
 
 
 @contextlib.asynccontextmanager
-async def _lookup_methods(address: str, count: int, transport: str = "unary") -> AsyncIterator[list[Call]]:
-    """`count` channels (separate connections) to `address`, each as a raw-bytes Lookup callable, or as
-    `STREAMS_PER_CONNECTION` LookupStream multiplexers; closed on exit."""
+async def _lookup_methods(
+    address: str, count: int, transport: str = "unary", method: str = METHOD
+) -> AsyncIterator[list[Call]]:
+    """`count` channels (separate connections) to `address`, each as a raw-bytes callable of the unary `method`
+    (Lookup, or another such as the Open Inference Protocol's ModelInfer), or as `STREAMS_PER_CONNECTION`
+    LookupStream multiplexers; closed on exit."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
@@ -230,7 +233,7 @@ async def _lookup_methods(address: str, count: int, transport: str = "unary") ->
     muxes: list[_StreamMux] = []
     try:
         if transport == "unary":
-            yield [_unary(c.unary_unary(METHOD)) for c in channels]
+            yield [_unary(c.unary_unary(method)) for c in channels]
         else:
             muxes = [_StreamMux(c) for c in channels for _ in range(STREAMS_PER_CONNECTION)]
             yield list(muxes)
@@ -254,8 +257,10 @@ async def closed_loop(
     sample: int = 16,
     timeout_s: float = 30.0,
     transport: str = "unary",
+    method: str = METHOD,
 ) -> LoadResult:
-    """`concurrency` callers each send their next request as soon as the previous one answered."""
+    """`concurrency` callers each send their next request as soon as the previous one answered; `payloads` are
+    serialized requests of `method` (unary transport) or LookupRequests (stream)."""
     rec = _Recorder(sizes, min_bytes, check, sample)
     start = time.perf_counter()
     measure_from = start + warmup_s
@@ -274,7 +279,7 @@ async def closed_loop(
                 rec.record(index, response, code, t1 - t0)
             index = (index + concurrency) % len(payloads)
 
-    async with _lookup_methods(address, min(4, concurrency), transport) as methods:
+    async with _lookup_methods(address, min(4, concurrency), transport, method) as methods:
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
     return rec.result("closed", duration_s, concurrency, None)
 
@@ -293,6 +298,7 @@ async def open_loop(
     timeout_s: float = 5.0,
     seed: int = 0,
     transport: str = "unary",
+    method: str = METHOD,
 ) -> LoadResult:
     """Poisson arrivals at `rate` calls/s, whatever the server's speed; latency counts from the scheduled time."""
     rec = _Recorder(sizes, min_bytes, check, sample)
@@ -302,7 +308,7 @@ async def open_loop(
     offsets = np.cumsum(gaps)
     offsets = offsets[offsets < total]
     tasks: set[asyncio.Task[None]] = set()
-    async with _lookup_methods(address, 4, transport) as methods:
+    async with _lookup_methods(address, 4, transport, method) as methods:
         start = time.perf_counter()
 
         async def one(i: int, scheduled: float) -> None:

@@ -19,7 +19,7 @@ class Record:
     """One measurement: a workload, a target server, a load point."""
 
     workload: str
-    target: str  # embserve[-stream] | unbatched | transport-ceiling[-stream] | compute-ceiling
+    target: str  # embserve[-stream|-oip] | unbatched | transport-ceiling[-stream] | compute-ceiling
     mode: str  # closed | open | in-process
     concurrency: int | None
     rate: float | None
@@ -109,6 +109,13 @@ def targets(records: Sequence[Record], max_queue_delay_ms: float) -> list[tuple[
             out.append((f"small, open loop at {fraction:.0%} of unary's peak: stream p99 <= unary p99",
                         stream.p99_ms <= unary.p99_ms,
                         f"{stream.p99_ms:.2f} ms vs {unary.p99_ms:.2f} ms at {unary.rate or 0:,.0f}/s"))
+    for wl in ("small", "large", "multihot"):
+        top = max((r.concurrency or 0 for r in records if r.workload == wl and r.target == "embserve-oip"), default=0)
+        infer = _find(records, workload=wl, target="embserve-oip", concurrency=top)
+        lookup = _find(records, workload=wl, target="embserve", mode="closed", concurrency=top, output_dtype="float32")
+        if infer and lookup:
+            out.append((f"{wl}, {top} callers: ModelInfer examples/s >= 0.8 x Lookup", infer.eps >= 0.8 * lookup.eps,
+                        f"{infer.eps:,.0f} vs 0.8 x {lookup.eps:,.0f} = {0.8 * lookup.eps:,.0f}"))
     checked = sum(r.checked for r in records)
     out.append(("every sampled response exact", checked > 0 and not any(r.wrong for r in records),
                 f"{sum(r.wrong for r in records)} wrong of {checked} checked"))
@@ -178,7 +185,7 @@ def plot(records: Sequence[Record], path: Path) -> None:
     workloads = sorted({r.workload for r in records})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
     for ax, wl in zip(axes[0], workloads):
-        for target, style in (("embserve", "o-"), ("embserve-stream", "D-"), ("unbatched", "s--"),
+        for target, style in (("embserve", "o-"), ("embserve-stream", "D-"), ("embserve-oip", "d-."), ("unbatched", "s--"),
                               ("transport-ceiling", "^:"), ("transport-ceiling-stream", "v:")):
             for mode in ("closed", "open"):
                 pts = sorted((r for r in records if r.workload == wl and r.target == target and r.mode == mode

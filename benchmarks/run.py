@@ -21,8 +21,9 @@ import numpy as np
 import yaml
 
 from embserve.embeddings import ServingModel, build_serving_model
+from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import DTYPE_NAMES, OUTPUT_NUMPY_DTYPES, pack_features
+from embserve.v1.wire import DTYPE_NAMES, LOOKUP_METHOD, OUTPUT_NUMPY_DTYPES, pack_features
 
 from .ceilings import compute_ceiling
 from .loadgen import LoadResult, closed_loop, open_loop
@@ -36,13 +37,15 @@ CONCURRENCY = {"small": [1, 8, 64, 128], "large": [1, 8, 64], "multihot": [1, 16
 OPEN_FRACTIONS = (0.25, 0.5, 0.75)
 DISTINCT_REQUESTS = {"small": 1024, "large": 32, "multihot": 32}
 MAX_QUEUE_DELAY_US = 1000
-# target -> (server process, transport); each closed-loop level measures every target, one after the other.
+# target -> (server process, transport, protocol); each closed-loop level measures every target, one after the
+# other. `oip`: the same embserve server and requests through the Open Inference Protocol's ModelInfer.
 TARGETS = {
-    "embserve": ("embserve", "unary"),
-    "embserve-stream": ("embserve", "stream"),
-    "unbatched": ("unbatched", "unary"),
-    "transport-ceiling": ("transport-ceiling", "unary"),
-    "transport-ceiling-stream": ("transport-ceiling", "stream"),
+    "embserve": ("embserve", "unary", "v1"),
+    "embserve-stream": ("embserve", "stream", "v1"),
+    "embserve-oip": ("embserve", "unary", "oip"),
+    "unbatched": ("unbatched", "unary", "v1"),
+    "transport-ceiling": ("transport-ceiling", "unary", "v1"),
+    "transport-ceiling-stream": ("transport-ceiling", "stream", "v1"),
 }
 OUTPUT_DTYPES_MEASURED = ("float32", "float16")
 
@@ -54,6 +57,28 @@ def _encode(requests: Sequence[Request], dtype: str) -> list[bytes]:
         ).SerializeToString()
         for r in requests
     ]
+
+
+def _encode_oip(requests: Sequence[Request], model_name: str) -> list[bytes]:
+    """ModelInferRequests with raw contents: per key `<key>__lengths` and `<key>__values`."""
+    payloads = []
+    for r in requests:
+        request = oip.ModelInferRequest(model_name=model_name)
+        ids = np.concatenate([[0], np.cumsum(r.lengths.sum(axis=1))]).astype(np.int64)
+        for k, key in enumerate(r.keys):
+            lengths = r.lengths[k].astype("<i4")
+            values = r.values[ids[k] : ids[k + 1]].astype("<i8")
+            request.inputs.add(name=oip.input_name(key, "lengths"), datatype="INT32", shape=[lengths.size])
+            request.inputs.add(name=oip.input_name(key, "values"), datatype="INT64", shape=[values.size])
+            request.raw_input_contents.extend([lengths.tobytes(), values.tobytes()])
+        payloads.append(request.SerializeToString())
+    return payloads
+
+
+def _as_lookup(raw: bytes) -> bytes:
+    """A float32 ModelInferResponse's rows as a LookupResponse, for the Lookup checker."""
+    response = oip.ModelInferResponse.FromString(raw)
+    return pb.LookupResponse(dtype=pb.DTYPE_FLOAT32, embeddings=response.raw_output_contents[0]).SerializeToString()
 
 
 def _checker(model: ServingModel, requests: Sequence[Request]) -> Callable[[int, bytes], bool]:
@@ -117,6 +142,7 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
     requests = workload.requests(DISTINCT_REQUESTS[workload.name], seed=args.seed)
     sizes = [r.batch_size for r in requests]
     payloads = {dtype: _encode(requests, dtype) for dtype in OUTPUT_DTYPES_MEASURED}
+    oip_payloads = _encode_oip(requests, workload.config.name)
     out_dim = workload.config.output_dim
     min_bytes = {d: [s * out_dim * OUTPUT_NUMPY_DTYPES[d].itemsize for s in sizes] for d in OUTPUT_DTYPES_MEASURED}
     # Closed-loop points measure throughput: a queue budget long enough never to reject a caller of the sweep.
@@ -138,14 +164,18 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
         batch_at_top: float | None = None
         # Targets alternate at each load level, so a slow drift of this shared machine hits them all alike.
         for n in levels:
-            for target, (server_name, transport) in TARGETS.items():
+            for target, (server_name, transport, protocol) in TARGETS.items():
                 server = servers[server_name]
                 progress.step(f"{workload.name} {target} {n} callers")
                 before = server.metrics()
+                target_check: Callable[[int, bytes], bool] | None = None
+                if server_name != "transport-ceiling":
+                    target_check = check if protocol == "v1" else (lambda i, raw: check(i, _as_lookup(raw)))
                 res = asyncio.run(closed_loop(
-                    server.address, payloads["float32"], sizes, min_bytes["float32"], concurrency=n,
-                    duration_s=args.duration, warmup_s=args.warmup,
-                    check=None if server_name == "transport-ceiling" else check, transport=transport,
+                    server.address, payloads["float32"] if protocol == "v1" else oip_payloads, sizes,
+                    min_bytes["float32"], concurrency=n, duration_s=args.duration, warmup_s=args.warmup,
+                    check=target_check, transport=transport,
+                    method=oip.MODEL_INFER_METHOD if protocol == "oip" else LOOKUP_METHOD,
                 ))
                 mean = _batch_mean(before, server.metrics())
                 if target == "embserve" and n == levels[-1]:

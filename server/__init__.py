@@ -1,14 +1,23 @@
 """The embserve server: wire -> validated request -> batch -> forward -> split -> wire.
 
 decode (wire -> `SparseRequest`, validation) -> batcher (queue, deadlines, batches) -> assembler (requests -> KJT
-arrays) -> executor (device, forward, split) -> framing (rows -> LookupResponse bytes); servicer (gRPC handlers)
-and app (process, health, reflection, metrics) at the edges; flags and config for the settings.
+arrays) -> executor (device, forward, split) -> framing (rows -> LookupResponse bytes); servicer (the embserve.v1
+handlers), inference (the Open Inference Protocol's handlers, into the same batcher) and app (process, health,
+reflection, metrics) at the edges; flags and config for the settings.
 """
 
 from .app import EmbserveServer, ReloadFailed
 from .batcher import DynamicBatcher
 from .config import AuthConfig, BatchingConfig, BatchPolicy, LimitsConfig, ServerConfig, TlsConfig, load_server_config
-from .errors import BatchFailed, DeadlineExpired, EmbserveError, InvalidRequest, Overloaded, ShuttingDown
+from .errors import (
+    BatchFailed,
+    DeadlineExpired,
+    EmbserveError,
+    InvalidRequest,
+    Overloaded,
+    ShuttingDown,
+    UnknownModel,
+)
 
 __all__ = [
     "AuthConfig",
@@ -26,5 +35,6 @@ __all__ = [
     "ServerConfig",
     "ShuttingDown",
     "TlsConfig",
+    "UnknownModel",
     "load_server_config",
 ]

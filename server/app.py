@@ -10,19 +10,23 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import start_http_server
 
 from embserve.embeddings import ServingModel, build_serving_model, load_model_config
+from embserve.oip import wire as oip
+from embserve.v1 import embserve_pb2
 from embserve.v1.wire import SERVICE_NAME
 
 from .batcher import DynamicBatcher
-from .request import SparseRequest
 from .config import ServerConfig
 from .connections import grpc_options as connection_options
 from .executor import BatchExecutor, BatchOutput
+from .inference import InferenceServicer, add_inference_to_server
 from .metrics import ServerMetrics
+from .request import SparseRequest
 from .security import peer_guards, server_credentials
 from .servicer import EmbeddingServicer, add_to_server, model_schema
 
@@ -53,6 +57,18 @@ def load_model(config: ServerConfig) -> ServingModel:
         shard_devices=config.shard_devices,
         sharding=config.sharding,
     )
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """The descriptors reflection serves: the OIP ones live in a pool of their own (see embserve.oip.wire), the
+    others in protobuf's default pool, so reflection gets a pool with all of them."""
+    pool = descriptor_pool.DescriptorPool()
+    for module in (embserve_pb2, health_pb2, reflection_pb2):
+        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb))
+    file = descriptor_pb2.FileDescriptorProto()
+    oip.POOL.FindFileByName(oip.PROTO_FILE).CopyToProto(file)
+    pool.Add(file)
+    return pool
 
 
 class EmbserveServer:
@@ -90,12 +106,20 @@ class EmbserveServer:
             max_queue_wait_s=b.max_queue_wait_ms / 1e3,
             observer=self.metrics,
         )
+        schema = model_schema(self.executor.model, config)
         self.servicer = EmbeddingServicer(
             config=config,
-            schema=model_schema(self.executor.model, config),
+            schema=schema,
             batcher=self.batcher,
             metrics=self.metrics,
             current_model=lambda: self.executor.model,
+        )
+        self.inference = InferenceServicer(
+            schema=schema,
+            batcher=self.batcher,
+            metrics=self.metrics,
+            current_model=lambda: self.executor.model,
+            accepting=lambda: self.servicer.accepting,
         )
         self.health, self._interceptors = peer_guards(config, self.metrics)
         self._reload_lock = asyncio.Lock()
@@ -121,10 +145,17 @@ class EmbserveServer:
     async def start(self) -> None:
         server = grpc.aio.server(options=self.grpc_options(), interceptors=self._interceptors)
         add_to_server(self.servicer, server)
+        add_inference_to_server(self.inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                oip.SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
+            pool=_reflection_pool(),
         )
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls is not None:
@@ -140,7 +171,7 @@ class EmbserveServer:
             httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
             self._metrics_http = httpd
             self.metrics_port = httpd.server_port
-        for service in ("", SERVICE_NAME):
+        for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         m = self.executor.model
         logger.info(
@@ -198,7 +229,8 @@ class EmbserveServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         # Keep the port open while accepted calls finish, so probes read NOT_SERVING and new calls UNAVAILABLE.
-        if not await self.servicer.wait_idle(grace):
+        idle = await asyncio.gather(self.servicer.wait_idle(grace), self.inference.wait_idle(grace))
+        if not all(idle):
             logger.warning("grace period over with calls in flight; cancelling them", extra={"grace_s": grace})
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - loop.time()))

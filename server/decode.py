@@ -9,6 +9,7 @@ index or size, and echo at most `ECHO_CHARS` characters of anything the caller s
 from __future__ import annotations
 
 import collections
+import dataclasses
 from typing import TypeVar
 
 import numpy as np
@@ -20,7 +21,7 @@ from embserve.v1.wire import OUTPUT_DTYPES, WireFeatures, WireFormatError, unpac
 from .errors import InvalidRequest
 from .request import ModelSchema, SparseRequest
 
-__all__ = ["ECHO_CHARS", "KeyOrders", "decode_lookup", "echo", "parse_message", "validate_features"]
+__all__ = ["ECHO_CHARS", "FieldNames", "KeyOrders", "decode_lookup", "echo", "parse_message", "validate_features"]
 
 ECHO_CHARS = 128
 
@@ -40,6 +41,21 @@ def parse_message(cls: type[M], raw: bytes) -> M:
     except DecodeError as err:
         raise InvalidRequest(f"request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
     return message
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldNames:
+    """How validation messages name what they point at: by default the SparseFeatures fields (`values[7]`). A
+    front end with other names for the same arrays (the Open Inference Protocol's per-key tensors) overrides it."""
+
+    batch_size: str = "features.batch_size"
+
+    def element(self, field: str, index: int, key: str) -> str:
+        """Element `index` of the flat `field` array (lengths, values or weights), which belongs to `key`."""
+        return f"{field}[{index}]"
+
+
+WIRE_NAMES = FieldNames()
 
 
 def _first(mask: np.ndarray) -> int:
@@ -113,14 +129,16 @@ def validate_features(
     output_dtype: str = "float32",
     request_id: str = "",
     key_orders: KeyOrders | None = None,
+    names: FieldNames = WIRE_NAMES,
 ) -> SparseRequest:
-    """Checks jagged features against the model and its limits; ids of hashed tables are taken into range."""
+    """Checks jagged features against the model and its limits; ids of hashed tables are taken into range.
+    Messages name positions as `names` says."""
     batch_size = features.batch_size
     if batch_size <= 0:
-        raise InvalidRequest(f"features.batch_size must be > 0, got {batch_size}")
+        raise InvalidRequest(f"{names.batch_size} must be > 0, got {batch_size}")
     if batch_size > schema.max_request_examples:
         raise InvalidRequest(
-            f"features.batch_size {batch_size} is over the server's max_request_examples {schema.max_request_examples}"
+            f"{names.batch_size} {batch_size} is over the server's max_request_examples {schema.max_request_examples}"
         )
     keys = features.keys
     key_index = key_orders(keys) if key_orders is not None else _key_indices(keys, schema)
@@ -133,7 +151,8 @@ def validate_features(
         )
     if lengths.size and int(lengths.min()) < 0:
         i = _first(lengths < 0)
-        raise InvalidRequest(f"negative length {int(lengths[i])} at lengths[{i}] (key {keys[i // batch_size]!r})")
+        key = keys[i // batch_size]
+        raise InvalidRequest(f"negative length {int(lengths[i])} at {names.element('lengths', i, key)} (key {key!r})")
     values = features.values
     if values.size > schema.max_request_ids:
         raise InvalidRequest(f"{values.size} ids is over the server's max_request_ids {schema.max_request_ids}")
@@ -148,26 +167,28 @@ def validate_features(
             raise InvalidRequest(f"features.weights has {weights.size} entries but features.values has {values.size}")
         if not np.isfinite(weights).all():
             i = _first(~np.isfinite(weights))
-            raise InvalidRequest(f"non-finite weight {float(weights[i])} at weights[{i}]")
+            key = keys[int(np.searchsorted(np.cumsum(ids_per_key), i, side="right"))]
+            raise InvalidRequest(f"non-finite weight {float(weights[i])} at {names.element('weights', i, key)}")
     if values.size:
         if int(values.min()) < 0:
             i = _first(values < 0)
-            key_of = np.repeat(key_index, ids_per_key)[i]
-            raise InvalidRequest(f"negative id {int(values[i])} at values[{i}] (key {schema.keys[key_of]!r})")
+            key = schema.keys[np.repeat(key_index, ids_per_key)[i]]
+            raise InvalidRequest(f"negative id {int(values[i])} at {names.element('values', i, key)} (key {key!r})")
         # One max per key (reduceat over the keys that have ids), compared with the key's rows: the common case
         # of ids all in range costs two passes over the ids, whatever the number of keys.
         present = ids_per_key > 0
         starts = np.concatenate(([0], np.cumsum(ids_per_key)[:-1]))[present]
         rows_present = schema.num_embeddings[key_index[present]]
         if (np.maximum.reduceat(values, starts) >= rows_present).any():
-            values = _ids_into_range(values, key_index, ids_per_key, schema)
+            values = _ids_into_range(values, key_index, ids_per_key, schema, names)
         if weights is not None:
             key_of_id = np.repeat(key_index, ids_per_key)
             unweighted = ~schema.weighted[key_of_id] & (weights != 1.0)
             if unweighted.any():
                 i = _first(unweighted)
+                key = schema.keys[key_of_id[i]]
                 raise InvalidRequest(
-                    f"weight {float(weights[i])} at weights[{i}] is for key {schema.keys[key_of_id[i]]!r}, "
+                    f"weight {float(weights[i])} at {names.element('weights', i, key)} is for key {key!r}, "
                     "which is not a weighted table (send 1.0 or no weights for its ids)"
                 )
     return SparseRequest(
@@ -183,7 +204,7 @@ def validate_features(
 
 
 def _ids_into_range(
-    values: np.ndarray, key_index: np.ndarray, ids_per_key: np.ndarray, schema: ModelSchema
+    values: np.ndarray, key_index: np.ndarray, ids_per_key: np.ndarray, schema: ModelSchema, names: FieldNames
 ) -> np.ndarray:
     """Ids past their table's rows: hashed into range (`id_policy: hash`), else the first one is an error."""
     key_of_id = np.repeat(key_index, ids_per_key)
@@ -192,8 +213,9 @@ def _ids_into_range(
     reject = too_big & ~schema.hashed[key_of_id]
     if reject.any():
         i = _first(reject)
+        key = schema.keys[key_of_id[i]]
         raise InvalidRequest(
-            f"id {int(values[i])} at values[{i}] is out of range for key {schema.keys[key_of_id[i]]!r} "
+            f"id {int(values[i])} at {names.element('values', i, key)} is out of range for key {key!r} "
             f"(num_embeddings {int(rows[i])})"
         )
     return np.where(too_big, values % rows, values)

@@ -5,7 +5,11 @@
     ├── Overloaded          RESOURCE_EXHAUSTED the queue is full
     ├── DeadlineExpired     DEADLINE_EXCEEDED  the caller's deadline passed before its batch ran
     ├── ShuttingDown        UNAVAILABLE        the server is draining and takes no new calls
+    ├── UnknownModel        NOT_FOUND          an Open Inference Protocol call names another model or version
     └── BatchFailed         INTERNAL           the forward of the request's batch raised
+
+The Open Inference Protocol answers with the codes Triton uses for the same conditions (`oip_status_code_of`):
+the same, except that a full queue is UNAVAILABLE, as Triton's "Exceeds maximum queue size" is.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ __all__ = [
     "InvalidRequest",
     "Overloaded",
     "ShuttingDown",
+    "UnknownModel",
+    "oip_status_code_of",
     "status_code_of",
 ]
 
@@ -45,6 +51,10 @@ class ShuttingDown(EmbserveError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class UnknownModel(EmbserveError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class BatchFailed(EmbserveError):
     code = grpc.StatusCode.INTERNAL
 
@@ -52,3 +62,8 @@ class BatchFailed(EmbserveError):
 def status_code_of(error: BaseException) -> grpc.StatusCode:
     """The status a call ends with for `error`; anything not an `EmbserveError` is INTERNAL."""
     return error.code if isinstance(error, EmbserveError) else grpc.StatusCode.INTERNAL
+
+
+def oip_status_code_of(error: BaseException) -> grpc.StatusCode:
+    """The status an Open Inference Protocol call ends with for `error`: Triton's code for the condition."""
+    return grpc.StatusCode.UNAVAILABLE if isinstance(error, Overloaded) else status_code_of(error)

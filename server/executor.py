@@ -19,7 +19,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embserve.embeddings import ServingModel
 
 from .assembler import AssembledBatch, assemble
-from .framing import ResponseEncoder, rows_as_bytes
+from .framing import ResponseEncoder, rows_as_bytes, rows_in
 from .request import SparseRequest
 
 __all__ = ["BatchExecutor", "BatchOutput"]
@@ -27,10 +27,14 @@ __all__ = ["BatchExecutor", "BatchOutput"]
 
 @dataclasses.dataclass(frozen=True)
 class BatchOutput:
-    """One request's share of a batch: its serialized LookupResponse and its number of examples."""
+    """One request's share of a batch: its serialized LookupResponse and its number of examples; for front ends
+    that frame the rows in another protocol's message, the rows as a view into `response` (no copy) and the
+    version of the model that computed them."""
 
     response: bytes
     batch_size: int
+    rows: memoryview
+    model_version: str
 
 
 @dataclasses.dataclass
@@ -119,14 +123,12 @@ class BatchExecutor:
         offsets = prepared.batch.example_offsets
         results = []
         for r, req in enumerate(requests):  # one step per request: slice, cast, serialize
-            rows = output[int(offsets[r]) : int(offsets[r + 1])]
+            payload = rows_as_bytes(output[int(offsets[r]) : int(offsets[r + 1])], req.output_dtype)
             response = prepared.encoder.encode(
-                rows_as_bytes(rows, req.output_dtype),
-                batch_size=req.batch_size,
-                output_dtype=req.output_dtype,
-                request_id=req.request_id,
+                payload, batch_size=req.batch_size, output_dtype=req.output_dtype, request_id=req.request_id
             )
-            results.append(BatchOutput(response, req.batch_size))
+            rows = rows_in(response, payload.nbytes)
+            results.append(BatchOutput(response, req.batch_size, rows, prepared.model.version))
         return results
 
 

@@ -14,7 +14,7 @@ import torch
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import DTYPE_NAMES
 
-__all__ = ["ResponseEncoder", "rows_as_bytes"]
+__all__ = ["ResponseEncoder", "field_header", "rows_as_bytes", "rows_in"]
 
 
 def _varint(value: int) -> bytes:
@@ -24,6 +24,11 @@ def _varint(value: int) -> bytes:
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+def field_header(number: int, size: int) -> bytes:
+    """The tag and length that precede a length-delimited protobuf field of `size` bytes."""
+    return _varint(number << 3 | 2) + _varint(size)
 
 
 def _field_tag(name: str) -> bytes:
@@ -40,7 +45,7 @@ class ResponseEncoder:
     The fields every response shares (dtype, key layout, model name and version) are serialized once per output
     dtype; each response appends its shape, request id and embedding bytes. Protobuf parses concatenated
     serializations as one message, so the result is an ordinary LookupResponse, built without copying the
-    embeddings into a message object first.
+    embeddings into a message object first. The embedding bytes always come last (see `rows_in`).
     """
 
     def __init__(
@@ -65,6 +70,11 @@ class ResponseEncoder:
             parts += [_REQUEST_ID, _varint(len(rid)), rid]
         parts += [_EMBEDDINGS, _varint(size), payload]
         return b"".join(parts)
+
+
+def rows_in(response: bytes, nbytes: int) -> memoryview:
+    """The embedding bytes of a response `ResponseEncoder.encode` framed (`nbytes` of them), as a view: no copy."""
+    return memoryview(response)[len(response) - nbytes :]
 
 
 def rows_as_bytes(rows: torch.Tensor, dtype: str) -> memoryview:

@@ -10,19 +10,21 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from embserve.oip import wire as oip
 from embserve.v1.wire import METHODS
 
 __all__ = ["UNKNOWN_METHOD", "ServerMetrics", "method_label"]
 
 UNKNOWN_METHOD = "unknown"
-_KNOWN_METHODS = frozenset(METHODS)
+_KNOWN_METHODS = frozenset(METHODS) | frozenset(oip.METHODS)
 
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _EXAMPLE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 def method_label(name: str) -> str:
-    """The `method` label for an EmbeddingService method name: itself if the service has it, else `unknown`."""
+    """The `method` label for a method name: itself if embserve.v1 or the Open Inference Protocol has it, else
+    `unknown`."""
     return name if name in _KNOWN_METHODS else UNKNOWN_METHOD
 
 

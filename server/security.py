@@ -4,7 +4,12 @@ callers without a token can cost.
 Tokens are kept only as SHA-256 digests and compared in constant time; no token is ever logged. A refused call is
 answered without reading its request message (the refusal is a request-streaming handler that never reads), and
 is counted under its method's name only if the service has that method (`metrics.method_label`). Health stays
-open for probes, but token-free `Health.Watch` streams are capped (`limits.max_health_watches`).
+open for probes, but token-free `Health.Watch` streams are capped (`limits.max_health_watches`). A token's line
+names the methods it may call, by method name, from either service: embserve.v1's (`Lookup`, `GetModelMetadata`)
+and the Open Inference Protocol's (`ModelInfer`, `ModelMetadata`, `ServerMetadata`), or `*` for all of them. The
+names are distinct across the two services, and a token gets what it names (`Lookup` also allows `LookupStream`,
+the same lookups over a stream; it does not imply `ModelInfer`). The probes need no token: the health service, and
+OIP's `ServerLive`, `ServerReady`, `ModelReady`.
 """
 
 from __future__ import annotations
@@ -19,19 +24,21 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2
 
+from embserve.oip import wire as oip
 from embserve.v1.wire import METHODS, method_path
 
 from .config import ServerConfig, TlsConfig
+from .decode import ECHO_CHARS
 from .metrics import ServerMetrics, method_label
 
 __all__ = ["AuthInterceptor", "WatchLimitedHealth", "load_tokens", "peer_guards", "server_credentials"]
 
 logger = logging.getLogger(__name__)
 
-SERVICE_PREFIX = method_path("")
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-ALL_METHODS = frozenset(METHODS)
-_ECHO_CHARS = 128  # longest piece of a caller's input repeated in an error message
+SERVICE_PREFIXES = (method_path(""), oip.method_path(""))
+OPEN_METHODS = frozenset(oip.method_path(m) for m in ("ServerLive", "ServerReady", "ModelReady"))
+ALL_METHODS = frozenset(METHODS) | frozenset(oip.METHODS)
+assert not set(METHODS) & set(oip.METHODS), "a token's method names must be unambiguous across the services"
 
 Metadata = Sequence[tuple[str, str | bytes]]
 
@@ -81,8 +88,9 @@ def _deny(code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Checks `authorization: Bearer <token>` on the embserve service: a missing or unknown token is
-    UNAUTHENTICATED, a token without the method PERMISSION_DENIED. Health and reflection stay open."""
+    """Checks `authorization: Bearer <token>` on the embserve and OIP services: a missing or unknown token is
+    UNAUTHENTICATED, a token without the method PERMISSION_DENIED. Health, reflection and the OIP probes stay
+    open."""
 
     def __init__(self, tokens: dict[str, frozenset[str]], metrics: ServerMetrics) -> None:
         self._tokens = tokens
@@ -106,9 +114,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method: str = details.method
-        if not method.startswith(SERVICE_PREFIX) or method.startswith(OPEN_PREFIXES):
+        prefix = next((p for p in SERVICE_PREFIXES if method.startswith(p)), None)
+        if prefix is None or method in OPEN_METHODS:
             return await continuation(details)
-        name = method[len(SERVICE_PREFIX) :]
+        name = method[len(prefix) :]
         token = _bearer(details.invocation_metadata)
         if token is None:
             return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED, "missing 'authorization: Bearer <token>'")
@@ -116,7 +125,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if allowed is None:
             return self._refuse(name, grpc.StatusCode.UNAUTHENTICATED, "invalid token")
         if name not in allowed:
-            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED, f"token may not call {name[:_ECHO_CHARS]}")
+            return self._refuse(name, grpc.StatusCode.PERMISSION_DENIED, f"token may not call {name[:ECHO_CHARS]}")
         return await continuation(details)
 
     def _refuse(self, name: str, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

@@ -15,22 +15,31 @@ from embserve.server.request import ModelSchema
 from embserve.v1 import embserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERATED = ["embserve_pb2.py", "embserve_pb2.pyi", "embserve_pb2_grpc.py"]
+OIP_PROTO = "embserve/oip/grpc_predict_v2.proto"
+OIP_DESCRIPTORS = "embserve/oip/grpc_predict_v2.binpb"
+GENERATED = [
+    f"embserve/v1/{name}" for name in ("embserve_pb2.py", "embserve_pb2.pyi", "embserve_pb2_grpc.py")
+] + [
+    f"embserve/oip/{name}" for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py")
+]
+
+
+def _protoc(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"), *args], check=True)
 
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable, "-m", "grpc_tools.protoc", "-I", str(ROOT / "protos"),
-            f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}",
-            str(ROOT / "protos/embserve/v1/embserve.proto"),
-        ],
-        check=True,
+    _protoc(
+        f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}",
+        str(ROOT / "protos/embserve/v1/embserve.proto"), str(ROOT / "protos" / OIP_PROTO),
     )
+    _protoc(f"--descriptor_set_out={tmp_path / OIP_DESCRIPTORS}", str(ROOT / "protos" / OIP_PROTO))
     for name in GENERATED:
-        fresh = (tmp_path / "embserve/v1" / name).read_text()
-        committed = (ROOT / "protos/embserve/v1" / name).read_text()
-        assert fresh == committed, f"protos/embserve/v1/{name} is stale: run `make protos`"
+        fresh = (tmp_path / name).read_text()
+        committed = (ROOT / "protos" / name).read_text()
+        assert fresh == committed, f"protos/{name} is stale: run `make protos`"
+    fresh_set = (tmp_path / OIP_DESCRIPTORS).read_bytes()
+    assert fresh_set == (ROOT / "protos" / OIP_DESCRIPTORS).read_bytes(), f"protos/{OIP_DESCRIPTORS} is stale: run `make protos`"
 
 
 def _schema() -> ModelSchema:

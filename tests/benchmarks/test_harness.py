@@ -22,18 +22,19 @@ def test_small_suite_writes_json_markdown_and_png(tmp_path: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data["hardware"]["cores"] >= 1 and "cpu" in data["hardware"]
     by_target = {r["target"]: r for r in data["records"] if r["mode"] != "open"}
-    served = {"embserve", "embserve-stream", "unbatched", "transport-ceiling", "transport-ceiling-stream"}
+    served = {"embserve", "embserve-stream", "embserve-oip", "unbatched", "transport-ceiling", "transport-ceiling-stream"}
     assert set(by_target) == served | {"compute-ceiling"}
     for target in served:
         r = by_target[target]
         assert r["requests"] > 0 and r["errors"] == {} and r["wrong"] == 0
-    for target in ("embserve", "embserve-stream"):
+    for target in ("embserve", "embserve-stream", "embserve-oip"):
         assert by_target[target]["checked"] > 0  # sampled responses compared with the model
     opens = [(r["target"], r["load_fraction"]) for r in data["records"] if r["mode"] == "open"]
     assert opens == [(t, f) for f in (0.25, 0.5, 0.75) for t in ("embserve", "embserve-stream")]
     md = (out / "report.md").read_text()
-    assert "| small | embserve | 1 callers |" in md and "| small | embserve-stream | 1 callers |" in md
-    assert "Hardware:" in md
+    for target in ("embserve", "embserve-stream", "embserve-oip"):
+        assert f"| small | {target} | 1 callers |" in md
+    assert "ModelInfer examples/s >= 0.8 x Lookup" in md and "Hardware:" in md
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
