@@ -40,6 +40,7 @@ test-fast: $(STAMP)
 # pyproject's package-dir mapping, so that every `from embserve.X import ...` resolves to the real module.
 TYPECHECK_ROOT := build/typecheck
 typecheck: $(STAMP)
+	$(BIN)/ruff check --quiet --select F server client embeddings benchmarks protos/embserve/v1/wire.py protos/embserve/oip/wire.py tests
 	$(BIN)/python -c 'import os, tomllib; root = "$(TYPECHECK_ROOT)"; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; \
 	[os.makedirs(os.path.join(root, *pkg.split(".")[:-1]), exist_ok=True) for pkg in dirs]; \
 	[os.path.lexists(p) and os.remove(p) or os.symlink(os.path.relpath(d, os.path.dirname(p)), p) for pkg, d in dirs.items() for p in [os.path.join(root, *pkg.split("."))]]'

@@ -22,7 +22,7 @@ from .result import LookupResult, ModelInfo
 __all__ = ["DEFAULT_TIMEOUT_S", "HEALTH_STATUS", "BaseClient"]
 
 DEFAULT_TIMEOUT_S = 5.0
-DEFAULT_TRANSPORT = "unary"
+DEFAULT_TRANSPORT = "stream"
 DEFAULT_STREAMS = 2
 HEALTH_STATUS: dict[int, str] = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 _HEADROOM = 0.9  # chunks stay this far under the server's message limit

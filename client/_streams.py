@@ -4,8 +4,10 @@ Each message gets a request id unique to the client; answers come back in any or
 deadline is enforced here, and sent as `timeout_ms` so that the server drops the message unrun once it passes.
 When a stream breaks (a server restarting or draining, a lost connection), the lookups it left unanswered are
 sent again on another stream: lookups are idempotent reads, and an answer is taken at most once per id. A
-message answered with a retryable status (UNAVAILABLE, RESOURCE_EXHAUSTED by default) is sent again after the
-retry policy's backoff, as gRPC's own retries do for unary calls.
+message answered with a retryable status (UNAVAILABLE, RESOURCE_EXHAUSTED by default) is sent again too. Both
+count as attempts of the client's retry policy (backoff with jitter between them, at most `max_attempts`), as
+gRPC's own retries do for unary calls; without a policy a lookup is sent once. A stream refused for good
+(UNAUTHENTICATED, PERMISSION_DENIED, ...) fails its lookups at once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -31,7 +33,10 @@ from .errors import DeadlineExceeded, EmbserveError, Unavailable, from_rpc_error
 
 __all__ = ["AsyncStreamPool", "StreamPool"]
 
-_BROKEN_STREAM_RESENDS = 3  # how often a lookup is resent after the stream it was on broke
+# Stream failures after which the unanswered lookups are sent again: the connection or the server went away.
+# INTERNAL is among them because grpc's client ends a stream so ("Internal error from Core") when the server ends
+# it while requests are still being written; the server itself answers every lookup's own failure in-band.
+_RESEND_CODES = frozenset({"UNAVAILABLE", "CANCELLED", "INTERNAL"})
 
 
 class StreamBroken(Exception):
@@ -53,7 +58,8 @@ S = TypeVar("S", bound=_Stream)
 
 
 class _Pool(Generic[S]):
-    """Up to `size` live streams; a lookup takes the one with the fewest answers outstanding."""
+    """Up to `size` live streams; a lookup takes the one with the fewest answers outstanding, ties taken in turn
+    (so that streams on different replicas share sequential calls too)."""
 
     def __init__(self, open_stream: Callable[[], S], size: int, retry: RetryPolicy | None) -> None:
         if size < 1:
@@ -63,6 +69,8 @@ class _Pool(Generic[S]):
         self._streams: list[S] = []
         self._ids = itertools.count()
         self._retry = retry
+        self._max_attempts = retry.max_attempts if retry is not None else 1
+        self._turn = itertools.count()
 
     def _pick(self) -> S:
         self._streams = [s for s in self._streams if not s.broken]
@@ -70,7 +78,9 @@ class _Pool(Generic[S]):
             stream = self._open()
             self._streams.append(stream)
             return stream
-        return min(self._streams, key=lambda s: s.outstanding)
+        start = next(self._turn) % len(self._streams)
+        ordered = self._streams[start:] + self._streams[:start]
+        return min(ordered, key=lambda s: s.outstanding)
 
     def _prepare(self, request: pb.LookupRequest) -> str:
         """Gives the message its wire id, unique in this client; returns the caller's own request id."""
@@ -78,15 +88,27 @@ class _Pool(Generic[S]):
         request.request_id = f"{own}#{next(self._ids):x}"
         return own
 
-    def _retryable(self, response: pb.LookupResponse, attempt: int) -> float | None:
+    def _backoff(self, attempt: int) -> float:
+        if self._retry is None:
+            return 0.0
+        r = self._retry
+        return random.uniform(0, min(r.max_backoff_s, r.initial_backoff_s * r.backoff_multiplier**attempt))
+
+    def _retry_after(self, response: pb.LookupResponse, attempt: int) -> float | None:
         """Seconds to wait before sending again, or None when `response` is final."""
-        if not response.HasField("status") or self._retry is None or attempt + 1 >= self._retry.max_attempts:
+        if not response.HasField("status") or self._retry is None or attempt + 1 >= self._max_attempts:
             return None
         error = from_status(response.status.code, response.status.message)
-        if error.code not in self._retry.retryable_codes:
-            return None
-        backoff = min(self._retry.max_backoff_s, self._retry.initial_backoff_s * self._retry.backoff_multiplier**attempt)
-        return random.uniform(0, backoff)
+        return self._backoff(attempt) if error.code in self._retry.retryable_codes else None
+
+    def _resend_after(self, broken: StreamBroken, attempt: int) -> float:
+        """Seconds to wait before sending a lookup its broken stream left unanswered; raises when it is final."""
+        cause = broken.cause
+        if cause is not None and cause.code not in _RESEND_CODES:
+            raise cause from None
+        if attempt + 1 >= self._max_attempts:
+            raise cause or Unavailable("the stream ended before answering", "UNAVAILABLE") from None
+        return self._backoff(attempt)
 
 
 def _final(response: pb.LookupResponse, own_id: str) -> pb.LookupResponse:
@@ -121,6 +143,7 @@ class _SyncStream:
         self._pending: dict[str, concurrent.futures.Future[pb.LookupResponse]] = {}
         self._lock = threading.Lock()
         self.broken = False
+        self.cause: EmbserveError | None = None
         self._call = method(iter(self._outbox.get, None), metadata=metadata)
         threading.Thread(target=self._read, name="embserve-stream-reader", daemon=True).start()
 
@@ -140,7 +163,7 @@ class _SyncStream:
             cause = from_rpc_error(err)
         finally:
             with self._lock:
-                self.broken = True
+                self.broken, self.cause = True, cause
                 pending, self._pending = self._pending, {}
             for future in pending.values():
                 if not future.done():
@@ -150,7 +173,7 @@ class _SyncStream:
         future: concurrent.futures.Future[pb.LookupResponse] = concurrent.futures.Future()
         with self._lock:
             if self.broken:
-                raise StreamBroken(None)
+                raise StreamBroken(self.cause)
             self._pending[request.request_id] = future
         self._outbox.put(request)
         return future
@@ -174,8 +197,7 @@ class StreamPool(_Pool[_SyncStream]):
     def lookup(self, request: pb.LookupRequest, timeout: float | None) -> pb.LookupResponse:
         deadline = None if timeout is None else time.monotonic() + timeout
         own = self._prepare(request)
-        attempt = resends = 0
-        while True:
+        for attempt in itertools.count():
             with self._lock:
                 stream = self._pick()
             try:
@@ -188,15 +210,14 @@ class StreamPool(_Pool[_SyncStream]):
                 finally:
                     stream.forget(request.request_id)
             except StreamBroken as broken:
-                resends += 1
-                if resends > _BROKEN_STREAM_RESENDS:
-                    raise broken.cause or Unavailable("streams keep ending before answering", "UNAVAILABLE") from None
-                continue
-            wait = self._retryable(response, attempt)
-            if wait is None:
-                return _final(response, own)
-            attempt += 1
+                wait = self._resend_after(broken, attempt)
+            else:
+                after = self._retry_after(response, attempt)
+                if after is None:
+                    return _final(response, own)
+                wait = after
             time.sleep(min(wait, _remaining(deadline) or wait))
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         for stream in self._streams:
@@ -204,7 +225,8 @@ class StreamPool(_Pool[_SyncStream]):
 
 
 class _AioStream:
-    """One LookupStream call of an asyncio channel: an async generator feeding gRPC, a task reading answers."""
+    """One LookupStream call of an asyncio channel: a task writing queued requests, a task reading answers. (A
+    request iterator handed to gRPC instead can end the call INTERNAL when the server ends it first.)"""
 
     def __init__(self, channel: grpc.aio.Channel, metadata: Any) -> None:
         method = channel.stream_stream(
@@ -215,16 +237,23 @@ class _AioStream:
         self._outbox: asyncio.Queue[pb.LookupRequest | None] = asyncio.Queue()
         self._pending: dict[str, asyncio.Future[pb.LookupResponse]] = {}
         self.broken = False
-        self._call = method(self._requests(), metadata=metadata)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.cause: EmbserveError | None = None
+        self._call = method(metadata=metadata)
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._reader = loop.create_task(self._read())
 
     @property
     def outstanding(self) -> int:
         return len(self._pending)
 
-    async def _requests(self) -> AsyncIterator[pb.LookupRequest]:
-        while (request := await self._outbox.get()) is not None:
-            yield request
+    async def _write(self) -> None:
+        try:
+            while (request := await self._outbox.get()) is not None:
+                await self._call.write(request)
+            await self._call.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass  # the call ended; the reader reports how
 
     async def _read(self) -> None:
         cause: EmbserveError | None = None
@@ -236,7 +265,7 @@ class _AioStream:
         except grpc.RpcError as err:
             cause = from_rpc_error(err)
         finally:
-            self.broken = True
+            self.broken, self.cause = True, cause
             pending, self._pending = self._pending, {}
             for future in pending.values():
                 if not future.done():
@@ -244,7 +273,7 @@ class _AioStream:
 
     async def send(self, request: pb.LookupRequest, timeout: float | None) -> pb.LookupResponse:
         if self.broken:
-            raise StreamBroken(None)
+            raise StreamBroken(self.cause)
         future = asyncio.get_running_loop().create_future()
         self._pending[request.request_id] = future
         self._outbox.put_nowait(request)
@@ -258,7 +287,7 @@ class _AioStream:
     async def close(self) -> None:
         self._outbox.put_nowait(None)
         self._call.cancel()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
 
 
 class AsyncStreamPool(_Pool[_AioStream]):
@@ -270,21 +299,19 @@ class AsyncStreamPool(_Pool[_AioStream]):
     async def lookup(self, request: pb.LookupRequest, timeout: float | None) -> pb.LookupResponse:
         deadline = None if timeout is None else time.monotonic() + timeout
         own = self._prepare(request)
-        attempt = resends = 0
-        while True:
+        for attempt in itertools.count():
             try:
                 left = _remaining(deadline, request)
                 response = await self._pick().send(request, left)
             except StreamBroken as broken:
-                resends += 1
-                if resends > _BROKEN_STREAM_RESENDS:
-                    raise broken.cause or Unavailable("streams keep ending before answering", "UNAVAILABLE") from None
-                continue
-            wait = self._retryable(response, attempt)
-            if wait is None:
-                return _final(response, own)
-            attempt += 1
+                wait = self._resend_after(broken, attempt)
+            else:
+                after = self._retry_after(response, attempt)
+                if after is None:
+                    return _final(response, own)
+                wait = after
             await asyncio.sleep(min(wait, _remaining(deadline) or wait))
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self._streams))

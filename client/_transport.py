@@ -90,7 +90,8 @@ def channel_options(
     if retry is not None:
         config["methodConfig"] = [
             {
-                "name": [{"service": SERVICE_NAME}],
+                # The unary methods only: the stream pool resends what a broken LookupStream left unanswered.
+                "name": [{"service": SERVICE_NAME, "method": m} for m in ("Lookup", "GetModelMetadata")],
                 "retryPolicy": {
                     "maxAttempts": retry.max_attempts,
                     "initialBackoff": f"{retry.initial_backoff_s:.6f}s",

@@ -26,6 +26,12 @@ from tests.reference import assert_pooled_close, pool
 from tests.server.helpers import wrapped
 
 Factory = Callable[..., ServerHandle]
+TRANSPORTS = ["unary", "stream"]
+
+
+def calls(handle: ServerHandle, code: str) -> float:
+    """Lookups the server answered with `code`, over either transport (a stream message counts as one)."""
+    return sum(handle.metric("embserve_requests_total", {"method": m, "code": code}) for m in ("Lookup", "LookupStream"))
 
 FEATURES = {"hashtags": [[1, 2, 3], [], [299]], "user": [[10], [11, 12], []], "author": [[], [5], [6, 7]]}
 WEIGHTS = {"hashtags": [[0.5, 1.5, 2.0], [], [3.0]]}
@@ -112,7 +118,9 @@ def test_async_client_matches_sync(
     np.testing.assert_allclose(half.embeddings.astype(np.float32), many[0].embeddings, atol=2e-3)
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_oversized_request_is_chunked_and_joined_in_order(
+    transport: str,
     server_factory: Factory, small_serving: ServingModel
 ) -> None:
     handle = server_factory(small_serving, limits={"max_request_examples": 16}, batching={"max_batch_size": 16})
@@ -127,7 +135,7 @@ def test_oversized_request_is_chunked_and_joined_in_order(
         rows = 1000 if k == "user" else 300
         arrays[k] = (lengths, rng.integers(0, rows, int(lengths.sum())), rng.uniform(0.5, 2, int(lengths.sum())))
     arrays["user"] = arrays["user"][:2]
-    with Client(handle.address) as client:
+    with Client(handle.address, transport=transport) as client:
         assert client.metadata().max_request_examples == 16
         whole = client.lookup(arrays, output_dtype="bfloat16")
         assert whole.batch_size == n
@@ -142,25 +150,29 @@ def test_oversized_request_is_chunked_and_joined_in_order(
             np.testing.assert_array_equal(
                 client.lookup(part, output_dtype="bfloat16").embeddings, whole.embeddings[start : start + 10]
             )
-    assert handle.metric("embserve_requests_total", {"method": "Lookup", "code": "OK"}) == 7 + 10
+    assert calls(handle, "OK") == 7 + 10
 
 
-def test_retries_stop_at_the_bound_and_can_be_switched_off(server_factory: Factory, small_serving: ServingModel) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_retries_stop_at_the_bound_and_can_be_switched_off(
+    transport: str, server_factory: Factory, small_serving: ServingModel
+) -> None:
     handle = server_factory(small_serving)
     handle.server.servicer.accepting = False  # every Lookup answers UNAVAILABLE
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
-    with Client(handle.address, retry=policy) as client:
+    with Client(handle.address, retry=policy, transport=transport) as client:
         client.metadata()
         with pytest.raises(Unavailable, match="shutting down"):
             client.lookup(FEATURES)
-    assert handle.metric("embserve_requests_total", {"method": "Lookup", "code": "UNAVAILABLE"}) == 3
-    with Client(handle.address, retry=None) as client:
+    assert calls(handle, "UNAVAILABLE") == 3
+    with Client(handle.address, retry=None, transport=transport) as client:
         with pytest.raises(Unavailable):
             client.lookup(FEATURES)
-    assert handle.metric("embserve_requests_total", {"method": "Lookup", "code": "UNAVAILABLE"}) == 4
+    assert calls(handle, "UNAVAILABLE") == 4
 
 
-def test_retry_on_overload_then_success(server_factory: Factory, small_serving: ServingModel) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_retry_on_overload_then_success(transport: str, server_factory: Factory, small_serving: ServingModel) -> None:
     handle = server_factory(
         wrapped(small_serving, delay_s=0.05),
         batching={"max_batch_size": 3, "max_queue_size": 3, "max_queue_wait_ms": 10_000},
@@ -168,28 +180,30 @@ def test_retry_on_overload_then_success(server_factory: Factory, small_serving: 
     policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.2)
 
     async def go(retry: RetryPolicy | None) -> list[object]:
-        async with AsyncClient(handle.address, retry=retry, timeout=30) as client:
+        async with AsyncClient(handle.address, retry=retry, timeout=30, transport=transport) as client:
             await client.metadata()
             return list(await asyncio.gather(*(client.lookup(FEATURES) for _ in range(12)), return_exceptions=True))
 
     without = asyncio.run(go(None))
     assert any(isinstance(r, Overloaded) for r in without)
-    rejected_before = handle.metric("embserve_requests_total", {"method": "Lookup", "code": "RESOURCE_EXHAUSTED"})
+    rejected_before = calls(handle, "RESOURCE_EXHAUSTED")
     with_retry = asyncio.run(go(policy))
-    rejected = handle.metric("embserve_requests_total", {"method": "Lookup", "code": "RESOURCE_EXHAUSTED"})
+    rejected = calls(handle, "RESOURCE_EXHAUSTED")
     ok_with_retry = sum(isinstance(r, LookupResult) for r in with_retry)
     assert ok_with_retry > sum(isinstance(r, LookupResult) for r in without)
     assert rejected > rejected_before  # some calls were rejected and then retried successfully
 
 
-def test_round_robin_spreads_calls_over_replicas(server_factory: Factory, small_serving: ServingModel) -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_round_robin_spreads_calls_over_replicas(
+    transport: str, server_factory: Factory, small_serving: ServingModel
+) -> None:
     a = server_factory(small_serving)
     b = server_factory(small_serving)
-    with Client([a.address, b.address]) as client:
+    with Client([a.address, b.address], transport=transport) as client:
         for _ in range(40):
             client.lookup(FEATURES, weights=WEIGHTS)
-    calls_a = a.metric("embserve_requests_total", {"method": "Lookup", "code": "OK"})
-    calls_b = b.metric("embserve_requests_total", {"method": "Lookup", "code": "OK"})
+    calls_a, calls_b = calls(a, "OK"), calls(b, "OK")
     assert calls_a + calls_b == 40
     assert calls_a >= 10 and calls_b >= 10, (calls_a, calls_b)
 

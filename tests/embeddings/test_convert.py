@@ -27,7 +27,7 @@ from embserve.embeddings import (
     save_checkpoint,
     table_weights,
 )
-from embserve.embeddings.convert import ConvertError, convert, read_dcp_metadata, read_tables
+from embserve.embeddings.convert import ConvertError, convert, read_dcp_metadata
 from embserve.client.cli import main
 from tests.conftest import make_config, write_model_config
 from tests.embeddings import _dcp_writer
