@@ -1,10 +1,10 @@
 """Admission in bytes: what a request costs in memory, the bounds on it, and decoding off the event loop.
 
 A queued request holds its arrays and will produce `batch_size x output_dim x dtype size` bytes of response;
-the batcher counts both against `batching.max_queue_bytes` (`request_bytes`). A computed response is held until
-it is handed to the transport, which for a client that does not read (HTTP/2 window 0) is never: the
-`ResponseBudget` counts those bytes in total and per connection, and refuses new calls while either is over its
-bound. Large requests are decoded on a few threads (`OffloadDecoder`) so that they cannot stall the event loop.
+the batcher counts both against `batching.max_queue_bytes` (`request_bytes`). A response is held until it is
+handed to the transport, which for a client that does not read (HTTP/2 window 0) is never: the `ResponseBudget`
+counts response bytes from admission until sent, in total and per connection, and refuses calls beyond either
+bound. The transport holds a copy of a response it cannot send, so the memory they cost is about twice the count. Large requests are decoded on a few threads (`OffloadDecoder`) so that they cannot stall the event loop.
 Defaults of the byte bounds are fractions of the host's physical memory (`memory_default`).
 """
 
@@ -43,7 +43,7 @@ OUTPUT_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 # (fraction of physical memory, floor, cap) of each byte bound's default.
 QUEUE_BYTES_DEFAULT = (1 / 32, 64 * MiB, 512 * MiB)
 RESPONSE_BYTES_DEFAULT = (1 / 64, 16 * MiB, 256 * MiB)
-PENDING_BYTES_DEFAULT = (1 / 32, 64 * MiB, 512 * MiB)
+PENDING_BYTES_DEFAULT = (1 / 64, 64 * MiB, 256 * MiB)
 PENDING_PER_CONNECTION_DEFAULT = (1 / 128, 32 * MiB, 128 * MiB)
 
 T = TypeVar("T")
@@ -96,9 +96,10 @@ def bounds_of(config: ServerConfig) -> Bounds:
 
 
 class ResponseBudget:
-    """Response bytes computed but not yet handed to the transport, in total and per connection (gRPC's peer
-    address). `admit` refuses a new call while either count is at or over its bound; `hold` and `release`
-    bracket a response from its computation until the write that sends it returns."""
+    """Response bytes of admitted calls not yet handed to the transport, in total and per connection (gRPC's peer
+    address). A call reserves its response's size once decoded (`reserve`), before it is queued, and releases it
+    when the write that sends the response returns (`release`), so a burst of calls cannot all pass before any
+    response exists. A response larger than a bound is still taken when nothing else is counted against it."""
 
     def __init__(self, max_total: int, max_per_connection: int) -> None:
         self.max_total = max_total
@@ -109,24 +110,22 @@ class ResponseBudget:
     def pending(self, peer: str) -> int:
         return self._by_peer.get(peer, 0)
 
-    def admit(self, peer: str) -> None:
-        """Raises `Overloaded` naming the bound when responses already waiting to be sent are over it."""
-        if self.total >= self.max_total:
+    def reserve(self, peer: str, nbytes: int) -> None:
+        """Counts `nbytes` for `peer`, or raises `Overloaded` naming the bound it would pass."""
+        if self.total and self.total + nbytes > self.max_total:
             raise Overloaded(
-                f"{self.total} response bytes are waiting to be sent, over the server's max_pending_response_bytes "
-                f"{self.max_total}; retry later"
+                f"{self.total} response bytes are waiting to be computed or sent and this call needs {nbytes}, over "
+                f"the server's max_pending_response_bytes {self.max_total}; retry later"
             )
         held = self._by_peer.get(peer, 0)
-        if held >= self.max_per_connection:
+        if held and held + nbytes > self.max_per_connection:
             raise Overloaded(
-                f"{held} response bytes are waiting to be sent on this connection, over the server's "
-                f"max_pending_response_bytes_per_connection {self.max_per_connection}; read the answers before "
-                "sending more"
+                f"{held} response bytes are waiting to be computed or sent on this connection and this call needs "
+                f"{nbytes}, over the server's max_pending_response_bytes_per_connection {self.max_per_connection}; "
+                "read the answers before sending more"
             )
-
-    def hold(self, peer: str, nbytes: int) -> None:
         self.total += nbytes
-        self._by_peer[peer] = self._by_peer.get(peer, 0) + nbytes
+        self._by_peer[peer] = held + nbytes
 
     def release(self, peer: str, nbytes: int) -> None:
         self.total -= nbytes

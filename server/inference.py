@@ -26,7 +26,7 @@ from embserve.embeddings import ServingModel
 from embserve.oip import wire as oip
 from embserve.v1.wire import WireFeatures
 
-from .admission import OffloadDecoder, ResponseBudget
+from .admission import OffloadDecoder, ResponseBudget, response_bytes
 from .batcher import DynamicBatcher
 from .decode import FieldNames, echo, parse_message, validate_features
 from .errors import EmbserveError, InvalidRequest, ShuttingDown, UnknownModel, oip_status_code_of
@@ -330,9 +330,19 @@ class InferenceServicer:
         if not self._accepting():
             raise ShuttingDown("server is shutting down; retry on another replica")
         model = self._current_model()
-        peer = context.peer()
-        self._budget.admit(peer)
         request, sparse = await self._offload.run(len(raw), lambda: self._decode(raw, model))
+        peer, nbytes = context.peer(), response_bytes(sparse.batch_size, model.output_dim, sparse.output_dtype)
+        self._budget.reserve(peer, nbytes)
+        try:
+            await self._answer_with(request, sparse, model, context)
+        finally:
+            self._budget.release(peer, nbytes)
+        return b""
+
+    async def _answer_with(
+        self, request: oip.ModelInferRequest, sparse: SparseRequest, model: ServingModel,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         out = await self._batcher.submit(sparse, timeout=context.time_remaining())
         self._metrics.examples.inc(out.batch_size)
         datatype = next(k for k, v in oip.OUTPUT_DATATYPES.items() if v == sparse.output_dtype)
@@ -346,12 +356,7 @@ class InferenceServicer:
         ).SerializeToString()
         response = b"".join((header, field_header(_RAW_OUTPUT_FIELD, out.rows.nbytes), out.rows))
         del out  # the batch's LookupResponse bytes are no longer needed while the answer waits to be sent
-        self._budget.hold(peer, len(response))
-        try:
-            await context.write(response)
-        finally:
-            self._budget.release(peer, len(response))
-        return b""
+        await context.write(response)
 
     def _decode(self, raw: bytes, model: ServingModel) -> tuple[oip.ModelInferRequest, SparseRequest]:
         request = parse_message(oip.ModelInferRequest, raw)

@@ -2,7 +2,8 @@
 
 Lookup is registered as a response-streaming handler that writes its one answer (the same on the wire as a unary
 answer): grpc.aio's write returns only once the transport has taken the message, which a client that does not
-read never lets it do, so the answer's bytes stay counted in the `ResponseBudget` for as long as they are held.
+read never lets it do, so the answer's bytes stay counted in the `ResponseBudget` (from admission) for as long
+as they are held.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 from embserve.v1.wire import SERVICE_NAME
 
-from .admission import Bounds, OffloadDecoder, ResponseBudget
+from .admission import Bounds, OffloadDecoder, ResponseBudget, response_bytes
 from .batcher import DynamicBatcher
 from .config import ServerConfig
 from .decode import KeyOrders, decode_lookup, parse_message
@@ -156,12 +157,23 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         if not self.accepting:
             raise ShuttingDown("server is shutting down; retry on another replica")
-        peer = context.peer()
-        self.budget.admit(peer)
         sparse = await self.decoder.run(len(request), lambda: self.decode(request))
-        out = await self.batcher.submit(sparse, timeout=context.time_remaining())
-        self._examples.inc(out.batch_size)
-        await send_counted(context, self.budget, peer, out.response)
+        await self.answer(context, sparse)
+
+    async def answer(self, context: grpc.aio.ServicerContext, sparse: SparseRequest) -> None:
+        """Submits a decoded call and writes its answer, its response bytes counted in the budget from now until
+        the transport has taken them."""
+        peer, nbytes = context.peer(), self.response_bytes(sparse)
+        self.budget.reserve(peer, nbytes)
+        try:
+            out = await self.batcher.submit(sparse, timeout=context.time_remaining())
+            self._examples.inc(out.batch_size)
+            await context.write(out.response)
+        finally:
+            self.budget.release(peer, nbytes)
+
+    def response_bytes(self, sparse: SparseRequest) -> int:
+        return response_bytes(sparse.batch_size, self.schema.output_dim, sparse.output_dtype)
 
     async def LookupStream(  # type: ignore[override]
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -205,14 +217,6 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             tables=[_table_metadata(model, name) for name in model.keys],
         )
 
-
-async def send_counted(context: grpc.aio.ServicerContext, budget: ResponseBudget, peer: str, response: bytes) -> None:
-    """Writes a call's one answer, counted in `budget` until the transport has taken it."""
-    budget.hold(peer, len(response))
-    try:
-        await context.write(response)
-    finally:
-        budget.release(peer, len(response))
 
 
 def _table_metadata(model: ServingModel, name: str) -> pb.TableMetadata:

@@ -52,7 +52,8 @@ class LookupStream:
         self._servicer = servicer
         self._context = context
         self._max_outstanding = max_outstanding
-        self._replies: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: only re-check whether the stream is done
+        # (reply, its bytes counted in the response budget); None: only re-check whether the stream is done.
+        self._replies: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
         self._futures: set[asyncio.Future[BatchOutput]] = set()
@@ -75,8 +76,8 @@ class LookupStream:
                 future.cancel()
             while not self._replies.empty():  # replies never written leave the budget
                 reply = self._replies.get_nowait()
-                if reply is not None:
-                    self._budget.release(self._peer, len(reply))
+                if reply is not None and reply[1]:
+                    self._budget.release(self._peer, reply[1])
 
     def _done(self) -> bool:
         return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._servicer.accepting)
@@ -88,9 +89,10 @@ class LookupStream:
                 self._room.set()
             if reply is not None:
                 try:
-                    await self._context.write(reply)
+                    await self._context.write(reply[0])
                 finally:
-                    self._budget.release(self._peer, len(reply))
+                    if reply[1]:
+                        self._budget.release(self._peer, reply[1])
 
     async def _read(self, requests: AsyncIterator[bytes]) -> None:
         try:
@@ -102,10 +104,6 @@ class LookupStream:
         finally:
             self._reading = False
             self.wake()
-
-    def _put(self, reply: bytes) -> None:
-        self._budget.hold(self._peer, len(reply))
-        self._replies.put_nowait(reply)
 
     async def _accept(self, raw: bytes) -> None:
         start = time.perf_counter()
@@ -123,26 +121,33 @@ class LookupStream:
                     f"{self._in_progress} messages in progress on this stream, the server's max_stream_outstanding; "
                     "wait for answers before sending more"
                 )
-            self._budget.admit(self._peer)
             sparse = await servicer.decoder.run(
                 len(raw), lambda: decode_lookup(request, servicer.schema, servicer.key_orders)
             )
+            nbytes = servicer.response_bytes(sparse)
+            self._budget.reserve(self._peer, nbytes)
             timeout = self._context.time_remaining()
             if request.timeout_ms:
                 timeout = request.timeout_ms / 1e3 if timeout is None else min(timeout, request.timeout_ms / 1e3)
-            future = servicer.batcher.enqueue(sparse, timeout=timeout)
+            try:
+                future = servicer.batcher.enqueue(sparse, timeout=timeout)
+            except EmbserveError:
+                self._budget.release(self._peer, nbytes)
+                raise
         except EmbserveError as err:
             self._reply_error(request_id, err, start)
             return
         self._in_progress += 1
         servicer.enter()
         self._futures.add(future)
-        future.add_done_callback(functools.partial(self._answered, request_id, start))
+        future.add_done_callback(functools.partial(self._answered, request_id, start, nbytes))
 
-    def _answered(self, request_id: str, start: float, future: asyncio.Future[BatchOutput]) -> None:
+    def _answered(self, request_id: str, start: float, nbytes: int, future: asyncio.Future[BatchOutput]) -> None:
         self._futures.discard(future)
         self._in_progress -= 1
         self._servicer.exit()
+        if future.cancelled() or future.exception() is not None:
+            self._budget.release(self._peer, nbytes)
         if future.cancelled():
             self._servicer.count_stream_message(grpc.StatusCode.CANCELLED, start)
             return
@@ -156,11 +161,11 @@ class LookupStream:
         out = future.result()
         self._servicer.count_examples(out.batch_size)
         self._servicer.count_stream_message(grpc.StatusCode.OK, start)
-        self._put(out.response)
+        self._replies.put_nowait((out.response, nbytes))
 
     def _reply_error(self, request_id: str, error: BaseException, start: float) -> None:
         code = status_code_of(error)
         if code is grpc.StatusCode.INTERNAL:
             logger.error("stream message failed: %s", error)
         self._servicer.count_stream_message(code, start)
-        self._put(error_reply(request_id, error))
+        self._replies.put_nowait((error_reply(request_id, error), 0))
