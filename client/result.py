@@ -118,6 +118,12 @@ class ModelInfo:
     max_request_ids: int
     max_message_bytes: int
     max_stream_outstanding: int = 0  # 0: the server did not say
+    # Byte bounds (0: the server did not say): a response over max_response_bytes is refused INVALID_ARGUMENT;
+    # the queue and the responses waiting to be sent are refused RESOURCE_EXHAUSTED beyond theirs.
+    max_response_bytes: int = 0
+    max_queue_bytes: int = 0
+    max_pending_response_bytes: int = 0
+    max_pending_response_bytes_per_connection: int = 0
 
     @classmethod
     def from_proto(cls, m: pb.ModelMetadata) -> ModelInfo:
@@ -140,4 +146,8 @@ class ModelInfo:
             max_request_ids=m.max_request_ids,
             max_message_bytes=m.max_message_bytes,
             max_stream_outstanding=m.max_stream_outstanding,
+            max_response_bytes=m.max_response_bytes,
+            max_queue_bytes=m.max_queue_bytes,
+            max_pending_response_bytes=m.max_pending_response_bytes,
+            max_pending_response_bytes_per_connection=m.max_pending_response_bytes_per_connection,
         )

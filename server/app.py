@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2
 from embserve.v1.wire import SERVICE_NAME
 
+from .admission import Bounds, release_free_memory, request_bytes
 from .batcher import DynamicBatcher
 from .config import ServerConfig
 from .connections import grpc_options as connection_options
@@ -33,6 +34,9 @@ from .servicer import EmbeddingServicer, add_to_server, model_schema
 __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server", "serve_until_signal"]
 
 logger = logging.getLogger(__name__)
+
+# A batch with a request of at least this many bytes of ids makes the server trim its heap once the queue empties.
+TRIM_AFTER_BYTES = 8 << 20
 
 
 class ReloadFailed(RuntimeError):
@@ -95,9 +99,13 @@ class EmbserveServer:
         self.executor = BatchExecutor(
             model, pipelined=inflight > 1, on_forward=self.metrics.forward_seconds.observe
         )
+        self.bounds = Bounds(config)
+        output_dim = model.output_dim
         self.batcher: DynamicBatcher[SparseRequest, BatchOutput] = DynamicBatcher(
-            self.executor.run,
+            self._run_batch,
             size_of=lambda r: r.batch_size,
+            bytes_of=lambda r: request_bytes(r, output_dim),
+            max_queue_bytes=self.bounds.max_queue_bytes,
             max_batch_size=b.max_batch_size if b.enabled else 1,
             max_queue_delay_s=b.max_queue_delay_us / 1e6,
             max_queue_size=b.max_queue_size,
@@ -106,7 +114,8 @@ class EmbserveServer:
             max_queue_wait_s=b.max_queue_wait_ms / 1e3,
             observer=self.metrics,
         )
-        schema = model_schema(self.executor.model, config)
+        schema = model_schema(self.executor.model, config, self.bounds)
+        self._large_since_trim = False
         self.servicer = EmbeddingServicer(
             config=config,
             schema=schema,
@@ -120,6 +129,8 @@ class EmbserveServer:
             metrics=self.metrics,
             current_model=lambda: self.executor.model,
             accepting=lambda: self.servicer.accepting,
+            budget=self.servicer.budget,
+            decoder=self.servicer.decoder,
         )
         self.health, self._interceptors = peer_guards(config, self.metrics)
         self._reload_lock = asyncio.Lock()
@@ -129,6 +140,17 @@ class EmbserveServer:
         self._metrics_http: Any = None
         m = self.executor.model
         self.metrics.set_model(m.config.name, m.version, m.engine.value, str(m.device))
+
+    async def _run_batch(self, batch: list[SparseRequest]) -> Sequence[BatchOutput]:
+        """Runs a batch; once the queue is empty after large requests, hands the heap's free pages back to the OS
+        (off the event loop), so a burst of large requests does not leave the process at its peak size."""
+        outputs = await self.executor.run(batch)
+        if any(r.values.nbytes >= TRIM_AFTER_BYTES for r in batch):
+            self._large_since_trim = True
+        if self._large_since_trim and self.batcher.queued_bytes == 0:
+            self._large_since_trim = False
+            await asyncio.get_running_loop().run_in_executor(None, release_free_memory)
+        return outputs
 
     @property
     def address(self) -> str:
@@ -236,6 +258,7 @@ class EmbserveServer:
             await self._server.stop(max(0.0, deadline - loop.time()))
         await self.batcher.close()
         self.executor.shutdown()
+        self.servicer.decoder.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

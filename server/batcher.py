@@ -3,7 +3,8 @@
 One future per request. A batch runs through `run_batch`, whose results are fanned out in order; an exception in a
 batch is set on every future of that batch and on no other. Expired and cancelled requests are dropped before a
 batch is formed, so they are never computed. At most `max_inflight_batches` batches run at once; while they run,
-new requests gather in the queue by themselves.
+new requests gather in the queue by themselves. Admission counts examples (`size_of`) and, where a byte bound is
+given, bytes (`bytes_of`: what an item holds while queued and will produce).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class BatcherObserver(Protocol):
 class _Entry(Generic[T, R]):
     item: T
     size: int
+    nbytes: int
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
@@ -47,9 +49,12 @@ class DynamicBatcher(Generic[T, R]):
     Args:
         run_batch: computes a batch; returns one result per item, in order.
         size_of: an item's size in examples.
+        bytes_of: an item's size in bytes (its arrays and its result); counted only with `max_queue_bytes`.
         max_batch_size: examples per batch; an item larger than this runs alone, never rejected for size.
         max_queue_delay_s: with `BatchPolicy.WAIT`, how long the first queued item waits for the batch to fill.
         max_queue_size: examples the queue holds; beyond it `submit` raises `Overloaded` at once.
+        max_queue_bytes: bytes the queue holds (by `bytes_of`); beyond it `submit` raises `Overloaded` at once.
+            An item larger than this is still taken when the queue is empty.
         policy: EAGER (run what is queued as soon as a slot is free) or WAIT.
         max_inflight_batches: batches running concurrently (pipelining of assembly and forward).
         max_queue_wait_s: the queue budget: an item queued longer is failed with `Overloaded`, never run, so the
@@ -69,6 +74,8 @@ class DynamicBatcher(Generic[T, R]):
         max_inflight_batches: int = 1,
         max_queue_wait_s: float | None = None,
         observer: BatcherObserver | None = None,
+        bytes_of: Callable[[T], int] | None = None,
+        max_queue_bytes: int | None = None,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
@@ -80,7 +87,12 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"max_inflight_batches must be > 0, got {max_inflight_batches}")
         if max_queue_wait_s is not None and max_queue_wait_s <= 0:
             raise ValueError(f"max_queue_wait_s must be > 0, got {max_queue_wait_s}")
+        if max_queue_bytes is not None and (max_queue_bytes <= 0 or bytes_of is None):
+            raise ValueError(f"max_queue_bytes must be > 0 and come with bytes_of, got {max_queue_bytes}")
         self._run_batch = run_batch
+        self._bytes_of = bytes_of if max_queue_bytes is not None else None
+        self.max_queue_bytes = max_queue_bytes
+        self._queued_bytes = 0
         self._size_of = size_of
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
@@ -101,6 +113,10 @@ class DynamicBatcher(Generic[T, R]):
     @property
     def queued_examples(self) -> int:
         return self._queued_examples
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     def start(self) -> None:
         """Starts the batching loop on the running event loop."""
@@ -131,12 +147,25 @@ class DynamicBatcher(Generic[T, R]):
             raise Overloaded(
                 f"queue full: {self._queued_examples} examples queued, limit {self.max_queue_size}; retry later"
             )
+        nbytes = 0
+        if self._bytes_of is not None:
+            nbytes = self._bytes_of(item)
+            assert self.max_queue_bytes is not None
+            if self._queue and self._queued_bytes + nbytes > self.max_queue_bytes:
+                if self._observer:
+                    self._observer.dropped("queue_full")
+                raise Overloaded(
+                    f"queue full: {self._queued_bytes} bytes queued and this request needs {nbytes} (its arrays "
+                    f"and its response), over the server's max_queue_bytes {self.max_queue_bytes}; retry later"
+                )
         now = time.monotonic()
         entry: _Entry[T, R] = _Entry(
-            item, size, asyncio.get_running_loop().create_future(), None if timeout is None else now + timeout, now
+            item, size, nbytes, asyncio.get_running_loop().create_future(),
+            None if timeout is None else now + timeout, now,
         )
         self._queue.append(entry)
         self._queued_examples += size
+        self._queued_bytes += nbytes
         if self._observer:
             self._observer.queue_depth(self._queued_examples)
         self._has_work.set()
@@ -228,6 +257,7 @@ class DynamicBatcher(Generic[T, R]):
     def _pop(self) -> None:
         entry = self._queue.popleft()
         self._queued_examples -= entry.size
+        self._queued_bytes -= entry.nbytes
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:

@@ -49,6 +49,10 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
 DEFAULT_MIN_PING_INTERVAL_MS = 60_000
 DEFAULT_MAX_PING_STRIKES = 2
+# Requests whose message is at least this many bytes are decoded on the decode threads, not the event loop.
+DEFAULT_OFFLOAD_DECODE_BYTES = 1 << 20
+DEFAULT_DECODE_THREADS = 2
+DEFAULT_MAX_DECODE_QUEUE = 16
 
 
 @enum.unique
@@ -82,6 +86,9 @@ class BatchingConfig(_Strict):
     max_queue_size: int = pydantic.Field(DEFAULT_MAX_QUEUE_SIZE, gt=0)
     # The queue budget: a call that waited longer than this for its batch is answered RESOURCE_EXHAUSTED unrun.
     max_queue_wait_ms: float = pydantic.Field(DEFAULT_MAX_QUEUE_WAIT_MS, gt=0)
+    # Bytes the queue holds: each request's arrays plus the response it will produce. None: from the host's
+    # memory (`admission.memory_default`).
+    max_queue_bytes: int | None = pydantic.Field(None, ge=1 << 16)
     # None: 1 on CPU (the forward competes with the event loop for cores), 2 on CUDA (copy overlaps compute).
     max_inflight_batches: int | None = pydantic.Field(None, ge=1, le=8)
 
@@ -93,6 +100,18 @@ class LimitsConfig(_Strict):
     max_stream_outstanding: int = pydantic.Field(DEFAULT_MAX_STREAM_OUTSTANDING, ge=1)
     # Health.Watch streams open at once from callers without a valid token; beyond it RESOURCE_EXHAUSTED.
     max_health_watches: int = pydantic.Field(DEFAULT_MAX_HEALTH_WATCHES, ge=0)
+    # The response one request may produce (batch_size x output_dim x dtype size); larger is INVALID_ARGUMENT.
+    # None: from the host's memory.
+    max_response_bytes: int | None = pydantic.Field(None, ge=1024)
+    # Response bytes computed but not yet sent (a client that does not read holds them), over all connections
+    # and on one connection; beyond either, new calls are refused RESOURCE_EXHAUSTED. None: from the host's memory.
+    max_pending_response_bytes: int | None = pydantic.Field(None, ge=1 << 16)
+    max_pending_response_bytes_per_connection: int | None = pydantic.Field(None, ge=1 << 16)
+    # Requests of at least this many bytes are decoded on `decode_threads` threads, off the event loop; at most
+    # `max_decode_queue` wait for them, beyond it RESOURCE_EXHAUSTED.
+    offload_decode_bytes: int = pydantic.Field(DEFAULT_OFFLOAD_DECODE_BYTES, ge=0)
+    decode_threads: int = pydantic.Field(DEFAULT_DECODE_THREADS, ge=1, le=64)
+    max_decode_queue: int = pydantic.Field(DEFAULT_MAX_DECODE_QUEUE, ge=1)
 
 
 class ConnectionsConfig(_Strict):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from typing import TypeVar
 
 import numpy as np
@@ -18,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import OUTPUT_DTYPES, WireFeatures, WireFormatError, unpack_features
 
+from .admission import response_bytes
 from .errors import InvalidRequest
 from .request import ModelSchema, SparseRequest
 
@@ -68,6 +70,9 @@ def decode_lookup(request: pb.LookupRequest, schema: ModelSchema, key_orders: Ke
     output_dtype = OUTPUT_DTYPES.get(request.output_dtype)
     if output_dtype is None:
         raise InvalidRequest(f"output_dtype {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
+    n_keys = len(request.features.keys)  # counted before the keys become Python strings, one per key
+    if n_keys > len(schema.keys):
+        raise InvalidRequest(f"features.keys has {n_keys} keys; the model has {len(schema.keys)}")
     try:
         features = unpack_features(request.features)
     except WireFormatError as err:
@@ -92,17 +97,20 @@ class KeyOrders:
         self._schema = schema
         self._max_entries = max_entries
         self._known: collections.OrderedDict[tuple[str, ...], np.ndarray] = collections.OrderedDict()
+        self._lock = threading.Lock()  # large requests are decoded on threads of their own
 
     def __call__(self, keys: tuple[str, ...]) -> np.ndarray:
-        key_index = self._known.get(keys)
-        if key_index is not None:
-            self._known.move_to_end(keys)
-            return key_index
+        with self._lock:
+            key_index = self._known.get(keys)
+            if key_index is not None:
+                self._known.move_to_end(keys)
+                return key_index
         key_index = _key_indices(keys, self._schema)
         key_index.setflags(write=False)
-        self._known[keys] = key_index
-        if len(self._known) > self._max_entries:
-            self._known.popitem(last=False)
+        with self._lock:
+            self._known[keys] = key_index
+            if len(self._known) > self._max_entries:
+                self._known.popitem(last=False)
         return key_index
 
 
@@ -140,6 +148,14 @@ def validate_features(
         raise InvalidRequest(
             f"{names.batch_size} {batch_size} is over the server's max_request_examples {schema.max_request_examples}"
         )
+    if schema.max_response_bytes is not None:
+        answer = response_bytes(batch_size, schema.output_dim, output_dtype)
+        if answer > schema.max_response_bytes:
+            raise InvalidRequest(
+                f"the response to {names.batch_size} {batch_size} would be {answer} bytes ({batch_size} x "
+                f"{schema.output_dim} x {output_dtype}), over the server's max_response_bytes "
+                f"{schema.max_response_bytes}; send fewer examples per request"
+            )
     keys = features.keys
     key_index = key_orders(keys) if key_orders is not None else _key_indices(keys, schema)
     n_keys = len(key_index)

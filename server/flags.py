@@ -66,6 +66,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batching.max_queue_size", "--max-queue-size", "examples queued; beyond it RESOURCE_EXHAUSTED at once"),
     Setting("batching.max_queue_wait_ms", "--max-queue-wait-ms", "queue budget, milliseconds: a call that waited "
             "longer is answered RESOURCE_EXHAUSTED unrun"),
+    Setting("batching.max_queue_bytes", "--max-queue-bytes", "bytes queued (each request's arrays plus its "
+            "response); beyond it RESOURCE_EXHAUSTED at once; none: 1/32 of physical memory, 64 MiB to 512 MiB"),
     Setting("batching.max_inflight_batches", "--max-inflight-batches", "batches assembled or computed at once; "
             "none: 1 on CPU, 2 on CUDA"),
     Setting("limits.max_request_examples", "--max-request-examples", "largest batch_size of one request"),
@@ -75,6 +77,18 @@ SETTINGS: tuple[Setting, ...] = (
             "stream; beyond it a message is answered RESOURCE_EXHAUSTED at once"),
     Setting("limits.max_health_watches", "--max-health-watches", "Health.Watch streams open at once without a "
             "valid token; beyond it RESOURCE_EXHAUSTED"),
+    Setting("limits.max_response_bytes", "--max-response-bytes", "largest response of one request (batch_size x "
+            "output_dim x dtype size); beyond it INVALID_ARGUMENT; none: 1/64 of physical memory, 16 MiB to 256 MiB"),
+    Setting("limits.max_pending_response_bytes", "--max-pending-response-bytes", "response bytes computed but "
+            "not yet sent, all connections; beyond it new calls RESOURCE_EXHAUSTED; none: 1/32 of physical memory, "
+            "64 MiB to 512 MiB"),
+    Setting("limits.max_pending_response_bytes_per_connection", "--max-pending-response-bytes-per-connection",
+            "the same on one connection; none: 1/128 of physical memory, 32 MiB to 128 MiB"),
+    Setting("limits.offload_decode_bytes", "--offload-decode-bytes", "requests of at least this many bytes are "
+            "decoded on the decode threads, off the event loop"),
+    Setting("limits.decode_threads", "--decode-threads", "threads decoding large requests"),
+    Setting("limits.max_decode_queue", "--max-decode-queue", "large requests decoding or waiting to; beyond it "
+            "RESOURCE_EXHAUSTED at once"),
     Setting("connections.keepalive_time_ms", "--keepalive-time-ms", "server ping on a connection quiet this long, "
             "milliseconds"),
     Setting("connections.keepalive_timeout_ms", "--keepalive-timeout-ms", "close a connection whose ping is "

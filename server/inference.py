@@ -26,6 +26,7 @@ from embserve.embeddings import ServingModel
 from embserve.oip import wire as oip
 from embserve.v1.wire import WireFeatures
 
+from .admission import OffloadDecoder, ResponseBudget, response_bytes
 from .batcher import DynamicBatcher
 from .decode import FieldNames, echo, parse_message, validate_features
 from .errors import EmbserveError, InvalidRequest, ShuttingDown, UnknownModel, oip_status_code_of
@@ -246,6 +247,8 @@ class InferenceServicer:
         metrics: calls are counted under the method's name (`ModelInfer`, ...).
         current_model: the model serving now (it changes on reload).
         accepting: False once the server drains: ModelInfer answers UNAVAILABLE, the ready calls false.
+        budget: response bytes waiting to be sent, shared with the EmbeddingService.
+        decoder: decodes large requests off the event loop, shared with the EmbeddingService.
     """
 
     def __init__(
@@ -256,8 +259,12 @@ class InferenceServicer:
         metrics: ServerMetrics,
         current_model: Callable[[], ServingModel],
         accepting: Callable[[], bool],
+        budget: ResponseBudget,
+        decoder: OffloadDecoder,
     ) -> None:
         self._decoder = InferDecoder(schema)
+        self._budget = budget
+        self._offload = decoder
         self._batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
@@ -305,12 +312,14 @@ class InferenceServicer:
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        """Writes its one answer (registered response-streaming, like Lookup) so that the answer stays counted in
+        the response budget until the transport takes it."""
         start = time.perf_counter()
         self._inflight += 1
         self._idle.clear()
         try:
-            return await self._answer("ModelInfer", self._infer(request, context), context)
+            await self._answer("ModelInfer", self._infer(request, context), context)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
@@ -321,8 +330,19 @@ class InferenceServicer:
         if not self._accepting():
             raise ShuttingDown("server is shutting down; retry on another replica")
         model = self._current_model()
-        request = parse_message(oip.ModelInferRequest, raw)
-        sparse = self._decoder.decode(request, model)
+        request, sparse = await self._offload.run(len(raw), lambda: self._decode(raw, model))
+        peer, nbytes = context.peer(), response_bytes(sparse.batch_size, model.output_dim, sparse.output_dtype)
+        self._budget.reserve(peer, nbytes)
+        try:
+            await self._answer_with(request, sparse, model, context)
+        finally:
+            self._budget.release(peer, nbytes)
+        return b""
+
+    async def _answer_with(
+        self, request: oip.ModelInferRequest, sparse: SparseRequest, model: ServingModel,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         out = await self._batcher.submit(sparse, timeout=context.time_remaining())
         self._metrics.examples.inc(out.batch_size)
         datatype = next(k for k, v in oip.OUTPUT_DATATYPES.items() if v == sparse.output_dtype)
@@ -334,7 +354,13 @@ class InferenceServicer:
                 name=oip.OUTPUT_NAME, datatype=datatype, shape=[out.batch_size, model.output_dim]
             )],
         ).SerializeToString()
-        return b"".join((header, field_header(_RAW_OUTPUT_FIELD, out.rows.nbytes), out.rows))
+        response = b"".join((header, field_header(_RAW_OUTPUT_FIELD, out.rows.nbytes), out.rows))
+        del out  # the batch's LookupResponse bytes are no longer needed while the answer waits to be sent
+        await context.write(response)
+
+    def _decode(self, raw: bytes, model: ServingModel) -> tuple[oip.ModelInferRequest, SparseRequest]:
+        request = parse_message(oip.ModelInferRequest, raw)
+        return request, self._decoder.decode(request, model)
 
     async def ServerLive(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         async def work() -> bytes:
@@ -396,4 +422,5 @@ def add_inference_to_server(servicer: InferenceServicer, server: grpc.aio.Server
     """Registers the service with request bytes handed to the handlers unparsed (corrupt data is answered with
     INVALID_ARGUMENT) and responses already serialized."""
     handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name)) for name in oip.METHODS}
+    handlers["ModelInfer"] = grpc.unary_stream_rpc_method_handler(servicer.ModelInfer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(oip.SERVICE_NAME, handlers),))

@@ -27,6 +27,8 @@ class ModelSchema:
     weighted: np.ndarray  # bool [T]
     max_request_examples: int
     max_request_ids: int
+    output_dim: int = 0
+    max_response_bytes: int | None = None  # batch_size x output_dim x dtype size; None: no bound
     _index: dict[str, int] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -36,7 +38,14 @@ class ModelSchema:
         return self._index.get(key)
 
     @classmethod
-    def of(cls, model: ServingModel, *, max_request_examples: int, max_request_ids: int) -> ModelSchema:
+    def of(
+        cls,
+        model: ServingModel,
+        *,
+        max_request_examples: int,
+        max_request_ids: int,
+        max_response_bytes: int | None = None,
+    ) -> ModelSchema:
         """The schema of a serving model, in its canonical key order."""
         return cls(
             keys=model.keys,
@@ -45,6 +54,8 @@ class ModelSchema:
             weighted=np.array([model.table(k).weighted for k in model.keys], dtype=bool),
             max_request_examples=max_request_examples,
             max_request_ids=max_request_ids,
+            output_dim=model.output_dim,
+            max_response_bytes=max_response_bytes,
         )
 
 

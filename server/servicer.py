@@ -1,4 +1,10 @@
-"""gRPC <-> domain: the EmbeddingService handlers. gRPC types stop here."""
+"""gRPC <-> domain: the EmbeddingService handlers. gRPC types stop here.
+
+Lookup is registered as a response-streaming handler that writes its one answer (the same on the wire as a unary
+answer): grpc.aio's write returns only once the transport has taken the message, which a client that does not
+read never lets it do, so the answer's bytes stay counted in the `ResponseBudget` (from admission) for as long
+as they are held.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 from embserve.v1.wire import SERVICE_NAME
 
+from .admission import Bounds, OffloadDecoder, ResponseBudget, response_bytes
 from .batcher import DynamicBatcher
 from .config import ServerConfig
 from .decode import KeyOrders, decode_lookup, parse_message
@@ -29,12 +36,13 @@ __all__ = ["EmbeddingServicer", "add_to_server", "model_schema"]
 logger = logging.getLogger(__name__)
 
 
-def model_schema(model: ServingModel, config: ServerConfig) -> ModelSchema:
+def model_schema(model: ServingModel, config: ServerConfig, bounds: Bounds | None = None) -> ModelSchema:
     """What requests to `model` are validated against under `config`'s request limits."""
     return ModelSchema.of(
         model,
         max_request_examples=config.limits.max_request_examples,
         max_request_ids=config.limits.max_request_ids,
+        max_response_bytes=(bounds or Bounds(config)).max_response_bytes,
     )
 
 
@@ -49,8 +57,18 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         batcher: DynamicBatcher[SparseRequest, BatchOutput],
         metrics: ServerMetrics,
         current_model: Callable[[], ServingModel],
+        budget: ResponseBudget | None = None,
+        decoder: OffloadDecoder | None = None,
     ) -> None:
         self._config = config
+        self.bounds = Bounds(config)
+        self.budget = budget or ResponseBudget(
+            self.bounds.max_pending_response_bytes, self.bounds.max_pending_response_bytes_per_connection
+        )
+        limits = config.limits
+        self.decoder = decoder or OffloadDecoder(
+            min_bytes=limits.offload_decode_bytes, threads=limits.decode_threads, max_waiting=limits.max_decode_queue
+        )
         self.schema = schema
         self.key_orders = KeyOrders(schema)
         self.batcher = batcher
@@ -106,13 +124,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             return False
         return True
 
-    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:  # type: ignore[override]
+    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         start = time.perf_counter()
         self.enter()
         error: EmbserveError | None = None
         code = grpc.StatusCode.OK
         try:
-            return await self._lookup(request, context)
+            await self._lookup(request, context)
+            return
         except EmbserveError as err:
             error, code = err, status_code_of(err)
             if code is grpc.StatusCode.INTERNAL:
@@ -132,13 +151,29 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
-    async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    def decode(self, raw: bytes) -> SparseRequest:
+        return decode_lookup(parse_message(pb.LookupRequest, raw), self.schema, self.key_orders)
+
+    async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         if not self.accepting:
             raise ShuttingDown("server is shutting down; retry on another replica")
-        sparse = decode_lookup(parse_message(pb.LookupRequest, request), self.schema, self.key_orders)
-        out = await self.batcher.submit(sparse, timeout=context.time_remaining())
-        self._examples.inc(out.batch_size)
-        return out.response
+        sparse = await self.decoder.run(len(request), lambda: self.decode(request))
+        await self.answer(context, sparse)
+
+    async def answer(self, context: grpc.aio.ServicerContext, sparse: SparseRequest) -> None:
+        """Submits a decoded call and writes its answer, its response bytes counted in the budget from now until
+        the transport has taken them."""
+        peer, nbytes = context.peer(), self.response_bytes(sparse)
+        self.budget.reserve(peer, nbytes)
+        try:
+            out = await self.batcher.submit(sparse, timeout=context.time_remaining())
+            self._examples.inc(out.batch_size)
+            await context.write(out.response)
+        finally:
+            self.budget.release(peer, nbytes)
+
+    def response_bytes(self, sparse: SparseRequest) -> int:
+        return response_bytes(sparse.batch_size, self.schema.output_dim, sparse.output_dtype)
 
     async def LookupStream(  # type: ignore[override]
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -175,8 +210,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             max_request_ids=self._config.limits.max_request_ids,
             max_message_bytes=self._config.limits.max_message_bytes,
             max_stream_outstanding=self._config.limits.max_stream_outstanding,
+            max_response_bytes=self.bounds.max_response_bytes,
+            max_queue_bytes=self.batcher.max_queue_bytes or 0,
+            max_pending_response_bytes=self.budget.max_total,
+            max_pending_response_bytes_per_connection=self.budget.max_per_connection,
             tables=[_table_metadata(model, name) for name in model.keys],
         )
+
 
 
 def _table_metadata(model: ServingModel, name: str) -> pb.TableMetadata:
@@ -198,7 +238,8 @@ def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
     """Registers the service with request bytes handed to the handlers unparsed, so that corrupt wire data is
     answered with INVALID_ARGUMENT by the codec instead of an UNKNOWN from the framework."""
     handlers = {
-        "Lookup": grpc.unary_unary_rpc_method_handler(servicer.Lookup),  # bytes in, serialized response out
+        # Bytes in, one serialized response written out (see the module docstring).
+        "Lookup": grpc.unary_stream_rpc_method_handler(servicer.Lookup),
         "LookupStream": grpc.stream_stream_rpc_method_handler(servicer.LookupStream),  # bytes both ways
         "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelMetadata, response_serializer=pb.ModelMetadata.SerializeToString

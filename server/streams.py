@@ -5,7 +5,9 @@ back); replies go out in completion order, matched by `request_id`. A message th
 status and the stream goes on. Two bounds keep a stream's memory fixed: at most `max_outstanding` messages in
 progress (beyond it a message is answered RESOURCE_EXHAUSTED at once), and at most `max_outstanding` replies
 waiting to be written (beyond it the reader stops reading, so HTTP/2 flow control holds a client that does not
-read its answers). On drain, new messages are answered UNAVAILABLE, those in progress are answered, then the
+read its answers). Replies waiting to be written count in the server's `ResponseBudget`, with the Lookup and
+ModelInfer answers, until their write returns; while it is over its bound (in total or on this connection), a new
+message is answered RESOURCE_EXHAUSTED. Large messages are decoded off the event loop, one at a time. On drain, new messages are answered UNAVAILABLE, those in progress are answered, then the
 stream ends.
 """
 
@@ -50,12 +52,15 @@ class LookupStream:
         self._servicer = servicer
         self._context = context
         self._max_outstanding = max_outstanding
-        self._replies: asyncio.Queue[bytes | None] = asyncio.Queue()  # None: only re-check whether the stream is done
+        # (reply, its bytes counted in the response budget); None: only re-check whether the stream is done.
+        self._replies: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
         self._futures: set[asyncio.Future[BatchOutput]] = set()
         self._in_progress = 0
         self._reading = True
+        self._peer = context.peer()
+        self._budget = servicer.budget
 
     def wake(self) -> None:
         """Makes the writer re-check its state (the server started draining)."""
@@ -69,6 +74,10 @@ class LookupStream:
             reader.cancel()
             for future in list(self._futures):  # the caller went away: its queued messages are dropped unrun
                 future.cancel()
+            while not self._replies.empty():  # replies never written leave the budget
+                reply = self._replies.get_nowait()
+                if reply is not None and reply[1]:
+                    self._budget.release(self._peer, reply[1])
 
     def _done(self) -> bool:
         return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._servicer.accepting)
@@ -79,7 +88,11 @@ class LookupStream:
             if self._replies.qsize() < self._max_outstanding:
                 self._room.set()
             if reply is not None:
-                await self._context.write(reply)
+                try:
+                    await self._context.write(reply[0])
+                finally:
+                    if reply[1]:
+                        self._budget.release(self._peer, reply[1])
 
     async def _read(self, requests: AsyncIterator[bytes]) -> None:
         try:
@@ -87,12 +100,12 @@ class LookupStream:
                 if self._replies.qsize() >= self._max_outstanding:
                     self._room.clear()
                     await self._room.wait()  # the client is not reading its answers: stop reading its requests
-                self._accept(raw)
+                await self._accept(raw)
         finally:
             self._reading = False
             self.wake()
 
-    def _accept(self, raw: bytes) -> None:
+    async def _accept(self, raw: bytes) -> None:
         start = time.perf_counter()
         request_id = ""
         servicer = self._servicer
@@ -108,23 +121,33 @@ class LookupStream:
                     f"{self._in_progress} messages in progress on this stream, the server's max_stream_outstanding; "
                     "wait for answers before sending more"
                 )
-            sparse = decode_lookup(request, servicer.schema, servicer.key_orders)
+            sparse = await servicer.decoder.run(
+                len(raw), lambda: decode_lookup(request, servicer.schema, servicer.key_orders)
+            )
+            nbytes = servicer.response_bytes(sparse)
+            self._budget.reserve(self._peer, nbytes)
             timeout = self._context.time_remaining()
             if request.timeout_ms:
                 timeout = request.timeout_ms / 1e3 if timeout is None else min(timeout, request.timeout_ms / 1e3)
-            future = servicer.batcher.enqueue(sparse, timeout=timeout)
+            try:
+                future = servicer.batcher.enqueue(sparse, timeout=timeout)
+            except EmbserveError:
+                self._budget.release(self._peer, nbytes)
+                raise
         except EmbserveError as err:
             self._reply_error(request_id, err, start)
             return
         self._in_progress += 1
         servicer.enter()
         self._futures.add(future)
-        future.add_done_callback(functools.partial(self._answered, request_id, start))
+        future.add_done_callback(functools.partial(self._answered, request_id, start, nbytes))
 
-    def _answered(self, request_id: str, start: float, future: asyncio.Future[BatchOutput]) -> None:
+    def _answered(self, request_id: str, start: float, nbytes: int, future: asyncio.Future[BatchOutput]) -> None:
         self._futures.discard(future)
         self._in_progress -= 1
         self._servicer.exit()
+        if future.cancelled() or future.exception() is not None:
+            self._budget.release(self._peer, nbytes)
         if future.cancelled():
             self._servicer.count_stream_message(grpc.StatusCode.CANCELLED, start)
             return
@@ -138,11 +161,11 @@ class LookupStream:
         out = future.result()
         self._servicer.count_examples(out.batch_size)
         self._servicer.count_stream_message(grpc.StatusCode.OK, start)
-        self._replies.put_nowait(out.response)
+        self._replies.put_nowait((out.response, nbytes))
 
     def _reply_error(self, request_id: str, error: BaseException, start: float) -> None:
         code = status_code_of(error)
         if code is grpc.StatusCode.INTERNAL:
             logger.error("stream message failed: %s", error)
         self._servicer.count_stream_message(code, start)
-        self._replies.put_nowait(error_reply(request_id, error))
+        self._replies.put_nowait((error_reply(request_id, error), 0))
