@@ -17,7 +17,7 @@ from .config import (
     model_config_from_dict,
 )
 from .large_embeddings import LargeEmbeddings, canonical_keys
-from .serving import Engine, ServingModel, build_serving_model
+from .serving import Engine, SelfCheckFailed, ServingModel, build_serving_model
 from .weights import CheckpointError, init_weights, load_checkpoint, save_checkpoint, table_weights
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "LargeEmbeddings",
     "LargeEmbeddingsConfig",
     "ModelConfig",
+    "SelfCheckFailed",
     "ServingDType",
     "ServingModel",
     "build_serving_model",

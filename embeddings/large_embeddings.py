@@ -94,9 +94,9 @@ def _weights_in_table_dtype(
 ) -> tuple[tuple[object, ...], dict[str, object]]:
     """Casts a weighted fp16 table's per-id weights (float32 on the wire) to the table's type, which
     `torch.embedding_bag` requires; the pooled sum is then in the table's type, as for its unweighted bags."""
-    weights = kwargs.get("per_sample_weights")
-    if isinstance(weights, torch.Tensor) and weights.dtype != bag.weight.dtype:
-        kwargs = {**kwargs, "per_sample_weights": weights.to(bag.weight.dtype)}
+    weights, table = kwargs.get("per_sample_weights"), bag.weight
+    if isinstance(weights, torch.Tensor) and isinstance(table, torch.Tensor) and weights.dtype != table.dtype:
+        kwargs = {**kwargs, "per_sample_weights": weights.to(table.dtype)}
     return args, kwargs
 
 

@@ -49,6 +49,8 @@ def _add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        from embserve.embeddings import SelfCheckFailed
+
         from .app import run_server
         from .config import load_server_config
         from .workers import run_workers
@@ -94,9 +96,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"embserve serve: invalid configuration: {err}", file=sys.stderr)
         return 2
-    if args.workers > 1:
-        return run_workers(config, args.workers)
-    run_server(config)
+    try:
+        if args.workers > 1:
+            return run_workers(config, args.workers)
+        run_server(config)
+    except SelfCheckFailed as err:
+        print(f"embserve serve: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
