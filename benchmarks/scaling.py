@@ -20,27 +20,12 @@ from embserve.embeddings import build_serving_model, model_config_from_dict
 
 from .ceilings import compute_ceiling
 from .loadgen import closed_loop
-from .procs import ServerProcess, embserve_command
+from .procs import ServerProcess, children, embserve_command, pss_bytes
 from .report import hardware
 from .run import _encode
 from .workloads import WORKLOADS
 
 __all__ = ["main"]
-
-
-def _pss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
 
 
 def workers_rows(counts: list[int], duration: float, concurrency: int) -> list[dict[str, Any]]:
@@ -63,8 +48,8 @@ def workers_rows(counts: list[int], duration: float, concurrency: int) -> list[d
                     res = asyncio.run(closed_loop(server.address, payloads, sizes, [0] * len(sizes),
                                                   concurrency=concurrency, duration_s=duration, warmup_s=1.0))
                     assert server.proc is not None
-                    pids = [server.proc.pid] + _children(server.proc.pid)
-                    memory = sum(_pss_bytes(p) for p in pids)
+                    pids = [server.proc.pid] + children(server.proc.pid)
+                    memory = sum(pss_bytes(p) for p in pids)
                 finally:
                     server.stop()
                 rows.append({"workload": name, "workers": n, "callers": concurrency, "rps": res.rps, "eps": res.eps,

@@ -25,6 +25,7 @@ class LookupResult:
 
     `embeddings` is a read-only view of the response bytes (no copy) for float32 and float16; bfloat16, which numpy
     lacks, is widened to float32 (`raw` keeps the bits). `result["user"]` is key `user`'s `[batch_size, dim]` view.
+    `request_id` is the server's echo of the id the call sent.
     """
 
     embeddings: np.ndarray
@@ -35,6 +36,7 @@ class LookupResult:
     model_name: str
     model_version: str
     raw: np.ndarray | None = None
+    request_id: str = ""
 
     @classmethod
     def from_proto(cls, response: pb.LookupResponse) -> LookupResult:
@@ -53,6 +55,7 @@ class LookupResult:
             model_name=response.model_name,
             model_version=response.model_version,
             raw=raw if response.dtype == pb.DTYPE_BFLOAT16 else None,
+            request_id=response.request_id,
         )
 
     @classmethod

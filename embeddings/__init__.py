@@ -19,7 +19,7 @@ from .config import (
     model_config_from_dict,
 )
 from .large_embeddings import LargeEmbeddings, canonical_keys
-from .serving import ServingModel, build_serving_model
+from .serving import SelfCheckFailed, ServingModel, build_serving_model
 from .weights import CheckpointError, init_weights, load_checkpoint, save_checkpoint, table_weights
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "LargeEmbeddingsConfig",
     "ModelConfig",
     "ServingDType",
+    "SelfCheckFailed",
     "ServingModel",
     "ShardingType",
     "build_serving_model",

@@ -63,6 +63,10 @@ class LargeEmbeddings(nn.Module):
             EmbeddingBagCollection(tables=weighted, is_weighted=True, device=device) if weighted else None
         )
         self._num_unweighted = len(unweighted)
+        if self.weighted_ebc is not None:
+            for bag in self.weighted_ebc.embedding_bags.values():
+                if bag.weight.dtype != torch.float32:
+                    bag.register_forward_pre_hook(_weights_in_table_dtype, with_kwargs=True)
         logger.info(
             "LargeEmbeddings: %d tables on %s: %s",
             len(config.tables),
@@ -83,6 +87,17 @@ class LargeEmbeddings(nn.Module):
             plain, weighted = sparse_features.split([self._num_unweighted, n_weighted])
             pooled = _concat_keyed(self.ebc(plain), self.weighted_ebc(weighted))
         return self.surgery_cut_point(pooled)
+
+
+def _weights_in_table_dtype(
+    bag: nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
+) -> tuple[tuple[object, ...], dict[str, object]]:
+    """Casts a weighted fp16 table's per-id weights (float32 on the wire) to the table's type, which
+    `torch.embedding_bag` requires; the pooled sum is then in the table's type, as for its unweighted bags."""
+    weights, table = kwargs.get("per_sample_weights"), bag.weight
+    if isinstance(weights, torch.Tensor) and isinstance(table, torch.Tensor) and weights.dtype != table.dtype:
+        kwargs = {**kwargs, "per_sample_weights": weights.to(table.dtype)}
+    return args, kwargs
 
 
 def _concat_keyed(a: KeyedTensor, b: KeyedTensor) -> KeyedTensor:

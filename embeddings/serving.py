@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from .config import ConfigError, EmbeddingBagConfig, Engine, IdPolicy, ModelConf
 from .large_embeddings import LargeEmbeddings, canonical_keys
 from .weights import init_weights, load_checkpoint
 
-__all__ = ["Engine", "ServingModel", "build_serving_model"]
+__all__ = ["Engine", "SelfCheckFailed", "ServingModel", "build_serving_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ _WEIGHT_DTYPES: dict[ServingDType, torch.dtype] = {
     ServingDType.INT8: torch.qint8,
     ServingDType.INT4: torch.quint4x2,
 }
+
+
+class SelfCheckFailed(RuntimeError):
+    """A built model cannot compute; the message names the table and the error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +92,72 @@ class ServingModel:
         else:
             values = pooled.values()
         return values if values.dtype == torch.float32 else values.float()
+
+    def self_check(self) -> None:
+        """One small forward touching every table (its first and last rows; weighted tables with weights) on the
+        model's engine and device, so that a model which cannot compute is refused before it serves.
+
+        Raises:
+            SelfCheckFailed: naming the table whose forward fails, and the error.
+        """
+        try:
+            self._check_forward(set(self.keys))
+            return
+        except Exception as err:
+            whole = err
+        table = self._failing_table()
+        where = f"table {table!r}" if table else f"tables {', '.join(self.keys)}"
+        raise SelfCheckFailed(f"self-check failed for {where}: {_one_line(whole)}") from whole
+
+    def _failing_table(self) -> str | None:
+        """The table whose submodule the failing forward was in (the eager engine has one per table), else the one
+        table whose ids alone make the forward fail (the fused engine runs a collection's tables in one call)."""
+        active: list[str] = []
+
+        def enter(table: str) -> Callable[..., None]:
+            return lambda *_: active.append(table)
+
+        def leave(*_: object) -> None:
+            active.pop()
+
+        hooks = []
+        for name, sub in self.module.named_modules():
+            table = name.rsplit(".", 1)[-1]
+            if table in self.keys:
+                hooks.append(sub.register_forward_pre_hook(enter(table)))
+                hooks.append(sub.register_forward_hook(leave))
+        try:
+            self._check_forward(set(self.keys))
+        except Exception:
+            if active:
+                return active[-1]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        failing = []
+        for key in self.keys:
+            try:
+                self._check_forward({key})
+            except Exception:
+                failing.append(key)
+        return failing[0] if len(failing) == 1 else None
+
+    def _check_forward(self, touched: set[str]) -> None:
+        rows = {t.name: t.num_embeddings for t in self.config.tables}
+        ids = [[0, rows[k] - 1] if k in touched else [] for k in self.keys]
+        values = torch.tensor([i for bag in ids for i in bag], dtype=torch.int64, device=self.device)
+        lengths = torch.tensor([len(bag) for bag in ids], dtype=torch.int32, device=self.device)
+        weights = torch.full_like(values, 0.5, dtype=torch.float32) if self.has_weighted_tables else None
+        out = self.forward(KeyedJaggedTensor(keys=list(self.keys), values=values, lengths=lengths, weights=weights))
+        if tuple(out.shape) != (1, self.output_dim):
+            raise RuntimeError(f"output shape {tuple(out.shape)}, expected (1, {self.output_dim})")
+
+
+def _one_line(err: Exception) -> str:
+    """The error's type and the first line of its message (torch's messages run on with C++ context)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
 
 
 def _weight_bytes(module: nn.Module, tables: list[str]) -> dict[str, int]:

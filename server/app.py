@@ -44,14 +44,15 @@ class ReloadFailed(RuntimeError):
 
 
 def load_model(config: ServerConfig) -> ServingModel:
-    """Builds the serving model a server config names (model config, checkpoint or seed, device, engine)."""
+    """Builds the serving model a server config names (model config, checkpoint or seed, device, engine), and
+    checks that it computes (`ServingModel.self_check`)."""
     import torch
 
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {config.device!r} requested but CUDA is not available on this host")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    return build_serving_model(
+    model = build_serving_model(
         load_model_config(config.model),
         checkpoint=config.checkpoint,
         seed=config.seed,
@@ -61,6 +62,8 @@ def load_model(config: ServerConfig) -> ServingModel:
         shard_devices=config.shard_devices,
         sharding=config.sharding,
     )
+    model.self_check()  # a model that cannot compute never reaches SERVING
+    return model
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:

@@ -23,6 +23,8 @@ def serve_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from embserve.embeddings import SelfCheckFailed
+
     from .app import run_server
     from .connections import raise_fd_limit
     from .logs import configure_logging
@@ -35,7 +37,11 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.log_level, config.log_format.value)
     raise_fd_limit()  # before any connection is accepted; workers inherit it
-    if config.workers > 1:
-        return run_workers(config, config.workers)
-    run_server(config)
+    try:
+        if config.workers > 1:
+            return run_workers(config, config.workers)
+        run_server(config)
+    except SelfCheckFailed as err:
+        print(f"embserve serve: {err}", file=sys.stderr)
+        return 1
     return 0

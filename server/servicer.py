@@ -29,7 +29,7 @@ from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .metrics import ServerMetrics
 from .request import ModelSchema, SparseRequest
-from .streams import LookupStream
+from .streams import LookupStream, refuse_while_draining
 
 __all__ = ["EmbeddingServicer", "add_to_server", "model_schema"]
 
@@ -179,8 +179,8 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> None:
         if not self.accepting:
-            self.count("LookupStream", grpc.StatusCode.UNAVAILABLE)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down; retry on another replica")
+            await refuse_while_draining(requests, context, self.count)
+            return
         stream = LookupStream(self, context, self._config.limits.max_stream_outstanding)
         self._streams.add(stream)
         try:

@@ -17,7 +17,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -31,7 +31,7 @@ from .executor import BatchOutput
 if TYPE_CHECKING:
     from .servicer import EmbeddingServicer
 
-__all__ = ["LookupStream"]
+__all__ = ["LookupStream", "refuse_while_draining"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,30 @@ def error_reply(request_id: str, error: BaseException) -> bytes:
     message = str(error) if isinstance(error, EmbserveError) else "internal error"
     status = pb.Status(code=code.value[0], message=message)
     return pb.LookupResponse(request_id=request_id, status=status).SerializeToString()
+
+
+FIRST_MESSAGE_WAIT_S = 1.0
+
+
+async def refuse_while_draining(
+    requests: AsyncIterator[bytes],
+    context: grpc.aio.ServicerContext,
+    count: Callable[[str, grpc.StatusCode], None],
+) -> None:
+    """A stream opened while the server drains: its first message is answered UNAVAILABLE in-band, then the stream
+    ends. (Aborting the call instead races with the client's writes, and grpc's asyncio client then reports
+    INTERNAL instead of the server's status; an in-band answer reaches it intact, and the client's retry policy
+    sends the message elsewhere.)"""
+    try:
+        raw = await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+    except (StopAsyncIteration, TimeoutError):
+        return
+    try:
+        request_id = parse_message(pb.LookupRequest, raw).request_id
+    except EmbserveError:
+        request_id = ""
+    count("LookupStream", grpc.StatusCode.UNAVAILABLE)
+    await context.write(error_reply(request_id, ShuttingDown("server is shutting down; retry on another replica")))
 
 
 class LookupStream:

@@ -256,3 +256,11 @@ def test_empty_features_with_batch_size_are_zero_rows(server_factory: Factory, s
 def test_bad_retry_policy() -> None:
     with pytest.raises(ValueError, match="max_attempts must be 2..5"):
         RetryPolicy(max_attempts=9)
+
+
+def test_request_id_is_echoed(server_factory: Factory, small_serving: ServingModel) -> None:
+    handle = server_factory(small_serving)
+    with Client(handle.address) as client:
+        result = client.lookup(FEATURES, weights=WEIGHTS, request_id="req-sync-7")
+        plain = client.lookup(FEATURES, weights=WEIGHTS)
+    assert result.request_id == "req-sync-7" and plain.request_id == ""

@@ -102,3 +102,15 @@ def test_pickled_objects_are_refused(tmp_path: Path, capsys: pytest.CaptureFixtu
     garbage.write_bytes(b"\x00not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(model, garbage)
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (4,), (50, 1)])
+def test_broadcastable_shapes_are_refused(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    """A (1, dim) or (dim,) table would fill every row by broadcasting if only the copy checked the shape."""
+    model = LargeEmbeddings(make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 4}]))
+    init_weights(model, 0)
+    before = _weights(model)["user"]
+    torch.save({"ebc.embedding_bags.user.weight": torch.ones(shape)}, tmp_path / "w.pt")
+    with pytest.raises(CheckpointError, match=rf"table 'user': checkpoint shape \({shape[0]},"):
+        load_checkpoint(model, tmp_path / "w.pt")
+    np.testing.assert_array_equal(_weights(model)["user"], before)  # nothing written

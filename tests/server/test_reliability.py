@@ -15,8 +15,8 @@ from embserve.client import AsyncClient, Client, LookupResult, Overloaded
 from embserve.embeddings import LargeEmbeddings, ModelConfig, ServingModel, build_serving_model, init_weights, save_checkpoint
 from embserve.server.app import ReloadFailed
 from tests.conftest import ServerHandle, float_tables, write_model_config
-from tests.reference import pool
-from tests.server.helpers import lookup_request, stub, wrapped
+from tests.reference import assert_pooled_close, pool
+from tests.server.helpers import embeddings_of, lookup_request, stub, wrapped
 
 Factory = Callable[..., ServerHandle]
 FEATURES = {"user": [[1, 2], [3], [999]], "topics": [[5], [], [250]]}
@@ -26,6 +26,14 @@ def _expected(tables: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
     lengths = np.array([[2, 1, 1], [1, 0, 1]], np.int32)
     values = np.array([1, 2, 3, 999, 5, 250 % 200])
     return pool(tables, ["user", "topics"], lengths, values, None, keys)
+
+
+def _assert_user_rows(config: ModelConfig, tables: dict[str, np.ndarray], ids: np.ndarray, response: object) -> None:
+    """A response to examples of one `user` id each, `ids` (other bags empty), against the numpy reference."""
+    keys = list(response.keys)  # type: ignore[attr-defined]
+    expected = pool(tables, ["user"], np.ones((1, len(ids)), np.int32), ids, None, keys)
+    dims = {t.name: t.embedding_dim for t in config.tables}
+    assert_pooled_close(dims, {"author"}, keys, embeddings_of(response), expected)  # type: ignore[arg-type]
 
 
 def _checkpoint(config: ModelConfig, seed: int, path: Path) -> Path:
@@ -102,7 +110,9 @@ def test_failed_reload_keeps_the_old_version(tmp_path: Path, server_factory: Fac
     assert handle.metric("embserve_model_reloads_total", {"outcome": "failed"}) == 2
 
 
-def test_cancel_mid_batch_does_not_disturb_others(server_factory: Factory, small_serving: ServingModel) -> None:
+def test_cancel_mid_batch_does_not_disturb_others(
+    server_factory: Factory, small_serving: ServingModel, small_config: ModelConfig, small_tables: dict[str, np.ndarray]
+) -> None:
     handle = server_factory(wrapped(small_serving, delay_s=0.3), batching={"max_queue_wait_ms": 10_000})
     channel, s = stub(handle.address)
     with channel:
@@ -116,9 +126,10 @@ def test_cancel_mid_batch_does_not_disturb_others(server_factory: Factory, small
             if i in (2, 4):
                 assert f.cancelled()
             else:
-                assert f.result(timeout=10).shape[0] == 2
-        blocker.result(timeout=10)
-        assert s.Lookup(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1)), timeout=10).shape[0] == 1
+                _assert_user_rows(small_config, small_tables, np.arange(2) + i, f.result(timeout=10))
+        _assert_user_rows(small_config, small_tables, np.arange(1), blocker.result(timeout=10))
+        after = s.Lookup(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1) + 7), timeout=10)
+        _assert_user_rows(small_config, small_tables, np.array([7]), after)
 
 
 @pytest.mark.slow
@@ -152,10 +163,43 @@ def test_overload_at_three_times_capacity(
     for r in ok:
         np.testing.assert_allclose(r.embeddings, expected, atol=2e-3, rtol=1e-3)
     # Accepted calls never waited past the queue budget: they were computed, or answered RESOURCE_EXHAUSTED.
-    assert handle.metric("embserve_queue_wait_seconds_bucket", {"le": "0.25"}) == handle.metric(
-        "embserve_queue_wait_seconds_count"
-    )
+    waits = handle.metric("embserve_queue_wait_seconds_count")
+    assert waits >= len(ok)  # every computed call observed its wait (0 == 0 would prove nothing)
+    assert handle.metric("embserve_queue_wait_seconds_bucket", {"le": "0.25"}) == waits
     assert handle.metric("embserve_queue_examples") <= 32
     # Load gone: served normally again.
     after = asyncio.run(load(20.0, 0.5))
     assert all(isinstance(o, LookupResult) for o in after)
+
+
+def test_reload_updates_metadata_and_the_model_info_metric(
+    tmp_path: Path, server_factory: Factory, small_config: ModelConfig
+) -> None:
+    a = _checkpoint(small_config, 1, tmp_path / "a.safetensors")
+    b = _checkpoint(small_config, 2, tmp_path / "b.safetensors")
+    config_path = write_model_config(small_config, tmp_path / "small.yaml")
+    model = build_serving_model(small_config, checkpoint=a)
+    handle = server_factory(model, model=str(config_path), checkpoint=str(a))
+
+    def info(version: str) -> float:
+        labels = {"name": "small", "version": version, "engine": "fused", "device": "cpu"}
+        return handle.metric("embserve_model_info", labels)
+
+    with Client(handle.address) as client:
+        assert client.metadata().version == model.version and info(model.version) == 1
+        handle.call(handle.server.reload(str(b), version="v2"))
+        assert client.metadata().version == "v2"
+        assert client.lookup(FEATURES).model_version == "v2"
+    assert info("v2") == 1 and info(model.version) == 0
+
+
+def test_every_computed_request_observes_its_queue_wait(server_factory: Factory, small_serving: ServingModel) -> None:
+    handle = server_factory(wrapped(small_serving, delay_s=0.01), batching={"max_batch_size": 8})
+    before = handle.metric("embserve_queue_wait_seconds_count")
+    channel, s = stub(handle.address)
+    with channel:
+        futures = [s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2))) for _ in range(25)]
+        for f in futures:
+            f.result(timeout=30)
+    assert handle.metric("embserve_queue_wait_seconds_count") - before == 25
+    assert handle.metric("embserve_queue_wait_seconds_bucket", {"le": "+Inf"}) - before == 25

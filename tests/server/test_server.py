@@ -82,19 +82,25 @@ def test_concurrent_callers_each_get_their_own_rows(
     assert handle.metric("embserve_requests_total", {"method": "Lookup", "code": "OK"}) == len(calls)
 
 
+def _bf16_round(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bits of float32 `x`, rounded to nearest, ties to even (numpy has no bfloat16)."""
+    bits = x.astype("<f4").view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
 def test_output_dtypes(server_factory: Factory, small_serving: ServingModel) -> None:
     handle = server_factory(small_serving)
-    lengths = np.array([[1, 2, 0]], dtype=np.int32)
-    values = np.array([5, 6, 7])
+    lengths = np.array([[1, 2, 0, 3]], dtype=np.int32)
+    values = np.array([5, 6, 7, 8, 9, 10])
     channel, s = stub(handle.address)
     with channel:
         exact = embeddings_of(s.Lookup(lookup_request(["user"], lengths, values)))
         half = s.Lookup(lookup_request(["user"], lengths, values, dtype=pb.DTYPE_FLOAT16))
         bf = s.Lookup(lookup_request(["user"], lengths, values, dtype=pb.DTYPE_BFLOAT16))
-    assert half.dtype == pb.DTYPE_FLOAT16 and len(half.embeddings) == exact.size * 2
-    np.testing.assert_allclose(np.frombuffer(half.embeddings, "<f2").reshape(exact.shape), exact, rtol=1e-3, atol=1e-4)
-    bf_values = (np.frombuffer(bf.embeddings, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(exact.shape)
-    np.testing.assert_allclose(bf_values, exact, rtol=1e-2, atol=1e-3)
+    assert half.dtype == pb.DTYPE_FLOAT16 and bf.dtype == pb.DTYPE_BFLOAT16
+    # The correctly rounded float32 result, bit for bit: truncating would differ in about half the elements.
+    np.testing.assert_array_equal(np.frombuffer(half.embeddings, "<f2").reshape(exact.shape), exact.astype(np.float16))
+    np.testing.assert_array_equal(np.frombuffer(bf.embeddings, "<u2").reshape(exact.shape), _bf16_round(exact))
 
 
 INVALID: list[tuple[pb.LookupRequest, str]] = [
@@ -247,7 +253,9 @@ def test_health_reflection_and_metrics_endpoint(server_factory: Factory, small_s
     assert f'version="{small_serving.version}"' in text
 
 
-def test_drain_refuses_new_calls_and_finishes_accepted_ones(server_factory: Factory, small_serving: ServingModel) -> None:
+def test_drain_refuses_new_calls_and_finishes_accepted_ones(
+    server_factory: Factory, small_serving: ServingModel, small_config: ModelConfig, small_tables: dict[str, np.ndarray]
+) -> None:
     handle = server_factory(
         wrapped(small_serving, delay_s=0.2), batching={"max_inflight_batches": 1, "max_queue_wait_ms": 10_000}
     )
@@ -265,6 +273,7 @@ def test_drain_refuses_new_calls_and_finishes_accepted_ones(server_factory: Fact
         with pytest.raises(grpc.RpcError) as info:
             s.Lookup(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1)), timeout=5)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
-        for f in accepted:
-            assert f.result(timeout=30).shape[0] == 2
+        for f in accepted:  # finished, with the right values
+            _check(small_config, small_tables, ["user"], np.ones((1, 2), np.int32), np.arange(2), None,
+                   f.result(timeout=30))
         stopper.join(30)

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.server.test_workers import BIN, LogReader
+from embserve.benchmarks.procs import LogReader
+from tests.server.test_workers import BIN
 
 TINY_MODEL = {"name": "tiny", "tables": [{"name": "a", "num_embeddings": 100, "embedding_dim": 8}]}
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from embserve.v1.wire import method_path
 from tests.conftest import ServerHandle
 from tests.server.helpers import lookup_request
 from tests.server.test_supervision import TINY_MODEL
-from tests.server.test_workers import BIN, LogReader, _rss
+from embserve.benchmarks.procs import LogReader, metrics_text, rss_bytes
+from tests.server.test_workers import BIN
 
 Factory = Callable[..., ServerHandle]
 SECRET, LOOKUP_ONLY = "s3cr3t-token-ABC", "lookup-only-QRS"
@@ -45,10 +45,6 @@ def _lookup(channel: grpc.Channel, token: str, key: str = "user") -> pb.LookupRe
     return call(request, metadata=_auth(token), timeout=10)
 
 
-def _metrics_text(port: int) -> str:
-    return str(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
-
-
 def test_made_up_methods_do_not_grow_metrics(
     tmp_path: Path, server_factory: Factory, small_serving: ServingModel
 ) -> None:
@@ -57,7 +53,7 @@ def test_made_up_methods_do_not_grow_metrics(
     channel = grpc.insecure_channel(handle.address)
     try:
         _lookup(channel, SECRET)
-        before = len(_metrics_text(port))
+        before = len(metrics_text(port))
         calls = []
         for i in range(5000):  # half without a token, half with a token that may call Lookup only
             metadata = _auth(LOOKUP_ONLY) if i % 2 else None
@@ -66,7 +62,7 @@ def test_made_up_methods_do_not_grow_metrics(
                 codes = {c.exception().code() for c in calls}  # type: ignore[union-attr]
                 assert codes == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
                 calls.clear()
-        text = _metrics_text(port)
+        text = metrics_text(port)
     finally:
         channel.close()
     assert len(text) - before < 2048, len(text) - before  # two label sets at most: (unknown, each code)
@@ -165,13 +161,13 @@ def test_refused_call_is_not_read(auth_server: tuple[subprocess.Popen[str], str]
     body = b"\x0a" + b"\x01" * (32 << 20)  # never parsed
     options = [("grpc.max_send_message_length", -1), ("grpc.use_local_subchannel_pool", 1)]
     channels = [grpc.insecure_channel(address, options=options) for _ in range(8)]
-    start = peak = _rss(proc.pid)
+    start = peak = rss_bytes(proc.pid)
     done = threading.Event()
 
     def sample() -> None:
         nonlocal peak
         while not done.is_set():
-            peak = max(peak, _rss(proc.pid))
+            peak = max(peak, rss_bytes(proc.pid))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
