@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 import numpy as np
 
-from embserve.v1.wire import LOOKUP_METHOD, method_path
+from embserve.v1.wire import LOOKUP_METHOD, method_path, varint
 
 __all__ = ["LoadResult", "closed_loop", "open_loop"]
 
@@ -95,15 +95,6 @@ class _Recorder:
             mode, concurrency, rate, duration, self.ok, self.examples, dict(self.errors),
             np.array(self.latencies), self.wrong, self.checked,
         )
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _read_varint(raw: bytes, i: int) -> tuple[int, int]:
@@ -191,7 +182,7 @@ class _StreamMux:
         request_id = b"%x" % next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self._outbox.put_nowait(payload + _TAG_REQUEST_ID + _varint(len(request_id)) + request_id)
+        self._outbox.put_nowait(payload + _TAG_REQUEST_ID + varint(len(request_id)) + request_id)
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -205,7 +196,7 @@ class _StreamMux:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
-_TAG_REQUEST_ID = _varint(3 << 3 | 2)  # LookupRequest.request_id: the last occurrence of a field wins
+_TAG_REQUEST_ID = varint(3 << 3 | 2)  # LookupRequest.request_id: the last occurrence of a field wins
 
 
 def _unary(method: grpc.aio.UnaryUnaryMultiCallable) -> Call:

@@ -134,6 +134,7 @@ class EmbserveServer:
             accepting=lambda: self.servicer.accepting,
             budget=self.servicer.budget,
             decoder=self.servicer.decoder,
+            inflight=self.servicer.inflight,
         )
         self.health, self._interceptors = peer_guards(config, self.metrics)
         self._reload_lock = asyncio.Lock()
@@ -254,8 +255,7 @@ class EmbserveServer:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         # Keep the port open while accepted calls finish, so probes read NOT_SERVING and new calls UNAVAILABLE.
-        idle = await asyncio.gather(self.servicer.wait_idle(grace), self.inference.wait_idle(grace))
-        if not all(idle):
+        if not await self.servicer.inflight.wait_idle(grace):
             logger.warning("grace period over with calls in flight; cancelling them", extra={"grace_s": grace})
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - loop.time()))

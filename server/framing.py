@@ -12,28 +12,19 @@ from typing import Any
 import torch
 
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import DTYPE_NAMES
+from embserve.v1.wire import DTYPE_NAMES, varint
 
 __all__ = ["ResponseEncoder", "field_header", "rows_as_bytes", "rows_in"]
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def field_header(number: int, size: int) -> bytes:
     """The tag and length that precede a length-delimited protobuf field of `size` bytes."""
-    return _varint(number << 3 | 2) + _varint(size)
+    return varint(number << 3 | 2) + varint(size)
 
 
 def _field_tag(name: str) -> bytes:
     """The tag of a length-delimited LookupResponse field (packed repeated, bytes or string)."""
-    return _varint(pb.LookupResponse.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
+    return varint(pb.LookupResponse.DESCRIPTOR.fields_by_name[name].number << 3 | 2)
 
 
 _SHAPE, _EMBEDDINGS, _REQUEST_ID = _field_tag("shape"), _field_tag("embeddings"), _field_tag("request_id")
@@ -63,12 +54,12 @@ class ResponseEncoder:
         """A serialized LookupResponse around one request's rows, already `output_dtype` bytes (any contiguous
         buffer: the rows are copied once, into the response)."""
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
-        shape = _varint(batch_size) + _varint(self.output_dim)
-        parts: list[bytes | memoryview] = [self._prefix[output_dtype], _SHAPE, _varint(len(shape)), shape]
+        shape = varint(batch_size) + varint(self.output_dim)
+        parts: list[bytes | memoryview] = [self._prefix[output_dtype], _SHAPE, varint(len(shape)), shape]
         if request_id:
             rid = request_id.encode()
-            parts += [_REQUEST_ID, _varint(len(rid)), rid]
-        parts += [_EMBEDDINGS, _varint(size), payload]
+            parts += [_REQUEST_ID, varint(len(rid)), rid]
+        parts += [_EMBEDDINGS, varint(size), payload]
         return b"".join(parts)
 
 

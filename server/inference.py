@@ -17,7 +17,6 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import grpc
 import numpy as np
@@ -32,6 +31,7 @@ from .decode import FieldNames, echo, parse_message, validate_features
 from .errors import EmbserveError, InvalidRequest, ShuttingDown, UnknownModel, oip_status_code_of
 from .executor import BatchOutput
 from .framing import field_header
+from .inflight import InFlight
 from .metrics import ServerMetrics
 from .request import ModelSchema, SparseRequest
 
@@ -249,6 +249,7 @@ class InferenceServicer:
         accepting: False once the server drains: ModelInfer answers UNAVAILABLE, the ready calls false.
         budget: response bytes waiting to be sent, shared with the EmbeddingService.
         decoder: decodes large requests off the event loop, shared with the EmbeddingService.
+        inflight: calls in progress, shared with the EmbeddingService (a drain waits for them).
     """
 
     def __init__(
@@ -261,6 +262,7 @@ class InferenceServicer:
         accepting: Callable[[], bool],
         budget: ResponseBudget,
         decoder: OffloadDecoder,
+        inflight: InFlight,
     ) -> None:
         self._decoder = InferDecoder(schema)
         self._budget = budget
@@ -269,26 +271,9 @@ class InferenceServicer:
         self._metrics = metrics
         self._current_model = current_model
         self._accepting = accepting
-        self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._infer_seconds = metrics.request_seconds.labels("ModelInfer")
         self._server_version = _server_version()
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Waits until no ModelInfer is in progress (or `timeout` passes); True when idle."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        counter = self._codes.get((method, code))
-        if counter is None:
-            counter = self._codes[method, code] = self._metrics.requests.labels(method, code.name)
-        counter.inc()
+        self._inflight = inflight
 
     async def _answer(self, method: str, work: Awaitable[bytes], context: grpc.aio.ServicerContext) -> bytes:
         """Runs a handler's work, counts its status, and turns domain errors into the protocol's status codes."""
@@ -308,7 +293,7 @@ class InferenceServicer:
             logger.exception("%s failed unexpectedly", method)
             raise
         finally:
-            self._count(method, code)  # before the status leaves, so a caller that sees it sees it counted
+            self._metrics.count(method, code)  # before the status leaves, so a caller that sees it sees it counted
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
@@ -316,14 +301,11 @@ class InferenceServicer:
         """Writes its one answer (registered response-streaming, like Lookup) so that the answer stays counted in
         the response budget until the transport takes it."""
         start = time.perf_counter()
-        self._inflight += 1
-        self._idle.clear()
+        self._inflight.enter()
         try:
             await self._answer("ModelInfer", self._infer(request, context), context)
         finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+            self._inflight.exit()
             self._infer_seconds.observe(time.perf_counter() - start)
 
     async def _infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:

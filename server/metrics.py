@@ -7,7 +7,9 @@ add label sets (each one a permanent series in `/metrics`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from embserve.oip import wire as oip
@@ -35,6 +37,7 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("embserve_requests", "Calls by RPC and status code", ["method", "code"], registry=r)
+        self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
         self.examples = Counter("embserve_examples", "Examples served", registry=r)
         self.request_seconds = Histogram(
             "embserve_request_seconds", "Server time per call", ["method"], buckets=_LATENCY_BUCKETS, registry=r
@@ -76,6 +79,14 @@ class ServerMetrics:
 
     def dropped(self, reason: str, count: int = 1) -> None:
         self.drops.labels(reason).inc(count)
+
+    def count(self, method: str, code: grpc.StatusCode) -> None:
+        """One call (or stream message) of `method` answered with `code`. The counter of each label set is bound
+        once and kept: label lookups are measurable on the per-call path, and the methods are a fixed set."""
+        counter = self._codes.get((method, code))
+        if counter is None:
+            counter = self._codes[(method, code)] = self.requests.labels(method_label(method), code.name)
+        counter.inc()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), for tests and the benchmark harness."""

@@ -12,7 +12,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import grpc
 
@@ -27,6 +26,7 @@ from .config import ServerConfig
 from .decode import KeyOrders, decode_lookup, parse_message
 from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
+from .inflight import InFlight
 from .metrics import ServerMetrics
 from .request import ModelSchema, SparseRequest
 from .streams import LookupStream, refuse_while_draining
@@ -59,6 +59,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         current_model: Callable[[], ServingModel],
         budget: ResponseBudget | None = None,
         decoder: OffloadDecoder | None = None,
+        inflight: InFlight | None = None,
     ) -> None:
         self._config = config
         self.bounds = Bounds(config)
@@ -74,33 +75,13 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         self.batcher = batcher
         self._metrics = metrics
         self._current_model = current_model
-        # Metric children are bound once per label set: label lookups are measurable on the per-call path.
-        self._codes: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._lookup_seconds = metrics.request_seconds.labels("Lookup")
         self._stream_seconds = metrics.request_seconds.labels("LookupStream")
         self._examples = metrics.examples
         self.accepting = True
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.inflight = inflight or InFlight()
+        self.count = metrics.count
         self._streams: set[LookupStream] = set()
-
-    def enter(self) -> None:
-        """A lookup (a call or a stream message) started."""
-        self._inflight += 1
-        self._idle.clear()
-
-    def exit(self) -> None:
-        """A lookup ended."""
-        self._inflight -= 1
-        if self._inflight == 0:
-            self._idle.set()
-
-    def count(self, method: str, code: grpc.StatusCode) -> None:
-        counter = self._codes.get((method, code))
-        if counter is None:
-            counter = self._codes[(method, code)] = self._metrics.requests.labels(method, code.name)
-        counter.inc()
 
     def count_stream_message(self, code: grpc.StatusCode, start: float) -> None:
         self.count("LookupStream", code)
@@ -116,17 +97,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         for stream in self._streams:
             stream.wake()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """Waits until no lookup (call or stream message) is in progress (or `timeout` passes); True when idle."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
     async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:  # type: ignore[override]
         start = time.perf_counter()
-        self.enter()
+        self.inflight.enter()
         error: EmbserveError | None = None
         code = grpc.StatusCode.OK
         try:
@@ -145,7 +118,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             raise
         finally:
             # Recorded before the status leaves the server, so a caller that sees it also sees it counted.
-            self.exit()
+            self.inflight.exit()
             self.count("Lookup", code)
             self._lookup_seconds.observe(time.perf_counter() - start)
         await context.abort(code, str(error))

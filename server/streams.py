@@ -162,14 +162,14 @@ class LookupStream:
             self._reply_error(request_id, err, start)
             return
         self._in_progress += 1
-        servicer.enter()
+        servicer.inflight.enter()
         self._futures.add(future)
         future.add_done_callback(functools.partial(self._answered, request_id, start, nbytes))
 
     def _answered(self, request_id: str, start: float, nbytes: int, future: asyncio.Future[BatchOutput]) -> None:
         self._futures.discard(future)
         self._in_progress -= 1
-        self._servicer.exit()
+        self._servicer.inflight.exit()
         if future.cancelled() or future.exception() is not None:
             self._budget.release(self._peer, nbytes)
         if future.cancelled():

@@ -30,6 +30,7 @@ __all__ = [
     "method_path",
     "pack_features",
     "unpack_features",
+    "varint",
 ]
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["EmbeddingService"].full_name
@@ -67,6 +68,16 @@ OUTPUT_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
 
 # The largest message either side sends or receives unless configured otherwise.
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def varint(value: int) -> bytes:
+    """A protobuf base-128 varint, for framing messages from pre-serialized parts."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def pack_features(
