@@ -22,6 +22,7 @@ import numpy as np
 
 from embserve.v1.wire import DTYPE_NAMES
 
+from ._base import DEFAULT_TIMEOUT_S
 from .errors import EmbserveError
 from .result import ModelInfo
 from .sync import Client
@@ -32,7 +33,6 @@ COMMANDS_GROUP = "embserve.commands"
 
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_PRECISION = 4
 
 
