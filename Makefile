@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: setup serve test test-fast typecheck protos bench soak clean
+.PHONY: setup serve test test-fast typecheck protos bench soak gpu-check clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,11 @@ bench: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m embserve.benchmarks.soak $(ARGS)
+
+# On a CUDA host: the CUDA tests and a short benchmark of both engines, written to benchmarks/results/gpu_check.json
+# (see DESIGN.md, "GPU check"). Elsewhere it says there is no CUDA device and fails.
+gpu-check: $(STAMP)
+	$(BIN)/python -m embserve.benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache

@@ -5,22 +5,26 @@ Other commands (`serve`, ...) are entry points of the group `embserve.commands`,
 
     embserve query --address 127.0.0.1:50051 --feature user_id=42 --feature hashtags=7,9
     embserve query --feature "user_id=42|43" --feature "hashtags=7,9|"     # two examples
-    embserve query --metadata
+    embserve query --metadata             # tables and the server's request limits (--json: as JSON)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from typing import Any
 
 import numpy as np
 
 from embserve.v1.wire import DTYPE_NAMES
 
+from ._base import DEFAULT_TIMEOUT_S
 from .errors import EmbserveError
+from .result import ModelInfo
 from .sync import Client
 
 __all__ = ["add_query_args", "main", "run_query"]
@@ -28,22 +32,66 @@ __all__ = ["add_query_args", "main", "run_query"]
 COMMANDS_GROUP = "embserve.commands"
 
 
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_PRECISION = 4
+
+
 def add_query_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", action="append", help="server host:port, repeat for replicas (default 127.0.0.1:50051)")
+    p.add_argument(
+        "--address",
+        action="append",
+        metavar="HOST:PORT",
+        help=f"server address; repeat for replicas, spread round-robin (default: {DEFAULT_ADDRESS})",
+    )
     p.add_argument(
         "--feature",
         action="append",
         default=[],
         metavar="KEY=IDS",
-        help="ids of one key: examples separated by '|', ids by ','; e.g. hashtags=1,2|3",
+        help="ids of one key: examples separated by '|', ids by ','; an example may be empty (no ids), an id may not; "
+        "e.g. hashtags=1,2|3 (default: none; give at least one unless --metadata or --health)",
     )
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="output element type (default: float32)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default: 5)")
-    p.add_argument("--token", help="bearer token")
-    p.add_argument("--metadata", action="store_true", help="print the model's metadata instead")
-    p.add_argument("--health", action="store_true", help="print the health status instead")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON")
-    p.add_argument("--precision", type=int, default=4, help="decimals printed (default: 4)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPE_NAMES),
+        help="element type of the returned embeddings (default: %(default)s)",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        help="deadline of each call, in seconds (default: %(default)s s)",
+    )
+    p.add_argument("--token", help="bearer token sent as 'authorization: Bearer ...' (default: none)")
+    p.add_argument(
+        "--metadata", action="store_true",
+        help="print the model's tables and the server's request limits instead of a lookup (default: off)",
+    )
+    p.add_argument("--health", action="store_true", help="print the gRPC health status instead (default: off)")
+    p.add_argument(
+        "--json", action="store_true",
+        help="print the whole result (lookup or --metadata) as one JSON object (default: off, a readable table)",
+    )
+    p.add_argument(
+        "--precision", type=int, default=DEFAULT_PRECISION, metavar="DIGITS",
+        help="decimal digits printed per value, ignored with --json (default: %(default)s)",
+    )
+
+
+def _parse_ids(spec: str, key: str, example: int, text: str) -> list[int]:
+    if not text.strip():
+        return []  # an example with no ids: an empty bag
+    ids = []
+    for i, item in enumerate(text.split(",")):
+        if not item.strip():
+            raise EmbserveError(
+                f"--feature {spec!r}: key {key!r}, example {example}: id {i} is empty (two commas in a row, or a "
+                "comma at either end); write ids as 1,2,3 and separate examples with '|'"
+            )
+        try:
+            ids.append(int(item))
+        except ValueError:
+            raise EmbserveError(f"--feature {spec!r}: key {key!r}, example {example}: {item.strip()!r} is not an integer id") from None
+    return ids
 
 
 def _parse_features(specs: list[str]) -> dict[str, list[list[int]]]:
@@ -52,11 +100,34 @@ def _parse_features(specs: list[str]) -> dict[str, list[list[int]]]:
         key, sep, ids = spec.partition("=")
         if not sep or not key:
             raise EmbserveError(f"--feature {spec!r} is not KEY=IDS")
-        try:
-            features[key] = [[int(i) for i in ex.split(",") if i.strip()] for ex in ids.split("|")]
-        except ValueError:
-            raise EmbserveError(f"--feature {spec!r}: ids must be integers") from None
+        if key in features:
+            raise EmbserveError(f"--feature {spec!r}: key {key!r} given twice; put all its examples in one --feature")
+        features[key] = [_parse_ids(spec, key, n, ex) for n, ex in enumerate(ids.split("|"))]
     return features
+
+
+def _metadata_dict(info: ModelInfo) -> dict[str, Any]:
+    out = dataclasses.asdict(info)
+    out["keys"] = list(info.keys)
+    out["tables"] = [dataclasses.asdict(t) for t in info.tables]
+    return out
+
+
+def _print_metadata(info: ModelInfo) -> None:
+    print(f"model {info.name} version {info.version} on {info.device} ({info.engine}), output dim {info.output_dim}")
+    print(f"{'table':<20} {'rows':>10} {'dim':>5} {'serving':>8} {'MiB':>9} weighted ids")
+    for t in info.tables:
+        print(
+            f"{t.name:<20} {t.num_embeddings:>10} {t.embedding_dim:>5} {t.serving_dtype:>8} "
+            f"{t.weight_bytes / 2**20:>9.1f} {str(t.weighted):<8} {t.id_policy}"
+        )
+    print("limits:")
+    print(f"  max_batch_size          {info.max_batch_size:>12,}  examples per forward (larger requests run alone)")
+    print(f"  max_request_examples    {info.max_request_examples:>12,}  examples in one request")
+    print(f"  max_request_ids         {info.max_request_ids:>12,}  ids in one request")
+    print(f"  max_message_bytes       {info.max_message_bytes:>12,}  bytes in one request message")
+    if info.max_stream_outstanding:
+        print(f"  max_stream_outstanding  {info.max_stream_outstanding:>12,}  LookupStream messages in progress")
 
 
 def run_query(args: argparse.Namespace) -> int:
@@ -68,7 +139,12 @@ def run_query(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    addresses = args.address or ["127.0.0.1:50051"]
+    addresses = args.address or [DEFAULT_ADDRESS]
+    try:
+        features = _parse_features(args.feature)
+    except EmbserveError as err:
+        print(f"embserve query: {err}", file=sys.stderr)
+        return 2
     try:
         with Client(addresses, timeout=args.timeout, token=args.token) as client:
             if args.health:
@@ -76,18 +152,15 @@ def _query(args: argparse.Namespace) -> int:
                 return 0
             if args.metadata:
                 info = client.metadata()
-                print(f"model {info.name} version {info.version} on {info.device} ({info.engine})")
-                print(f"{'table':<20} {'rows':>10} {'dim':>5} {'serving':>8} {'MiB':>9} weighted ids")
-                for t in info.tables:
-                    print(
-                        f"{t.name:<20} {t.num_embeddings:>10} {t.embedding_dim:>5} {t.serving_dtype:>8} "
-                        f"{t.weight_bytes / 2**20:>9.1f} {str(t.weighted):<8} {t.id_policy}"
-                    )
+                if args.json:
+                    print(json.dumps(_metadata_dict(info)))
+                else:
+                    _print_metadata(info)
                 return 0
-            if not args.feature:
+            if not features:
                 print("embserve query: give at least one --feature KEY=IDS (or --metadata / --health)", file=sys.stderr)
                 return 2
-            result = client.lookup(_parse_features(args.feature), output_dtype=args.dtype)
+            result = client.lookup(features, output_dtype=args.dtype)
     except EmbserveError as err:
         print(f"embserve query: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

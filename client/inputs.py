@@ -77,7 +77,14 @@ def _check(inp: SparseInput) -> SparseInput:
     if total != inp.values.size:
         raise InvalidRequest(f"sum(lengths) = {total} but there are {inp.values.size} ids")
     if inp.values.size and int(inp.values.min()) < 0:
-        raise InvalidRequest(f"negative id at values[{int(np.flatnonzero(inp.values < 0)[0])}]")
+        i = int(np.flatnonzero(inp.values < 0)[0])
+        # Which key and example the id belongs to: values hold every example of keys[0], then of keys[1], ...
+        ends = np.cumsum(inp.lengths.reshape(-1), dtype=np.int64)
+        slot = int(np.searchsorted(ends, i, side="right"))
+        key, example = inp.keys[slot // inp.batch_size], slot % inp.batch_size
+        raise InvalidRequest(
+            f"key {key!r}: negative id {int(inp.values[i])} in example {example} (values[{i}]); ids must be >= 0"
+        )
     if inp.weights is not None:
         if inp.weights.size != inp.values.size:
             raise InvalidRequest(f"{inp.weights.size} weights for {inp.values.size} ids")

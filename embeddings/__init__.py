@@ -20,7 +20,7 @@ from .config import (
 )
 from .large_embeddings import LargeEmbeddings, canonical_keys
 from .serving import SelfCheckFailed, ServingModel, build_serving_model
-from .weights import CheckpointError, init_weights, load_checkpoint, save_checkpoint, table_weights
+from .weights import CheckpointError, check_checkpoint, init_weights, load_checkpoint, save_checkpoint, table_weights
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +40,7 @@ __all__ = [
     "build_serving_model",
     "builtin_model_names",
     "canonical_keys",
+    "check_checkpoint",
     "init_weights",
     "load_checkpoint",
     "load_model_config",

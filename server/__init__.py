@@ -9,6 +9,7 @@ reflection, metrics) at the edges; flags and config for the settings.
 from .app import EmbserveServer, ReloadFailed
 from .batcher import DynamicBatcher
 from .config import AuthConfig, BatchingConfig, BatchPolicy, LimitsConfig, ServerConfig, TlsConfig, load_server_config
+from .startup import StartupError
 from .errors import (
     BatchFailed,
     DeadlineExpired,
@@ -34,6 +35,7 @@ __all__ = [
     "ReloadFailed",
     "ServerConfig",
     "ShuttingDown",
+    "StartupError",
     "TlsConfig",
     "UnknownModel",
     "load_server_config",

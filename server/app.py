@@ -30,6 +30,7 @@ from .metrics import ServerMetrics
 from .request import SparseRequest
 from .security import peer_guards, server_credentials
 from .servicer import EmbeddingServicer, add_to_server, model_schema
+from .startup import StartupError
 
 __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server", "serve_until_signal"]
 
@@ -184,19 +185,38 @@ class EmbserveServer:
             pool=_reflection_pool(),
         )
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls is not None:
-            self.port = server.add_secure_port(address, server_credentials(self.config.tls))
-        else:
-            self.port = server.add_insecure_port(address)
+        try:
+            if self.config.tls is not None:
+                self.port = server.add_secure_port(address, server_credentials(self.config.tls))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+            await server.stop(None)
+            self.executor.shutdown()
+            raise StartupError(
+                f"gRPC port {self.config.port} on {self.config.host} could not be bound (in use by another process, "
+                "or not an address of this host): choose another with --port"
+            )
+        # The metrics endpoint binds before the gRPC server starts, so a port in use fails the start cleanly.
+        if self.config.metrics_port is not None:
+            try:
+                httpd, _ = start_http_server(
+                    self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+                )
+            except OSError as err:
+                await server.stop(None)
+                self.executor.shutdown()
+                raise StartupError(
+                    f"metrics port {self.config.metrics_port} on {self.config.host} could not be bound "
+                    f"({err.strerror}): choose another with --metrics-port, or --no-metrics"
+                ) from None
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_port
         await server.start()
         self._server = server
         self.batcher.start()
-        if self.config.metrics_port is not None:
-            httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry)
-            self._metrics_http = httpd
-            self.metrics_port = httpd.server_port
         for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         m = self.executor.model

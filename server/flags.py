@@ -1,6 +1,6 @@
 """The server's settings table: each `ServerConfig` key with its command-line flag and help text.
 
-The one definition that `embserve serve`'s flags, the flag-to-config overrides and the README's settings table
+The one definition that `embserve serve`'s flags, the flag-to-config overrides and the settings table of docs/server.md
 all come from. Types, choices and defaults are read from `ServerConfig` itself, so none is written twice.
 """
 
@@ -186,7 +186,7 @@ def _shown(value: Any) -> str:
 
 
 def settings_table() -> str:
-    """The README's settings table (Markdown), one row per flag."""
+    """The settings table of docs/server.md (Markdown), one row per flag."""
     rows = ["| config key | flag | default | meaning |", "|---|---|---|---|"]
     for s in SETTINGS:
         d = default_of(s.key)
@@ -195,5 +195,5 @@ def settings_table() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m embserve.server.flags > table.md: the README settings table
+if __name__ == "__main__":  # python -m embserve.server.flags: the settings table of docs/server.md
     print(settings_table())

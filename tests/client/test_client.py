@@ -227,7 +227,9 @@ def test_errors_map_to_sdk_exceptions(server_factory: Factory, small_serving: Se
     ("features", "kwargs", "message"),
     [
         ({"a": [[1]], "b": [[1], [2]]}, {}, "keys disagree on the batch size: a=1, b=2"),
-        ({"a": [[-1]]}, {}, r"negative id at values\[0\]"),
+        ({"a": [[-1]]}, {}, r"key 'a': negative id -1 in example 0 \(values\[0\]\)"),
+        ({"a": [[1], [2]], "b": [[3], [4, -7]]}, {}, r"key 'b': negative id -7 in example 1 \(values\[4\]\)"),
+        ({"a": [[], [2]], "b": [[-3], []]}, {}, r"key 'b': negative id -3 in example 0 \(values\[1\]\)"),
         ({"a": [["x"]]}, {}, "ids must be integers"),
         ({"a": [[1, 2]]}, {"weights": {"a": [[1.0]]}}, "weights lists do not match"),
         ({"a": [[1]]}, {"weights": {"b": [[1.0]]}}, r"weights given for keys not in features: \['b'\]"),

@@ -11,6 +11,7 @@ from embserve.embeddings import (
     CheckpointError,
     LargeEmbeddings,
     build_serving_model,
+    check_checkpoint,
     init_weights,
     load_checkpoint,
     save_checkpoint,
@@ -83,6 +84,20 @@ def test_mismatches_name_the_table(tmp_path: Path) -> None:
             load_checkpoint(model, tmp_path / name)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(model, tmp_path / "absent.pt")
+    # The check before the model is built finds the same file and table problems from the metadata alone.
+    for name in ("shape.pt", "missing.pt", "empty.pt"):
+        with pytest.raises(CheckpointError, match=cases[name][1]):
+            check_checkpoint(config, tmp_path / name)
+        assert str(tmp_path / name) in str(pytest.raises(CheckpointError, check_checkpoint, config, tmp_path / name).value)
+    torch.save({"ebc.embedding_bags.user.weight": torch.zeros(50, 4)}, tmp_path / "ok.pt")
+    check_checkpoint(config, tmp_path / "ok.pt")
+    save_checkpoint(model, tmp_path / "ok.safetensors")
+    check_checkpoint(config, tmp_path / "ok.safetensors")
+    with pytest.raises(CheckpointError, match=r"table 'user': checkpoint shape \(50, 4\)"):
+        check_checkpoint(make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 8}]), tmp_path / "ok.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        check_checkpoint(config, tmp_path / "junk.safetensors")
 
 
 class _Exploit:

@@ -1,0 +1,105 @@
+"""Start-up checks: what `embserve serve` verifies before it builds the model, and the one-line error it prints.
+
+Everything a person can get wrong in the command or the files (a missing or misshapen checkpoint, a bad model
+YAML, a port in use, CUDA asked for on a CPU host, a TLS or token file that is not there) is found here, in a
+second or two, instead of after the model build; each failure is a `StartupError` whose message names what to fix.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from pathlib import Path
+
+from .config import ServerConfig
+
+__all__ = ["StartupError", "check_port_free", "check_startup", "one_line"]
+
+
+class StartupError(Exception):
+    """The server cannot start; the message names the file, field, port or table to fix."""
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (YAML and pydantic messages span several)."""
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def check_port_free(host: str, port: int, what: str, flag: str) -> None:
+    """Raises `StartupError` if `host:port` cannot be bound (another process holds it, or the address is not
+    this host's). Port 0 is always free. The probe socket is closed at once; the server binds the port itself."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise StartupError(f"--host {host!r}: cannot resolve it: {err.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As gRPC and http.server bind: a port left in TIME_WAIT by a server that just exited is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise StartupError(
+                    f"{what} {port} on {host} is already in use by another process: stop it or choose another "
+                    f"port with {flag}"
+                ) from None
+            raise StartupError(f"{what} {port} on {host}: cannot bind it: {err.strerror}") from None
+
+
+def _check_file(path: str, flag: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise StartupError(f"{flag} {path}: no such file")
+    if not p.is_file():
+        raise StartupError(f"{flag} {path}: not a file")
+    if not os.access(p, os.R_OK):
+        raise StartupError(f"{flag} {path}: not readable by this user")
+
+
+def check_startup(config: ServerConfig) -> None:
+    """Checks every input of a start that can be checked without building the model.
+
+    Raises:
+        StartupError: naming the flag and file, port, field or table at fault.
+    """
+    from embserve.embeddings import CheckpointError, ConfigError, check_checkpoint, load_model_config
+
+    try:
+        model = load_model_config(config.model)
+    except ConfigError as err:
+        raise StartupError(f"--model: {one_line(err)}") from None
+    if config.checkpoint is not None:
+        _check_file(config.checkpoint, "--checkpoint")
+        try:
+            check_checkpoint(model, config.checkpoint)
+        except CheckpointError as err:
+            raise StartupError(f"--checkpoint: {one_line(err)}") from None
+    if config.tls is not None:
+        _check_file(config.tls.cert_file, "--tls-cert")
+        _check_file(config.tls.key_file, "--tls-key")
+        if config.tls.client_ca_file is not None:
+            _check_file(config.tls.client_ca_file, "--tls-client-ca")
+    if config.auth is not None:
+        _check_file(config.auth.tokens_file, "--auth-tokens-file")
+    check_port_free(config.host, config.port, "gRPC port", "--port")
+    if config.metrics_port is not None:
+        # With --workers N, worker i serves metrics on metrics_port + i.
+        for i in range(config.workers):
+            check_port_free(config.host, config.metrics_port + i, "metrics port", "--metrics-port (or --no-metrics)")
+    if config.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StartupError(
+                f"--device {config.device}: CUDA is not available on this host (torch {torch.__version__}, "
+                f"{torch.cuda.device_count()} GPUs visible); use --device cpu"
+            )
+        index = int(config.device[5:]) if ":" in config.device else 0
+        if index >= torch.cuda.device_count():
+            raise StartupError(
+                f"--device {config.device}: this host has {torch.cuda.device_count()} CUDA device(s)"
+            )
