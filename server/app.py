@@ -285,7 +285,11 @@ class EmbserveServer:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        logger.info("stopped", extra={"address": self.address})
+        cancelled = sum(self.metrics.value("embserve_requests_total", {"method": m, "code": "CANCELLED"})
+                        for m in ("Lookup", "LookupStream", "ModelInfer"))
+        # Calls whose handler was cancelled (by their caller, or by the end of the grace period): a drain that
+        # cuts accepted calls shows here.
+        logger.info("stopped", extra={"address": self.address, "lookups_cancelled": int(cancelled)})
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None

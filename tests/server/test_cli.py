@@ -53,8 +53,8 @@ def test_serve_query_and_sigterm_under_load(tmp_path: Path) -> None:
                         result = client.lookup({"user": [[7, 8]] * 64})
                         np.testing.assert_array_equal(result.embeddings, expected.embeddings)
                         outcomes.append("ok")
-                    except Cancelled as err:  # a subclass of Unavailable: an accepted call dropped, not refused
-                        outcomes.append(f"error {type(err).__name__}: {err}")
+                    except Cancelled:  # a call the server cancelled unstarted while shutting down: refused
+                        outcomes.append("cancelled")
                     except Unavailable:
                         outcomes.append("refused")
                         time.sleep(0.01)
@@ -72,7 +72,13 @@ def test_serve_query_and_sigterm_under_load(tmp_path: Path) -> None:
             t.join(60)
         errors = [o for o in outcomes if o.startswith("error")]
         assert not errors, errors[:5]
-        assert outcomes.count("ok") > 10 and outcomes.count("refused") >= 1
+        assert outcomes.count("ok") > 10 and outcomes.count("refused") + outcomes.count("cancelled") >= 1
+        # No handler was cancelled (the callers never cancel, so one could only be the drain's doing): a
+        # client-side CANCELLED is then a call grpc's transport refused unstarted during shutdown, which the SDK
+        # documents and retries as a refusal. (Accepted calls finishing during a drain: test_server, test_stream.)
+        assert server.log is not None
+        (stopped,) = server.log.wait("stopped", timeout=10)
+        assert stopped["lookups_cancelled"] == 0
 
 
 def test_bad_configuration_is_reported(tmp_path: Path) -> None:
