@@ -6,8 +6,8 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
@@ -22,7 +22,7 @@ from embserve.v1.wire import SERVICE_NAME
 
 from .admission import Bounds, release_free_memory, request_bytes
 from .batcher import DynamicBatcher
-from .config import ServerConfig
+from .config import EventLoop, ServerConfig
 from .connections import grpc_options as connection_options
 from .executor import BatchExecutor, BatchOutput
 from .inference import InferenceServicer, add_inference_to_server
@@ -32,9 +32,11 @@ from .security import peer_guards, server_credentials
 from .servicer import EmbeddingServicer, add_to_server, model_schema
 from .startup import StartupError
 
-__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_server", "serve_until_signal"]
+__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", "run_server", "serve_until_signal"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # A batch with a request of at least this many bytes of ids makes the server trim its heap once the queue empties.
 TRIM_AFTER_BYTES = 8 << 20
@@ -334,4 +336,15 @@ async def serve_until_signal(
 
 def run_server(config: ServerConfig) -> None:
     """Serves until SIGTERM or SIGINT, then drains and returns (the process exits 0)."""
-    asyncio.run(serve_until_signal(config))
+    run_on_event_loop(serve_until_signal(config), config.event_loop)
+
+
+def run_on_event_loop(main: Coroutine[Any, Any, T], kind: EventLoop) -> T:
+    """Runs `main` to completion on a new event loop of the configured kind (`asyncio.run` with a loop factory)."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if kind is EventLoop.UVLOOP:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

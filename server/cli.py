@@ -63,11 +63,10 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as err:
         return _fail(one_line(err), EXIT_BAD_SETTING, debug)
 
-    import asyncio
 
     from embserve.embeddings import SelfCheckFailed
 
-    from .app import serve_until_signal
+    from .app import run_on_event_loop, serve_until_signal
     from .connections import raise_fd_limit
     from .logs import configure_logging
     from .workers import run_workers
@@ -88,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         except SelfCheckFailed as err:  # the model loaded but cannot compute
             return _fail(one_line(err), EXIT_FAILED, debug)
     try:
-        asyncio.run(serve_until_signal(config, on_ready=on_ready))
+        run_on_event_loop(serve_until_signal(config, on_ready=on_ready), config.event_loop)
     except Exception as err:
         if serving:
             raise  # a crash after start-up keeps its traceback

@@ -21,6 +21,7 @@ __all__ = [
     "BatchingConfig",
     "ConnectionsConfig",
     "LimitsConfig",
+    "EventLoop",
     "LogFormat",
     "ServerConfig",
     "TlsConfig",
@@ -59,6 +60,14 @@ DEFAULT_MAX_DECODE_QUEUE = 16
 class LogFormat(str, enum.Enum):
     JSON = "json"
     TEXT = "text"
+
+
+@enum.unique
+class EventLoop(str, enum.Enum):
+    """The asyncio event loop the server runs on: uvloop (libuv; less CPU per call) or the standard library's."""
+
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"
 
 
 class _Strict(pydantic.BaseModel):
@@ -167,6 +176,7 @@ class ServerConfig(_Strict):
     max_worker_restarts_per_minute: int = pydantic.Field(DEFAULT_MAX_WORKER_RESTARTS_PER_MINUTE, ge=0)
     log_level: str = "info"
     log_format: LogFormat = LogFormat.JSON
+    event_loop: EventLoop = EventLoop.UVLOOP
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     connections: ConnectionsConfig = ConnectionsConfig()

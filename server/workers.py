@@ -15,7 +15,6 @@ killed with SIGKILL leaves no orphan holding the port.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import logging
 import os
@@ -29,7 +28,7 @@ from typing import Any
 
 from embserve.embeddings import ServingModel
 
-from .app import load_model, serve_until_signal
+from .app import load_model, run_on_event_loop, serve_until_signal
 from .config import ServerConfig
 
 __all__ = ["run_workers"]
@@ -87,8 +86,9 @@ def _fork_worker(
             import torch
 
             torch.set_num_threads(threads)
-            asyncio.run(
-                serve_until_signal(config, model=model, worker=index, on_ready=lambda: os.write(write_fd, b"1"))
+            run_on_event_loop(
+                serve_until_signal(config, model=model, worker=index, on_ready=lambda: os.write(write_fd, b"1")),
+                config.event_loop,
             )
         except BaseException:
             logger.exception("worker failed", extra={"worker": index})

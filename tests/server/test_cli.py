@@ -103,8 +103,9 @@ def test_sighup_reloads_the_checkpoint_file(tmp_path: Path) -> None:
         (tmp_path / "next.safetensors").replace(path)  # atomic swap of the file, as a deploy would do
 
     write(1)
+    # The standard library's event loop here; the other tests run on the default, uvloop.
     with ServerProcess([str(BIN), "serve", "--model", "twhin_local", "--checkpoint", str(path), "--port", "0",
-                        "--no-metrics"], "embserve") as server:
+                        "--no-metrics", "--event-loop", "asyncio"], "embserve") as server:
         server.wait_ready(120)
         assert server.log is not None and server.proc is not None
         with Client(server.address) as client:
