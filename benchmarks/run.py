@@ -160,6 +160,12 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
         check = _checker(model, requests)
         for s in servers.values():
             s.wait_ready()
+        # Every server answers every distinct request once before anything is measured: the first touch of a
+        # table's pages and the first forwards are slow, and whichever target ran first would pay for them.
+        progress.step(f"{workload.name}: warming the servers")
+        for s in servers.values():
+            asyncio.run(closed_loop(s.address, payloads["float32"], sizes, min_bytes["float32"], concurrency=8,
+                                    duration_s=max(1.0, args.warmup), warmup_s=0.0))
         levels = CONCURRENCY[workload.name][: args.max_points]
         batch_at_top: float | None = None
         # Targets alternate at each load level, so a slow drift of this shared machine hits them all alike.
