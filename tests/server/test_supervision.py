@@ -17,7 +17,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from embserve.benchmarks.procs import LogReader
+from embserve.benchmarks.procs import ServerProcess
 from tests.server.test_workers import BIN
 
 TINY_MODEL = {"name": "tiny", "tables": [{"name": "a", "num_embeddings": 100, "embedding_dim": 8}]}
@@ -43,32 +43,27 @@ def _fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-class Supervisor:
+class Supervisor(ServerProcess):
     """`embserve serve --workers 2` on a tiny model, as a real process, with its JSON log."""
 
     def __init__(self, tmp_path: Path, *flags: str) -> None:
         model = tmp_path / "tiny.yaml"
         model.write_text(yaml.safe_dump(TINY_MODEL))
-        self.proc = subprocess.Popen(
-            [str(BIN), "serve", "--workers", "2", "--model", str(model), "--port", "0", "--no-metrics",
-             "--grace-period", "1", *flags],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        )
-        assert self.proc.stderr is not None
-        self.log = LogReader(self.proc.stderr)
+        super().__init__([str(BIN), "serve", "--workers", "2", "--model", str(model), "--port", "0", "--no-metrics",
+                          "--grace-period", "1", *flags], "embserve --workers 2")
+        self.start()
+        assert self.log is not None and self.proc is not None
         self.address = str(self.log.wait("workers serving")[0]["address"])
         self.workers = [int(str(e["pid"])) for e in self.log.wait("serving", 2)]
 
     def close(self) -> None:
+        assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait(30)
+        self.stop()
         for pid in self.workers:  # stragglers, should a test fail
-
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 @pytest.fixture

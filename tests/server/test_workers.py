@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from embserve.benchmarks.procs import LogReader, metrics_text, pss_bytes
+from embserve.benchmarks.procs import ServerProcess, metrics_text, pss_bytes
 from embserve.client import Client
 
 BIN = Path(sys.executable).parent / "embserve"
@@ -45,14 +44,10 @@ def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> No
     lm = LargeEmbeddings(load_model_config(model))
     init_weights(lm, 5)
     save_checkpoint(lm, ckpt)
-    proc = subprocess.Popen(
-        [str(BIN), "serve", "--workers", "2", "--model", str(model), "--checkpoint", str(ckpt), "--port", "0",
-         "--metrics-port", "0", "--grace-period", "5"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        log = LogReader(proc.stderr)
+    with ServerProcess([str(BIN), "serve", "--workers", "2", "--model", str(model), "--checkpoint", str(ckpt),
+                        "--port", "0", "--metrics-port", "0", "--grace-period", "5"], "embserve --workers 2") as server:
+        assert server.log is not None and server.proc is not None
+        log = server.log
         workers = log.wait("serving", 2)
         address = str(log.wait("workers serving")[0]["address"])
         assert {w["address"] for w in workers} == {address}  # one port
@@ -68,7 +63,7 @@ def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> No
         with Client(address) as client:
             weight_bytes = sum(t.weight_bytes for t in client.metadata().tables)
         assert weight_bytes == 1_500_000 * 64 * 4
-        pids = [proc.pid] + [int(str(w["pid"])) for w in workers]
+        pids = [server.pid] + [int(str(w["pid"])) for w in workers]
         total_pss = sum(pss_bytes(p) for p in pids)
         budget = weight_bytes + len(pids) * PROCESS_OVERHEAD_BYTES
         assert total_pss < budget, (total_pss >> 20, budget >> 20)
@@ -80,43 +75,29 @@ def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> No
         init_weights(lm, 6)
         save_checkpoint(lm, tmp_path / "next.safetensors")
         (tmp_path / "next.safetensors").replace(ckpt)
-        proc.send_signal(signal.SIGHUP)
+        server.signal(signal.SIGHUP)
         reloaded = log.wait("reloaded")[0]
         with Client(address) as client:
             second = client.lookup({"a": [[1, 2]], "b": [[3]]})
         assert second.model_version == reloaded["version"] != first.model_version
         assert not np.array_equal(first.embeddings, second.embeddings)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
-        if proc.stderr is not None:
-            proc.stderr.close()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=60) == 0
 
 
 @pytest.mark.slow
 def test_client_round_robin_over_replica_processes() -> None:
-    procs, logs = [], []
+    replicas = [ServerProcess([str(BIN), "serve", "--model", "twhin_local", "--port", "0", "--metrics-port", "0"],
+                              f"replica {i}") for i in range(2)]
     try:
-        for _ in range(2):
-            p = subprocess.Popen(
-                [str(BIN), "serve", "--model", "twhin_local", "--port", "0", "--metrics-port", "0"],
-                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-            )
-            procs.append(p)
-            assert p.stderr is not None
-            logs.append(LogReader(p.stderr))
-        serving = [log.wait("serving")[0] for log in logs]
+        for r in replicas:
+            r.start()
+        serving = [r.wait_ready() for r in replicas]
         with Client([str(s["address"]) for s in serving]) as client:
             results = [client.lookup({"user": [[7]], "tweet": [[8]]}) for _ in range(40)]
         assert all(np.array_equal(r.embeddings, results[0].embeddings) for r in results)
         calls = [_lookups_ok(int(str(s["metrics_port"]))) for s in serving]
         assert sum(calls) == 40 and min(calls) >= 10, calls
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(30)
-            if p.stderr is not None:
-                p.stderr.close()
+        for r in replicas:
+            r.stop()
