@@ -4,7 +4,8 @@ A queued request holds its arrays and will produce `batch_size x output_dim x dt
 the batcher counts both against `batching.max_queue_bytes` (`request_bytes`). A response is held until it is
 handed to the transport, which for a client that does not read (HTTP/2 window 0) is never: the `ResponseBudget`
 counts response bytes from admission until sent, in total and per connection, and refuses calls beyond either
-bound. The transport holds a copy of a response it cannot send, so the memory they cost is about twice the count. Large requests are decoded on a few threads (`OffloadDecoder`) so that they cannot stall the event loop.
+bound. The transport holds a copy of a response it cannot send, so the memory they cost is about twice the
+count. Large requests are decoded on a few threads (`OffloadDecoder`) so that they cannot stall the event loop.
 Defaults of the byte bounds are fractions of the host's physical memory (`memory_default`).
 """
 

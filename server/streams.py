@@ -7,8 +7,8 @@ progress (beyond it a message is answered RESOURCE_EXHAUSTED at once), and at mo
 waiting to be written (beyond it the reader stops reading, so HTTP/2 flow control holds a client that does not
 read its answers). Replies waiting to be written count in the server's `ResponseBudget`, with the Lookup and
 ModelInfer answers, until their write returns; while it is over its bound (in total or on this connection), a new
-message is answered RESOURCE_EXHAUSTED. Large messages are decoded off the event loop, one at a time. On drain, new messages are answered UNAVAILABLE, those in progress are answered, then the
-stream ends.
+message is answered RESOURCE_EXHAUSTED. Large messages are decoded off the event loop, one at a time. On drain,
+new messages are answered UNAVAILABLE, those in progress are answered, then the stream ends.
 """
 
 from __future__ import annotations

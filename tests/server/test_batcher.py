@@ -201,3 +201,32 @@ async def test_queue_budget_fails_items_that_waited_too_long() -> None:
     assert await blocker == 0 and await b.submit(2) == 20
     assert run.batches == [[0], [2]]
     await b.close()
+
+
+async def test_queue_bytes_bound_refuses_at_once_and_frees_as_batches_run() -> None:
+    run = Recorder()
+    # Each item "holds" item x 100 bytes; 1,000 bytes may wait. Item 0 runs alone with the executor held.
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        run, size_of=lambda i: 1, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64,
+        bytes_of=lambda i: i * 100, max_queue_bytes=1000,
+    )
+    blocker = await hold(run, b)
+    queued = [asyncio.ensure_future(b.submit(i)) for i in (4, 5)]  # 900 bytes wait
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded, match="max_queue_bytes 1000"):
+        await asyncio.wait_for(b.submit(2), 5)  # 1,100 > 1,000: refused without waiting
+    run.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(blocker, *queued), 5) == [0, 40, 50]
+    assert await asyncio.wait_for(b.submit(9), 5) == 90  # the queue emptied: 900 bytes fit again
+    await b.close()
+
+
+async def test_an_item_larger_than_the_bytes_bound_runs_when_the_queue_is_empty() -> None:
+    run = Recorder()
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        run, size_of=lambda i: 1, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64,
+        bytes_of=lambda i: i * 100, max_queue_bytes=1000,
+    )
+    b.start()
+    assert await asyncio.wait_for(b.submit(30), 5) == 300  # 3,000 bytes alone: taken, as a big request is
+    await b.close()

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from embserve.client import AsyncClient, Client
+from embserve.client import AsyncClient, Client, InvalidRequest
 from embserve.embeddings import ModelConfig, ServingModel
 from embserve.server.servicer import EmbeddingServicer
 from embserve.v1 import embserve_pb2 as pb
@@ -248,3 +248,22 @@ async def test_async_sdk_resends_what_a_broken_stream_left_unanswered(
     for i, result in enumerate(results):
         assert_pooled_close(dims, {"author"}, keys, result.embeddings, _expect(i, small_tables, keys))
     assert server.metric("embserve_requests_total", {"method": "LookupStream", "code": "OK"}) == 6
+
+
+def test_response_bytes_bounds_hold_on_streams_and_calls(server_factory: Factory, small_serving: ServingModel) -> None:
+    # 40 float32 columns: 160 bytes per example. One connection may hold 65,536 bytes of answers not yet sent
+    # (the least allowed), and no single answer may exceed 60,000 bytes (375 examples).
+    server = server_factory(wrapped(small_serving, delay_s=0.3), limits={
+        "max_response_bytes": 60_000, "max_pending_response_bytes_per_connection": 65_536, "max_request_examples": 512})
+    rng = np.random.default_rng(7)
+    first, second, big = _good(rng, "first", batch=300), _good(rng, "second", batch=300), _good(rng, "big", batch=376)
+    replies = {r.request_id: r for r in _exchange(server.address, [first, second, big])}
+    assert not replies["first"].HasField("status")  # 48,000 bytes held while its batch runs ...
+    refused = replies["second"].status  # ... so 96,000 would pass the connection's bound: refused at once
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "max_pending_response_bytes_per_connection 65536" in refused.message
+    assert replies["big"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "max_response_bytes 60000" in replies["big"].status.message
+    with Client(server.address, transport="unary", retry=None) as client:  # the same bound on a unary call
+        with pytest.raises(InvalidRequest, match="max_response_bytes 60000"):
+            client.lookup({"user": [[1]] * 376})
