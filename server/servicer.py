@@ -209,7 +209,7 @@ def _table_metadata(model: ServingModel, name: str) -> pb.TableMetadata:
 
 def add_to_server(servicer: EmbeddingServicer, server: grpc.aio.Server) -> None:
     """Registers the service with request bytes handed to the handlers unparsed, so that corrupt wire data is
-    answered with INVALID_ARGUMENT by the codec instead of an UNKNOWN from the framework."""
+    answered with INVALID_ARGUMENT by `decode` instead of an UNKNOWN from the framework."""
     handlers = {
         # Bytes in, one serialized response written out (see the module docstring).
         "Lookup": grpc.unary_stream_rpc_method_handler(servicer.Lookup),
