@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from embserve.benchmarks.procs import ServerProcess, embserve_command
+from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
 from tests.conftest import float_tables, make_config, write_model_config
@@ -195,31 +196,50 @@ def _grpc_message(body: bytes, compressed: bool = False) -> bytes:
     return bytes([1 if compressed else 0]) + struct.pack(">I", len(body)) + body
 
 
-def _metric(server: ServerProcess, code: str) -> float:
-    return server.metrics().get(f'embserve_requests_total{{code={code},method=Lookup}}', 0.0)
+def _metric(server: ServerProcess, code: str, method: str = "Lookup") -> float:
+    return server.metrics().get(f'embserve_requests_total{{code={code},method={method}}}', 0.0)
 
 
-def test_client_that_does_not_read_cannot_pile_up_replies(server: ServerProcess) -> None:
-    """20 calls of batch_size 16384 and no keys (40 MB answers) from a connection with window 0: those beyond
-    128 MiB per connection are refused RESOURCE_EXHAUSTED at once; the memory held is bounded and freed on close.
-    Before: ~72 MB per call, held until the connection closed."""
-    body = _grpc_message(pb.LookupRequest(features=pb.SparseFeatures(batch_size=16384)).SerializeToString())
-    refused_before = _metric(server, "RESOURCE_EXHAUSTED")
+def _empty_bags(method: str, batch: int) -> bytes:
+    """A call of `batch` examples with no ids: a small request whose answer is `batch` full rows."""
+    if method == "Lookup":
+        return pb.LookupRequest(features=pb.SparseFeatures(batch_size=batch)).SerializeToString()
+    # Typed contents (zeros are one byte each), so the request fits one HTTP/2 frame of the raw client.
+    request = oip.ModelInferRequest(model_name=CONFIG.name)
+    lengths = request.inputs.add(name=oip.input_name("narrow", "lengths"), datatype="INT32", shape=[batch])
+    lengths.contents.int_contents.extend([0] * batch)
+    request.inputs.add(name=oip.input_name("narrow", "values"), datatype="INT64", shape=[0])
+    return bytes(request.SerializeToString())
+
+
+@pytest.mark.parametrize(("method", "batch"), [("Lookup", 16384), ("ModelInfer", 12000)])
+def test_client_that_does_not_read_cannot_pile_up_replies(server: ServerProcess, method: str, batch: int) -> None:
+    """20 calls with no ids and 40 MB answers (batch_size 16384; 31 MB for ModelInfer, whose request must fit one
+    frame) from a connection with window 0: those beyond 128 MiB per connection are refused RESOURCE_EXHAUSTED at
+    once (UNAVAILABLE on ModelInfer, as Triton answers a busy server); the memory held is bounded and freed on
+    close. Before: ~72 MB per call, held until the connection
+    closed."""
+    body = _grpc_message(_empty_bags(method, batch))
+    admitted = (128 * MiB) // (batch * 640 * 4)  # answers that fit the connection's bound: 3 of 40 MB, 4 of 31 MB
+    path = LOOKUP if method == "Lookup" else oip.MODEL_INFER_METHOD
+    refusal = "RESOURCE_EXHAUSTED" if method == "Lookup" else "UNAVAILABLE"  # Triton's code for a busy server
+    refused_before = _metric(server, refusal, method)
     with Watch(server) as watch:
         sock = _raw_connection(server.address, window=0)
         try:
             ended: set[int] = set()
             for stream in range(1, 41, 2):  # one at a time, so that the queue's example bound is not what refuses
-                sock.sendall(_frame(_HEADERS, _END_HEADERS, _call_headers(LOOKUP), stream)
+                sock.sendall(_frame(_HEADERS, _END_HEADERS, _call_headers(path), stream)
                              + _frame(_DATA, _END_STREAM, body, stream))
-                ended |= _ended_streams(sock, 1, timeout=0.5 if len(ended) == 0 and stream < 7 else 10)
-            assert ended == set(range(7, 41, 2)), sorted(ended)  # 3 x 40 MiB fit in 128 MiB; the others refused
-            assert _metric(server, "RESOURCE_EXHAUSTED") - refused_before == 17
+                first_refused = 2 * admitted + 1
+                ended |= _ended_streams(sock, 1, timeout=0.5 if len(ended) == 0 and stream < first_refused else 10)
+            assert ended == set(range(first_refused, 41, 2)), sorted(ended)  # the ones past the bound refused
+            assert _metric(server, refusal, method) - refused_before == 20 - admitted
             held = watch.peak - watch.start
         finally:
             sock.close()
     watch.check(512 * MiB)
-    print(f"non-reading client: RSS {watch.start >> 20} MB, +{held >> 20} MB peak")
+    print(f"non-reading {method} client: RSS {watch.start >> 20} MB, +{held >> 20} MB peak")
     assert _settles(server, watch.start) - watch.start < SETTLED_BUDGET
     _alive(server)
 
