@@ -92,3 +92,18 @@ def test_reply_parser_reads_id_and_status_as_protobuf_does() -> None:
     assert reply_id_and_code(ok.SerializeToString()) == (b"r-17", 0)
     failed = pb.LookupResponse(request_id="x" * 300, status=pb.Status(code=8, message="queue full"))
     assert reply_id_and_code(failed.SerializeToString()) == (b"x" * 300, 8)
+
+
+@pytest.mark.slow
+def test_breakdown_reports_each_stage_for_both_transports(capsys: pytest.CaptureFixture[str]) -> None:
+    from embserve.benchmarks.breakdown import main as breakdown
+
+    assert breakdown(["--duration", "0.5", "--concurrency", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and " us |" in line}
+    assert set(rows) == {"embserve, unary", "embserve, stream", "no-op, unary", "no-op, stream"}
+    for name in ("embserve, unary", "embserve, stream"):
+        cells = [c.strip() for c in rows[name].split("|")[2:-1]]
+        calls_per_s, cpu_us = float(cells[0].replace(",", "")), float(cells[1].split()[0].replace(",", ""))
+        assert calls_per_s > 0 and cpu_us > 0  # the server answered and its CPU per call was measured
+        assert all(c.endswith(" us") for c in cells[2:])  # every stage timed
