@@ -2,7 +2,7 @@
 server) and the compute ceiling (the forward in process), closed and open loop; embserve and the no-op server
 over unary calls and over streams.
 
-    python -m embserve.benchmarks.run                       # the standard suite (about 5 minutes on 2 cores)
+    python -m embserve.benchmarks.run                       # the standard suite (about 6 minutes on 2 cores)
     python -m embserve.benchmarks.run --workloads small --duration 1 --out /tmp/bench
 """
 
