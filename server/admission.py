@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from .config import ServerConfig
@@ -127,6 +128,15 @@ class ResponseBudget:
             )
         self.total += nbytes
         self._by_peer[peer] = held + nbytes
+
+    @contextlib.contextmanager
+    def held(self, peer: str, nbytes: int) -> Iterator[None]:
+        """`reserve` on entry, `release` on exit however the block ends."""
+        self.reserve(peer, nbytes)
+        try:
+            yield
+        finally:
+            self.release(peer, nbytes)
 
     def release(self, peer: str, nbytes: int) -> None:
         self.total -= nbytes

@@ -128,6 +128,7 @@ class EmbserveServer:
             batcher=self.batcher,
             metrics=self.metrics,
             current_model=lambda: self.executor.model,
+            bounds=self.bounds,
         )
         self.inference = InferenceServicer(
             schema=schema,

@@ -313,12 +313,9 @@ class InferenceServicer:
             raise ShuttingDown("server is shutting down; retry on another replica")
         model = self._current_model()
         request, sparse = await self._offload.run(len(raw), lambda: self._decode(raw, model))
-        peer, nbytes = context.peer(), response_bytes(sparse.batch_size, model.output_dim, sparse.output_dtype)
-        self._budget.reserve(peer, nbytes)
-        try:
+        nbytes = response_bytes(sparse.batch_size, model.output_dim, sparse.output_dtype)
+        with self._budget.held(context.peer(), nbytes):
             await self._answer_with(request, sparse, model, context)
-        finally:
-            self._budget.release(peer, nbytes)
         return b""
 
     async def _answer_with(

@@ -60,9 +60,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         budget: ResponseBudget | None = None,
         decoder: OffloadDecoder | None = None,
         inflight: InFlight | None = None,
+        bounds: Bounds | None = None,
     ) -> None:
         self._config = config
-        self.bounds = Bounds(config)
+        self.bounds = bounds or Bounds(config)
         self.budget = budget or ResponseBudget(
             self.bounds.max_pending_response_bytes, self.bounds.max_pending_response_bytes_per_connection
         )
@@ -136,14 +137,10 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
     async def answer(self, context: grpc.aio.ServicerContext, sparse: SparseRequest) -> None:
         """Submits a decoded call and writes its answer, its response bytes counted in the budget from now until
         the transport has taken them."""
-        peer, nbytes = context.peer(), self.response_bytes(sparse)
-        self.budget.reserve(peer, nbytes)
-        try:
+        with self.budget.held(context.peer(), self.response_bytes(sparse)):
             out = await self.batcher.submit(sparse, timeout=context.time_remaining())
             self._examples.inc(out.batch_size)
             await context.write(out.response)
-        finally:
-            self.budget.release(peer, nbytes)
 
     def response_bytes(self, sparse: SparseRequest) -> int:
         return response_bytes(sparse.batch_size, self.schema.output_dim, sparse.output_dtype)

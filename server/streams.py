@@ -170,13 +170,13 @@ class LookupStream:
         self._futures.discard(future)
         self._in_progress -= 1
         self._servicer.inflight.exit()
-        if future.cancelled() or future.exception() is not None:
-            self._budget.release(self._peer, nbytes)
         if future.cancelled():
+            self._budget.release(self._peer, nbytes)
             self._servicer.count_stream_message(grpc.StatusCode.CANCELLED, start)
             return
         error = future.exception()
-        if error is not None:
+        if error is not None:  # no answer to hold: an error reply is counted at 0 bytes
+            self._budget.release(self._peer, nbytes)
             if not isinstance(error, EmbserveError):
                 logger.error("stream message failed unexpectedly", exc_info=error)
                 error = BatchFailed(f"{type(error).__name__}: {error}")
