@@ -128,6 +128,14 @@ def _print_metadata(info: ModelInfo) -> None:
     print(f"  max_message_bytes       {info.max_message_bytes:>12,}  bytes in one request message")
     if info.max_stream_outstanding:
         print(f"  max_stream_outstanding  {info.max_stream_outstanding:>12,}  LookupStream messages in progress")
+    for name, what in (
+        ("max_response_bytes", "bytes in one response"),
+        ("max_queue_bytes", "bytes of queued requests and their responses"),
+        ("max_pending_response_bytes", "response bytes not yet sent"),
+        ("max_receive_bytes", "bytes of requests being received"),
+    ):
+        if getattr(info, name):
+            print(f"  {name:<23} {getattr(info, name):>12,}  {what}")
 
 
 def run_query(args: argparse.Namespace) -> int:

@@ -122,11 +122,13 @@ class ModelInfo:
     max_message_bytes: int
     max_stream_outstanding: int = 0  # 0: the server did not say
     # Byte bounds (0: the server did not say): a response over max_response_bytes is refused INVALID_ARGUMENT;
-    # the queue and the responses waiting to be sent are refused RESOURCE_EXHAUSTED beyond theirs.
+    # the queue, the responses waiting to be sent and the requests being received are refused RESOURCE_EXHAUSTED
+    # beyond theirs.
     max_response_bytes: int = 0
     max_queue_bytes: int = 0
     max_pending_response_bytes: int = 0
     max_pending_response_bytes_per_connection: int = 0
+    max_receive_bytes: int = 0
 
     @classmethod
     def from_proto(cls, m: pb.ModelMetadata) -> ModelInfo:
@@ -153,4 +155,5 @@ class ModelInfo:
             max_queue_bytes=m.max_queue_bytes,
             max_pending_response_bytes=m.max_pending_response_bytes,
             max_pending_response_bytes_per_connection=m.max_pending_response_bytes_per_connection,
+            max_receive_bytes=m.max_receive_bytes,
         )

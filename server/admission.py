@@ -5,7 +5,8 @@ the batcher counts both against `batching.max_queue_bytes` (`request_bytes`). A 
 handed to the transport, which for a client that does not read (HTTP/2 window 0) is never: the `ResponseBudget`
 counts response bytes from admission until sent, in total and per connection, and refuses calls beyond either
 bound. The transport holds a copy of a response it cannot send, so the memory they cost is about twice the
-count. Large requests are decoded on a few threads (`OffloadDecoder`) so that they cannot stall the event loop.
+count. Request messages are counted from before they are read until their call ends (`ReceiveBudget`). Large
+requests are decoded on a few threads (`OffloadDecoder`) so that they cannot stall the event loop.
 Defaults of the byte bounds are fractions of the host's physical memory (`memory_default`).
 """
 
@@ -29,8 +30,12 @@ __all__ = [
     "OUTPUT_ITEMSIZE",
     "Bounds",
     "OffloadDecoder",
+    "ReceiveBudget",
+    "Reservation",
     "ResponseBudget",
     "bounds_of",
+    "describe_default",
+    "map_large_allocations",
     "memory_default",
     "physical_memory",
     "release_free_memory",
@@ -47,6 +52,8 @@ QUEUE_BYTES_DEFAULT = (1 / 32, 64 * MiB, 512 * MiB)
 RESPONSE_BYTES_DEFAULT = (1 / 64, 16 * MiB, 256 * MiB)
 PENDING_BYTES_DEFAULT = (1 / 64, 64 * MiB, 256 * MiB)
 PENDING_PER_CONNECTION_DEFAULT = (1 / 128, 32 * MiB, 128 * MiB)
+RECEIVE_BYTES_DEFAULT = (1 / 64, 128 * MiB, 512 * MiB)
+BATCH_BYTES_DEFAULT = (1 / 256, 32 * MiB, 128 * MiB)
 
 T = TypeVar("T")
 
@@ -63,6 +70,16 @@ def memory_default(rule: tuple[float, int, int], memory: int | None = None) -> i
     """`fraction x physical memory`, kept within [floor, cap]."""
     fraction, floor, cap = rule
     return int(min(cap, max(floor, fraction * (physical_memory() if memory is None else memory))))
+
+
+def describe_default(rule: tuple[float, int, int]) -> str:
+    """A default's rule in words, for help texts: `1/32 of physical memory, 64 MiB to 512 MiB`."""
+    fraction, floor, cap = rule
+
+    def size(n: int) -> str:
+        return f"{n // GiB} GiB" if n % GiB == 0 else f"{n // MiB} MiB"
+
+    return f"1/{round(1 / fraction)} of physical memory, {size(floor)} to {size(cap)}"
 
 
 def response_bytes(batch_size: int, output_dim: int, output_dtype: str) -> int:
@@ -84,6 +101,7 @@ class Bounds:
     def __init__(self, config: ServerConfig, memory: int | None = None) -> None:
         limits = config.limits
         self.max_queue_bytes = config.batching.max_queue_bytes or memory_default(QUEUE_BYTES_DEFAULT, memory)
+        self.max_batch_bytes = config.batching.max_batch_bytes or memory_default(BATCH_BYTES_DEFAULT, memory)
         self.max_response_bytes = limits.max_response_bytes or memory_default(RESPONSE_BYTES_DEFAULT, memory)
         self.max_pending_response_bytes = limits.max_pending_response_bytes or memory_default(
             PENDING_BYTES_DEFAULT, memory
@@ -91,6 +109,10 @@ class Bounds:
         self.max_pending_response_bytes_per_connection = (
             limits.max_pending_response_bytes_per_connection or memory_default(PENDING_PER_CONNECTION_DEFAULT, memory)
         )
+        self.max_receive_bytes = limits.max_receive_bytes or max(
+            memory_default(RECEIVE_BYTES_DEFAULT, memory), limits.max_message_bytes
+        )
+        self.max_message_bytes = limits.max_message_bytes
 
 
 def bounds_of(config: ServerConfig) -> Bounds:
@@ -147,6 +169,65 @@ class ResponseBudget:
             del self._by_peer[peer]
 
 
+class Reservation:
+    """Bytes held in a `ReceiveBudget`: the largest message while a call's message is received, then the
+    message's own size (`settle`) until the call ends (`release`, idempotent)."""
+
+    __slots__ = ("_budget", "nbytes")
+
+    def __init__(self, budget: ReceiveBudget, nbytes: int) -> None:
+        self._budget = budget
+        self.nbytes = nbytes
+
+    def settle(self, nbytes: int) -> None:
+        if nbytes < self.nbytes:
+            self._budget.used -= self.nbytes - nbytes
+            self.nbytes = nbytes
+
+    def release(self) -> None:
+        self._budget.used -= self.nbytes
+        self.nbytes = 0
+
+
+class ReceiveBudget:
+    """Bytes of request messages held by calls in progress, at most `max_bytes`; beyond it a call is refused
+    RESOURCE_EXHAUSTED at once.
+
+    A call's handler runs once its headers arrive, usually before its message has: it reserves `slot` bytes, the
+    largest message the server accepts, before reading (`reserve`), keeps the message's own size once read, and
+    releases it when the call ends. A call refused here is reset before its message is read, so its client stops
+    sending it. A LookupStream message is counted at its own size once read (`charge`), until it is queued or
+    refused: a stream's next read stays posted while it waits, and reserving the largest message for it would
+    let idle streams hold the budget."""
+
+    def __init__(self, max_bytes: int, slot: int) -> None:
+        if slot > max_bytes:
+            raise ValueError(f"a receive budget of {max_bytes} bytes cannot hold one {slot}-byte message")
+        self.max_bytes = max_bytes
+        self.slot = slot
+        self.used = 0
+
+    def _refuse(self, nbytes: int, what: str) -> Overloaded:
+        return Overloaded(
+            f"{self.used} bytes of request messages are held by calls in progress and {what} {nbytes}, over the "
+            f"server's max_receive_bytes {self.max_bytes}; retry later"
+        )
+
+    def reserve(self) -> Reservation:
+        """Room for one call's message, or `Overloaded`."""
+        if self.used and self.used + self.slot > self.max_bytes:
+            raise self._refuse(self.slot, "a call reserves room for the largest message,")
+        self.used += self.slot
+        return Reservation(self, self.slot)
+
+    def charge(self, nbytes: int) -> Reservation:
+        """Counts a message already read, or `Overloaded`."""
+        if self.used and self.used + nbytes > self.max_bytes:
+            raise self._refuse(nbytes, "this message needs")
+        self.used += nbytes
+        return Reservation(self, nbytes)
+
+
 class OffloadDecoder:
     """Runs the decoding of large requests on `threads` threads instead of the event loop, with at most
     `max_waiting` decodes queued or running; beyond it `Overloaded` at once. Small requests (under `min_bytes`)
@@ -176,13 +257,31 @@ class OffloadDecoder:
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
+def _libc_function(name: str) -> Callable[..., int] | None:
+    library = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
+        function = getattr(ctypes.CDLL(library), name) if library else None
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return None
-    return trim  # type: ignore[no-any-return]
+    return function  # type: ignore[no-any-return]
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    return _libc_function("malloc_trim")
+
+
+_M_MMAP_THRESHOLD = -3
+LARGE_ALLOCATION_BYTES = 1 * MiB
+
+
+def map_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
+    """Makes glibc serve allocations of at least `threshold` bytes (request messages, batches, responses) from
+    mappings of their own, returned to the OS when freed. By default glibc raises this threshold after the first
+    large free (up to 32 MiB) and later large buffers come from the heap, where what a burst of large requests
+    used stays resident: 6 concurrent 32 MB requests left +571 MB behind, and +39 MB with the threshold fixed.
+    Returns whether it took effect (glibc only)."""
+    mallopt = _libc_function("mallopt")
+    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
 
 
 def release_free_memory() -> None:

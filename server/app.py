@@ -20,12 +20,13 @@ from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2
 from embserve.v1.wire import SERVICE_NAME
 
-from .admission import Bounds, release_free_memory, request_bytes
+from .admission import Bounds, map_large_allocations, release_free_memory, request_bytes
 from .batcher import DynamicBatcher
 from .config import EventLoop, ServerConfig
 from .connections import grpc_options as connection_options
 from .executor import BatchExecutor, BatchOutput
 from .inference import InferenceServicer, add_inference_to_server
+from .receiving import ReceiveInterceptor
 from .metrics import ServerMetrics
 from .request import SparseRequest
 from .security import peer_guards, server_credentials
@@ -106,12 +107,14 @@ class EmbserveServer:
             model, pipelined=inflight > 1, on_forward=self.metrics.forward_seconds.observe
         )
         self.bounds = Bounds(config)
+        map_large_allocations()
         output_dim = model.output_dim
         self.batcher: DynamicBatcher[SparseRequest, BatchOutput] = DynamicBatcher(
             self._run_batch,
             size_of=lambda r: r.batch_size,
             bytes_of=lambda r: request_bytes(r, output_dim),
             max_queue_bytes=self.bounds.max_queue_bytes,
+            max_batch_bytes=self.bounds.max_batch_bytes,
             max_batch_size=b.max_batch_size if b.enabled else 1,
             max_queue_delay_s=b.max_queue_delay_us / 1e6,
             max_queue_size=b.max_queue_size,
@@ -141,6 +144,8 @@ class EmbserveServer:
             inflight=self.servicer.inflight,
         )
         self.health, self._interceptors = peer_guards(config, self.metrics)
+        # After auth: a refused call is never read at all.
+        self._interceptors.append(ReceiveInterceptor(self.servicer.receive, self.metrics))
         self._reload_lock = asyncio.Lock()
         self.port: int = 0
         self.metrics_port: int | None = None

@@ -55,6 +55,8 @@ class DynamicBatcher(Generic[T, R]):
         max_queue_size: examples the queue holds; beyond it `submit` raises `Overloaded` at once.
         max_queue_bytes: bytes the queue holds (by `bytes_of`); beyond it `submit` raises `Overloaded` at once.
             An item larger than this is still taken when the queue is empty.
+        max_batch_bytes: bytes one batch takes (by `bytes_of`, with `max_queue_bytes`); an item larger than this
+            runs alone.
         policy: EAGER (run what is queued as soon as a slot is free) or WAIT.
         max_inflight_batches: batches running concurrently (pipelining of assembly and forward).
         max_queue_wait_s: the queue budget: an item queued longer is failed with `Overloaded`, never run, so the
@@ -76,6 +78,7 @@ class DynamicBatcher(Generic[T, R]):
         observer: BatcherObserver | None = None,
         bytes_of: Callable[[T], int] | None = None,
         max_queue_bytes: int | None = None,
+        max_batch_bytes: int | None = None,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
@@ -92,6 +95,7 @@ class DynamicBatcher(Generic[T, R]):
         self._run_batch = run_batch
         self._bytes_of = bytes_of if max_queue_bytes is not None else None
         self.max_queue_bytes = max_queue_bytes
+        self.max_batch_bytes = max_batch_bytes if self._bytes_of is not None else None
         self._queued_bytes = 0
         self._size_of = size_of
         self.max_batch_size = max_batch_size
@@ -217,7 +221,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _take_batch(self) -> list[_Entry[T, R]]:
         batch: list[_Entry[T, R]] = []
-        examples = 0
+        examples = nbytes = 0
         now = time.monotonic()
         while self._queue:
             entry = self._queue[0]
@@ -245,9 +249,12 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             if batch and examples + entry.size > self.max_batch_size:
                 break
+            if batch and self.max_batch_bytes is not None and nbytes + entry.nbytes > self.max_batch_bytes:
+                break
             self._pop()
             batch.append(entry)
             examples += entry.size
+            nbytes += entry.nbytes
         if self._observer:
             self._observer.queue_depth(self._queued_examples)
             if batch:

@@ -36,7 +36,7 @@ DEFAULT_MAX_QUEUE_DELAY_US = 1000
 DEFAULT_MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_QUEUE_WAIT_MS = 200.0
 DEFAULT_MAX_REQUEST_EXAMPLES = 16384
-DEFAULT_MAX_REQUEST_IDS = 4_000_000
+DEFAULT_MAX_REQUEST_IDS = 1_000_000
 DEFAULT_MAX_STREAM_OUTSTANDING = 256
 DEFAULT_GRACE_PERIOD_S = 10.0
 DEFAULT_MAX_WORKER_RESTARTS_PER_MINUTE = 10
@@ -98,6 +98,9 @@ class BatchingConfig(_Strict):
     # Bytes the queue holds: each request's arrays plus the response it will produce. None: from the host's
     # memory (`admission.memory_default`).
     max_queue_bytes: int | None = pydantic.Field(None, ge=1 << 16)
+    # Bytes one batch takes (the same count per request); a request larger than it runs alone. None: from the
+    # host's memory.
+    max_batch_bytes: int | None = pydantic.Field(None, ge=1 << 16)
     # None: 1 on CPU (the forward competes with the event loop for cores), 2 on CUDA (copy overlaps compute).
     max_inflight_batches: int | None = pydantic.Field(None, ge=1, le=8)
 
@@ -116,11 +119,24 @@ class LimitsConfig(_Strict):
     # and on one connection; beyond either, new calls are refused RESOURCE_EXHAUSTED. None: from the host's memory.
     max_pending_response_bytes: int | None = pydantic.Field(None, ge=1 << 16)
     max_pending_response_bytes_per_connection: int | None = pydantic.Field(None, ge=1 << 16)
+    # Request messages being received or waiting to be queued; each read reserves max_message_bytes of it first
+    # (LookupStreams' reads at most half), and waits at most the queue budget for room, then RESOURCE_EXHAUSTED.
+    # None: from the host's memory, at least max_message_bytes.
+    max_receive_bytes: int | None = pydantic.Field(None, ge=1 << 16)
     # Requests of at least this many bytes are decoded on `decode_threads` threads, off the event loop; at most
     # `max_decode_queue` wait for them, beyond it RESOURCE_EXHAUSTED.
     offload_decode_bytes: int = pydantic.Field(DEFAULT_OFFLOAD_DECODE_BYTES, ge=0)
     decode_threads: int = pydantic.Field(DEFAULT_DECODE_THREADS, ge=1, le=64)
     max_decode_queue: int = pydantic.Field(DEFAULT_MAX_DECODE_QUEUE, ge=1)
+
+    @pydantic.model_validator(mode="after")
+    def _receive_holds_a_message(self) -> LimitsConfig:
+        if self.max_receive_bytes is not None and self.max_receive_bytes < self.max_message_bytes:
+            raise ValueError(
+                f"limits.max_receive_bytes ({self.max_receive_bytes}) must be >= limits.max_message_bytes "
+                f"({self.max_message_bytes}): every read reserves room for the largest message"
+            )
+        return self
 
 
 class ConnectionsConfig(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+from collections.abc import Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -23,9 +24,23 @@ from .admission import response_bytes
 from .errors import InvalidRequest
 from .request import ModelSchema, SparseRequest
 
-__all__ = ["ECHO_CHARS", "FieldNames", "KeyOrders", "decode_lookup", "echo", "parse_message", "validate_features"]
+__all__ = [
+    "ECHO_CHARS",
+    "FieldNames",
+    "KeyOrders",
+    "check_lookup_wire",
+    "decode_lookup",
+    "echo",
+    "parse_message",
+    "validate_features",
+]
 
 ECHO_CHARS = 128
+# Fields a message may carry beyond its keys (the scalars, several features fields merged, unknown fields).
+MAX_OTHER_FIELDS = 64
+_FEATURES = pb.LookupRequest.DESCRIPTOR.fields_by_name["features"].number
+_KEYS = pb.SparseFeatures.DESCRIPTOR.fields_by_name["keys"].number
+_LENGTH_DELIMITED = 2
 
 M = TypeVar("M", bound=Message)
 
@@ -43,6 +58,61 @@ def parse_message(cls: type[M], raw: bytes) -> M:
     except DecodeError as err:
         raise InvalidRequest(f"request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
     return message
+
+
+def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while i < end and shift < 64:
+        byte = buf[i]
+        value |= (byte & 0x7F) << shift
+        i += 1
+        if not byte & 0x80:
+            return value, i
+        shift += 7
+    raise InvalidRequest("request is not a valid protobuf message: a varint runs past its field")
+
+
+def _fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, start, end of the value) of each field in `buf[i:end]`, at most `limit`."""
+    count = 0
+    while i < end:
+        count += 1
+        if count > limit:
+            raise InvalidRequest(f"{what} has more than {limit} fields; a valid one has at most {limit}")
+        tag, i = _varint(buf, i, end)
+        number, wire_type = tag >> 3, tag & 7
+        start = i
+        if wire_type == 0:
+            _, i = _varint(buf, i, end)
+        elif wire_type == 1:
+            i += 8
+        elif wire_type == _LENGTH_DELIMITED:
+            size, start = _varint(buf, i, end)
+            i = start + size
+        elif wire_type == 5:
+            i += 4
+        else:
+            raise InvalidRequest(f"{what} has field {number} of wire type {wire_type}, which it never carries")
+        if i > end:
+            raise InvalidRequest(f"request is not a valid protobuf message: field {number} runs past its end")
+        yield number, wire_type, start, i
+
+
+def check_lookup_wire(raw: bytes, max_keys: int) -> None:
+    """Counts the fields of a LookupRequest on the wire before it is parsed: a message of a few fields that is
+    millions of repeated keys long (64 MB of keys compress to a few KB) would otherwise become millions of
+    strings before their number could be checked. Walks only the top level and the `features` fields, stopping
+    at the first field over a bound, so its cost is bounded whatever the message holds."""
+    limit = max_keys + MAX_OTHER_FIELDS
+    keys = 0
+    for number, wire_type, start, end in _fields(raw, 0, len(raw), "the LookupRequest", limit):
+        if number != _FEATURES or wire_type != _LENGTH_DELIMITED:
+            continue
+        for inner, inner_type, _, _ in _fields(raw, start, end, "features", limit):
+            if inner == _KEYS and inner_type == _LENGTH_DELIMITED:
+                keys += 1
+                if keys > max_keys:
+                    raise InvalidRequest(f"features.keys has more than {max_keys} keys; the model has {max_keys}")
 
 
 @dataclasses.dataclass(frozen=True)

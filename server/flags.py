@@ -15,6 +15,15 @@ from typing import Any
 
 import pydantic
 
+from .admission import (
+    BATCH_BYTES_DEFAULT,
+    PENDING_BYTES_DEFAULT,
+    PENDING_PER_CONNECTION_DEFAULT,
+    QUEUE_BYTES_DEFAULT,
+    RECEIVE_BYTES_DEFAULT,
+    RESPONSE_BYTES_DEFAULT,
+    describe_default,
+)
 from .config import ServerConfig
 from .connections import FD_RESERVE
 
@@ -68,7 +77,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batching.max_queue_wait_ms", "--max-queue-wait-ms", "queue budget, milliseconds: a call that waited "
             "longer is answered RESOURCE_EXHAUSTED unrun"),
     Setting("batching.max_queue_bytes", "--max-queue-bytes", "bytes queued (each request's arrays plus its "
-            "response); beyond it RESOURCE_EXHAUSTED at once; none: 1/32 of physical memory, 64 MiB to 512 MiB"),
+            f"response); beyond it RESOURCE_EXHAUSTED at once; none: {describe_default(QUEUE_BYTES_DEFAULT)}"),
+    Setting("batching.max_batch_bytes", "--max-batch-bytes", "bytes one batch takes (its requests' arrays plus "
+            f"responses); a larger request runs alone; none: {describe_default(BATCH_BYTES_DEFAULT)}"),
     Setting("batching.max_inflight_batches", "--max-inflight-batches", "batches assembled or computed at once; "
             "none: 1 on CPU, 2 on CUDA"),
     Setting("limits.max_request_examples", "--max-request-examples", "largest batch_size of one request"),
@@ -79,12 +90,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_health_watches", "--max-health-watches", "Health.Watch streams open at once without a "
             "valid token; beyond it RESOURCE_EXHAUSTED"),
     Setting("limits.max_response_bytes", "--max-response-bytes", "largest response of one request (batch_size x "
-            "output_dim x dtype size); beyond it INVALID_ARGUMENT; none: 1/64 of physical memory, 16 MiB to 256 MiB"),
+            f"output_dim x dtype size); beyond it INVALID_ARGUMENT; none: {describe_default(RESPONSE_BYTES_DEFAULT)}"),
     Setting("limits.max_pending_response_bytes", "--max-pending-response-bytes", "response bytes computed but "
-            "not yet sent, all connections; beyond it new calls RESOURCE_EXHAUSTED; none: 1/32 of physical memory, "
-            "64 MiB to 512 MiB"),
+            f"not yet sent, all connections; beyond it new calls RESOURCE_EXHAUSTED; none: "
+            f"{describe_default(PENDING_BYTES_DEFAULT)}"),
     Setting("limits.max_pending_response_bytes_per_connection", "--max-pending-response-bytes-per-connection",
-            "the same on one connection; none: 1/128 of physical memory, 32 MiB to 128 MiB"),
+            f"the same on one connection; none: {describe_default(PENDING_PER_CONNECTION_DEFAULT)}"),
+    Setting("limits.max_receive_bytes", "--max-receive-bytes", "request messages being received or decoded; "
+            "each read reserves max_message_bytes first (LookupStreams' reads at most half), a call that finds no "
+            f"room within the queue budget is RESOURCE_EXHAUSTED; none: {describe_default(RECEIVE_BYTES_DEFAULT)}, "
+            "at least max_message_bytes"),
     Setting("limits.offload_decode_bytes", "--offload-decode-bytes", "requests of at least this many bytes are "
             "decoded on the decode threads, off the event loop"),
     Setting("limits.decode_threads", "--decode-threads", "threads decoding large requests"),

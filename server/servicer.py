@@ -3,7 +3,7 @@
 Lookup is registered as a response-streaming handler that writes its one answer (the same on the wire as a unary
 answer): grpc.aio's write returns only once the transport has taken the message, which a client that does not
 read never lets it do, so the answer's bytes stay counted in the `ResponseBudget` (from admission) for as long
-as they are held.
+as they are held. (Its request is read under the receive budget: see `receiving`.)
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 from embserve.v1.wire import SERVICE_NAME
 
-from .admission import Bounds, OffloadDecoder, ResponseBudget, response_bytes
+from .admission import Bounds, OffloadDecoder, ReceiveBudget, ResponseBudget, response_bytes
 from .batcher import DynamicBatcher
 from .config import ServerConfig
-from .decode import KeyOrders, decode_lookup, parse_message
+from .decode import KeyOrders, check_lookup_wire, decode_lookup, parse_message
 from .errors import EmbserveError, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .inflight import InFlight
@@ -68,6 +68,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             self.bounds.max_pending_response_bytes, self.bounds.max_pending_response_bytes_per_connection
         )
         limits = config.limits
+        self.receive = ReceiveBudget(self.bounds.max_receive_bytes, limits.max_message_bytes)
         self.decoder = decoder or OffloadDecoder(
             min_bytes=limits.offload_decode_bytes, threads=limits.decode_threads, max_waiting=limits.max_decode_queue
         )
@@ -125,8 +126,14 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
         await context.abort(code, str(error))
         raise AssertionError("context.abort returned")  # pragma: no cover
 
+    def parse(self, raw: bytes) -> pb.LookupRequest:
+        """LookupRequest bytes parsed; a large message's field counts are checked on the wire first."""
+        if len(raw) >= self.decoder.min_bytes:
+            check_lookup_wire(raw, len(self.schema.keys))
+        return parse_message(pb.LookupRequest, raw)
+
     def decode(self, raw: bytes) -> SparseRequest:
-        return decode_lookup(parse_message(pb.LookupRequest, raw), self.schema, self.key_orders)
+        return decode_lookup(self.parse(raw), self.schema, self.key_orders)
 
     async def _lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         if not self.accepting:
@@ -184,6 +191,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):  # type: ignore[misc]
             max_queue_bytes=self.batcher.max_queue_bytes or 0,
             max_pending_response_bytes=self.budget.max_total,
             max_pending_response_bytes_per_connection=self.budget.max_per_connection,
+            max_receive_bytes=self.receive.max_bytes,
             tables=[_table_metadata(model, name) for name in model.keys],
         )
 

@@ -14,6 +14,7 @@ new messages are answered UNAVAILABLE, those in progress are answered, then the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -27,6 +28,7 @@ from embserve.v1 import embserve_pb2 as pb
 from .decode import decode_lookup, parse_message
 from .errors import BatchFailed, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
 from .executor import BatchOutput
+from .request import SparseRequest
 
 if TYPE_CHECKING:
     from .servicer import EmbeddingServicer
@@ -91,6 +93,8 @@ class LookupStream:
         self._replies.put_nowait(None)
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
+        """Serves the stream until the client half-closes and every message is answered; raises the reader's
+        `EmbserveError` (no room to receive the next message) once the messages before it are answered."""
         reader = asyncio.get_running_loop().create_task(self._read(requests))
         try:
             await self._write()
@@ -102,6 +106,8 @@ class LookupStream:
                 reply = self._replies.get_nowait()
                 if reply is not None and reply[1]:
                     self._budget.release(self._peer, reply[1])
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader  # done reading before the request iterator is closed
 
     def _done(self) -> bool:
         return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._servicer.accepting)
@@ -134,7 +140,21 @@ class LookupStream:
         request_id = ""
         servicer = self._servicer
         try:
-            request = parse_message(pb.LookupRequest, raw)
+            held = servicer.receive.charge(len(raw))
+        except EmbserveError as err:  # not parsed: answered without its request id
+            self._reply_error(request_id, err, start)
+            return
+        try:
+            await self._admit(raw, start)
+        finally:
+            held.release()  # queued (max_queue_bytes counts it) or refused
+
+    async def _admit(self, raw: bytes, start: float) -> None:
+        request_id = ""
+        servicer = self._servicer
+        try:
+            # Parsed and decoded in one step, off the event loop when large; the checks below come first.
+            request, decoded = await servicer.decoder.run(len(raw), functools.partial(self._decode, raw))
             request_id = request.request_id
             if not servicer.accepting:
                 raise ShuttingDown("server is draining; send this request to another replica")
@@ -145,9 +165,9 @@ class LookupStream:
                     f"{self._in_progress} messages in progress on this stream, the server's max_stream_outstanding; "
                     "wait for answers before sending more"
                 )
-            sparse = await servicer.decoder.run(
-                len(raw), lambda: decode_lookup(request, servicer.schema, servicer.key_orders)
-            )
+            if isinstance(decoded, EmbserveError):
+                raise decoded
+            sparse = decoded
             nbytes = servicer.response_bytes(sparse)
             self._budget.reserve(self._peer, nbytes)
             timeout = self._context.time_remaining()
@@ -165,6 +185,14 @@ class LookupStream:
         servicer.inflight.enter()
         self._futures.add(future)
         future.add_done_callback(functools.partial(self._answered, request_id, start, nbytes))
+
+    def _decode(self, raw: bytes) -> tuple[pb.LookupRequest, SparseRequest | EmbserveError]:
+        servicer = self._servicer
+        request = servicer.parse(raw)
+        try:
+            return request, decode_lookup(request, servicer.schema, servicer.key_orders)
+        except EmbserveError as err:
+            return request, err
 
     def _answered(self, request_id: str, start: float, nbytes: int, future: asyncio.Future[BatchOutput]) -> None:
         self._futures.discard(future)

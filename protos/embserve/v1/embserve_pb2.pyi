@@ -103,7 +103,7 @@ class TableMetadata(_message.Message):
     def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection")
+    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection", "max_receive_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +120,7 @@ class ModelMetadata(_message.Message):
     MAX_QUEUE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PENDING_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PENDING_RESPONSE_BYTES_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECEIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     tables: _containers.RepeatedCompositeFieldContainer[TableMetadata]
@@ -136,4 +137,5 @@ class ModelMetadata(_message.Message):
     max_queue_bytes: int
     max_pending_response_bytes: int
     max_pending_response_bytes_per_connection: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ...) -> None: ...
+    max_receive_bytes: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ...) -> None: ...

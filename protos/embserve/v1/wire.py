@@ -66,8 +66,9 @@ OUTPUT_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
     "bfloat16": np.dtype("<u2"),
 }
 
-# The largest message either side sends or receives unless configured otherwise.
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# The largest request message a server receives and a client sends unless configured otherwise (the client splits
+# larger requests). A server reserves this much of its receive budget for each message it reads.
+DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
 def varint(value: int) -> bytes:
