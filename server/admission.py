@@ -39,6 +39,7 @@ __all__ = [
     "memory_default",
     "physical_memory",
     "release_free_memory",
+    "worker_config",
     "request_bytes",
     "response_bytes",
 ]
@@ -113,6 +114,28 @@ class Bounds:
             memory_default(RECEIVE_BYTES_DEFAULT, memory), limits.max_message_bytes
         )
         self.max_message_bytes = limits.max_message_bytes
+
+
+def worker_config(config: ServerConfig, workers: int) -> ServerConfig:
+    """The config of one of `workers` processes serving together (`--workers N`): the server's byte bounds, as set
+    or from the host's memory, shared among them, so that the workers together hold what one process would. The
+    bounds of one request or one batch stay whole; a worker's receive budget holds at least one message."""
+    if workers <= 1:
+        return config
+    b = Bounds(config)
+    limits = config.limits.model_copy(
+        update={
+            "max_pending_response_bytes": max(1 << 16, b.max_pending_response_bytes // workers),
+            "max_pending_response_bytes_per_connection": max(
+                1 << 16, min(b.max_pending_response_bytes_per_connection, b.max_pending_response_bytes // workers)
+            ),
+            "max_receive_bytes": max(config.limits.max_message_bytes, b.max_receive_bytes // workers),
+        }
+    )
+    batching = config.batching.model_copy(
+        update={"max_queue_bytes": max(1 << 16, b.max_queue_bytes // workers), "max_batch_bytes": b.max_batch_bytes}
+    )
+    return config.model_copy(update={"limits": limits, "batching": batching})
 
 
 def bounds_of(config: ServerConfig) -> Bounds:

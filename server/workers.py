@@ -28,6 +28,7 @@ from typing import Any
 
 from embserve.embeddings import ServingModel
 
+from .admission import worker_config
 from .app import load_model, run_on_event_loop, serve_until_signal
 from .config import ServerConfig
 
@@ -49,9 +50,9 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
+def _worker_config(config: ServerConfig, index: int, workers: int, port: int) -> ServerConfig:
     metrics = config.metrics_port
-    return config.model_copy(
+    return worker_config(config, workers).model_copy(
         update={"port": port, "metrics_port": metrics + index if metrics else metrics, "torch_threads": None}
     )
 
@@ -107,13 +108,14 @@ class _Generation:
         self, config: ServerConfig, model: ServingModel, count: int, threads: int, port: int, listener: int
     ) -> None:
         self.config, self.model, self.threads, self.port, self.listener = config, model, threads, port, listener
+        self.count = count
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.pending: dict[int, int] = {}  # ready fd -> pid
         for index in range(count):
             self.spawn(index)
 
     def spawn(self, index: int) -> None:
-        config = _worker_config(self.config, index, self.port)
+        config = _worker_config(self.config, index, self.count, self.port)
         pid, fd = _fork_worker(config, self.model, index, self.threads, [self.listener, *self.pending])
         self.pids[pid] = index
         self.pending[fd] = pid

@@ -12,8 +12,11 @@ from __future__ import annotations
 import collections
 import gzip
 import re
+import resource
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +27,8 @@ import pytest
 
 from embserve.benchmarks.procs import ServerProcess, embserve_command
 from embserve.oip import wire as oip
+from embserve.server.config import ConnectionsConfig
+from embserve.server.connections import FD_RESERVE, max_connections
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
 from tests.conftest import float_tables, make_config, write_model_config
@@ -412,3 +417,76 @@ def test_huge_unknown_key_name_is_not_echoed(server: ServerProcess) -> None:
     watch.check(384 * MiB)
     _alive(server)
 
+
+
+_FLOOD = r"""
+import resource, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\0\0\0\x04\0\0\0\0\0"  # and an empty SETTINGS frame
+socks = []
+for _ in range(count):
+    s = socket.socket()
+    try:
+        s.connect((host, port))
+        s.sendall(preface)
+    except OSError:
+        s.close()
+        continue
+    s.setblocking(False)
+    socks.append(s)
+print(len(socks), flush=True)
+sys.stdin.readline()  # hold the connections idle until told
+closed = 0
+for s in socks:
+    try:
+        while True:
+            data = s.recv(65536)
+            if not data:
+                closed += 1
+                break
+    except BlockingIOError:
+        pass
+    except OSError:
+        closed += 1
+print(closed, flush=True)
+"""
+
+
+def test_idle_connection_flood_cannot_lock_out_callers(server: ServerProcess) -> None:
+    """20,000 idle HTTP/2 connections (set up, no calls) from two processes, against a server whose open-file
+    limit is the same 20,000 here: the server takes them up to its cap (its limit, raised to the hard one, less a
+    reserve) and closes the rest at once, so a caller's connection keeps being answered within its deadline meanwhile. Before: the
+    process ran out of descriptors and valid calls were DEADLINE_EXCEEDED until the flood closed."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the server's too: it inherits this limit
+    if hard != resource.RLIM_INFINITY and hard < 10_500:
+        pytest.skip(f"the open-file limit ({hard}) cannot hold 10,000 connections per process")
+    cap = max_connections(ConnectionsConfig()) if hard == resource.RLIM_INFINITY else hard - FD_RESERVE
+    host, port = server.address.rsplit(":", 1)
+    flooders = [subprocess.Popen([sys.executable, "-c", _FLOOD, host, port, "10000"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        with Watch(server) as watch:
+            opened = [int(f.stdout.readline()) for f in flooders]  # type: ignore[union-attr]
+            time.sleep(2)  # the server settles its accepts and closes what it is over its cap
+            before = watch.answers
+            time.sleep(2)
+            assert watch.answers > before  # still answered while the flood is held open
+            for f in flooders:
+                f.stdin.write("\n")  # type: ignore[union-attr]
+                f.stdin.flush()  # type: ignore[union-attr]
+            closed = [int(f.stdout.readline()) for f in flooders]  # type: ignore[union-attr]
+    finally:
+        for f in flooders:
+            f.kill()
+            f.wait()
+            f.stdin.close()  # type: ignore[union-attr]
+            f.stdout.close()  # type: ignore[union-attr]
+    print(f"idle flood: {sum(opened)} connections opened, {sum(closed)} closed by the server, RSS "
+          f"{watch.start >> 20} MB, +{(watch.peak - watch.start) >> 20} MB peak, {watch.answers} calls answered")
+    assert sum(opened) >= 19_000
+    assert sum(closed) >= sum(opened) - cap  # those over the cap (the limit less FD_RESERVE) closed at once
+    watch.check()
+    assert _settles(server, watch.start) - watch.start < SETTLED_BUDGET
+    _alive(server)  # a new connection is taken once the flood has gone

@@ -230,3 +230,19 @@ async def test_an_item_larger_than_the_bytes_bound_runs_when_the_queue_is_empty(
     b.start()
     assert await asyncio.wait_for(b.submit(30), 5) == 300  # 3,000 bytes alone: taken, as a big request is
     await b.close()
+
+
+async def test_batch_bytes_bound_splits_batches() -> None:
+    run = Recorder()
+    # Items hold item x 100 bytes; a batch takes at most 1,000 unless one item alone is larger.
+    b: DynamicBatcher[int, int] = DynamicBatcher(
+        run, size_of=lambda i: 1, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64,
+        bytes_of=lambda i: i * 100, max_queue_bytes=100_000, max_batch_bytes=1000,
+    )
+    blocker = await hold(run, b)
+    queued = [asyncio.ensure_future(b.submit(i)) for i in (4, 5, 2, 30, 1)]
+    await asyncio.sleep(0)
+    run.gate.set()
+    assert await asyncio.wait_for(asyncio.gather(blocker, *queued), 5) == [0, 40, 50, 20, 300, 10]
+    assert run.batches == [[0], [4, 5], [2], [30], [1]]  # 900; 200 (+3,000 would pass); 3,000 alone; 100
+    await b.close()
