@@ -113,7 +113,6 @@ class Bounds:
         self.max_receive_bytes = limits.max_receive_bytes or max(
             memory_default(RECEIVE_BYTES_DEFAULT, memory), limits.max_message_bytes
         )
-        self.max_message_bytes = limits.max_message_bytes
 
 
 def worker_config(config: ServerConfig, workers: int) -> ServerConfig:

@@ -119,9 +119,9 @@ class LimitsConfig(_Strict):
     # and on one connection; beyond either, new calls are refused RESOURCE_EXHAUSTED. None: from the host's memory.
     max_pending_response_bytes: int | None = pydantic.Field(None, ge=1 << 16)
     max_pending_response_bytes_per_connection: int | None = pydantic.Field(None, ge=1 << 16)
-    # Request messages being received or waiting to be queued; each read reserves max_message_bytes of it first
-    # (LookupStreams' reads at most half), and waits at most the queue budget for room, then RESOURCE_EXHAUSTED.
-    # None: from the host's memory, at least max_message_bytes.
+    # Request messages held by calls in progress: a call with a unary request reserves max_message_bytes before
+    # its message is read and is refused RESOURCE_EXHAUSTED at once without room; a LookupStream message counts
+    # its own size from read until queued. None: from the host's memory, at least max_message_bytes.
     max_receive_bytes: int | None = pydantic.Field(None, ge=1 << 16)
     # Requests of at least this many bytes are decoded on `decode_threads` threads, off the event loop; at most
     # `max_decode_queue` wait for them, beyond it RESOURCE_EXHAUSTED.

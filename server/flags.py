@@ -96,10 +96,10 @@ SETTINGS: tuple[Setting, ...] = (
             f"{describe_default(PENDING_BYTES_DEFAULT)}"),
     Setting("limits.max_pending_response_bytes_per_connection", "--max-pending-response-bytes-per-connection",
             f"the same on one connection; none: {describe_default(PENDING_PER_CONNECTION_DEFAULT)}"),
-    Setting("limits.max_receive_bytes", "--max-receive-bytes", "request messages being received or decoded; "
-            "each read reserves max_message_bytes first (LookupStreams' reads at most half), a call that finds no "
-            f"room within the queue budget is RESOURCE_EXHAUSTED; none: {describe_default(RECEIVE_BYTES_DEFAULT)}, "
-            "at least max_message_bytes"),
+    Setting("limits.max_receive_bytes", "--max-receive-bytes", "request messages held by calls in progress; "
+            "a call reserves max_message_bytes before its message is read, and without room is RESOURCE_EXHAUSTED "
+            "at once; a LookupStream message counts its size until queued; none: "
+            f"{describe_default(RECEIVE_BYTES_DEFAULT)}, at least max_message_bytes"),
     Setting("limits.offload_decode_bytes", "--offload-decode-bytes", "requests of at least this many bytes are "
             "decoded on the decode threads, off the event loop"),
     Setting("limits.decode_threads", "--decode-threads", "threads decoding large requests"),

@@ -93,8 +93,8 @@ class LookupStream:
         self._replies.put_nowait(None)
 
     async def run(self, requests: AsyncIterator[bytes]) -> None:
-        """Serves the stream until the client half-closes and every message is answered; raises the reader's
-        `EmbserveError` (no room to receive the next message) once the messages before it are answered."""
+        """Serves the stream until the client half-closes and every message is answered; the reader task is
+        awaited before returning, so that what it raised is not lost."""
         reader = asyncio.get_running_loop().create_task(self._read(requests))
         try:
             await self._write()
@@ -153,7 +153,8 @@ class LookupStream:
         request_id = ""
         servicer = self._servicer
         try:
-            # Parsed and decoded in one step, off the event loop when large; the checks below come first.
+            # Parsed and decoded in one step, off the event loop when large; a decoding error is answered only
+            # if the checks below pass.
             request, decoded = await servicer.decoder.run(len(raw), functools.partial(self._decode, raw))
             request_id = request.request_id
             if not servicer.accepting:
