@@ -32,6 +32,7 @@ __all__ = [
     "decode_lookup",
     "echo",
     "parse_message",
+    "request_id_of",
     "validate_features",
 ]
 
@@ -40,6 +41,7 @@ ECHO_CHARS = 128
 MAX_OTHER_FIELDS = 64
 _FEATURES = pb.LookupRequest.DESCRIPTOR.fields_by_name["features"].number
 _KEYS = pb.SparseFeatures.DESCRIPTOR.fields_by_name["keys"].number
+_REQUEST_ID = pb.LookupRequest.DESCRIPTOR.fields_by_name["request_id"].number
 _LENGTH_DELIMITED = 2
 
 M = TypeVar("M", bound=Message)
@@ -113,6 +115,20 @@ def check_lookup_wire(raw: bytes, max_keys: int) -> None:
                 keys += 1
                 if keys > max_keys:
                     raise InvalidRequest(f"features.keys has more than {max_keys} keys; the model has {max_keys}")
+
+
+def request_id_of(raw: bytes) -> str:
+    """The `request_id` of LookupRequest bytes, read from the wire without parsing the message ("" when it has
+    none or its top level cannot be walked): a refusal of a message that is not parsed still names it, so that a
+    stream's client can match the answer."""
+    request_id = b""
+    try:
+        for number, wire_type, start, end in _fields(raw, 0, len(raw), "the LookupRequest", MAX_OTHER_FIELDS):
+            if number == _REQUEST_ID and wire_type == _LENGTH_DELIMITED:
+                request_id = raw[start:end]  # the last one, as a parser keeps
+    except InvalidRequest:
+        return ""
+    return request_id.decode("utf-8", "replace")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ import grpc
 
 from embserve.v1 import embserve_pb2 as pb
 
-from .decode import decode_lookup, parse_message
+from .decode import decode_lookup, request_id_of
 from .errors import BatchFailed, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
 from .executor import BatchOutput
 from .request import SparseRequest
@@ -63,12 +63,8 @@ async def refuse_while_draining(
         raw = await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
     except (StopAsyncIteration, TimeoutError):
         return
-    try:
-        request_id = parse_message(pb.LookupRequest, raw).request_id
-    except EmbserveError:
-        request_id = ""
     count("LookupStream", grpc.StatusCode.UNAVAILABLE)
-    await context.write(error_reply(request_id, ShuttingDown("server is shutting down; retry on another replica")))
+    await context.write(error_reply(request_id_of(raw), ShuttingDown("server is shutting down; retry on another replica")))
 
 
 class LookupStream:
@@ -137,12 +133,10 @@ class LookupStream:
 
     async def _accept(self, raw: bytes) -> None:
         start = time.perf_counter()
-        request_id = ""
-        servicer = self._servicer
         try:
-            held = servicer.receive.charge(len(raw))
-        except EmbserveError as err:  # not parsed: answered without its request id
-            self._reply_error(request_id, err, start)
+            held = self._servicer.receive.charge(len(raw))
+        except EmbserveError as err:  # not parsed: its id is read from the wire
+            self._reply_error(request_id_of(raw), err, start)
             return
         try:
             await self._admit(raw, start)

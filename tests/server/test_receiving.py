@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embserve.embeddings import ServingModel
-from embserve.server.decode import MAX_OTHER_FIELDS, check_lookup_wire
+from embserve.server.decode import MAX_OTHER_FIELDS, check_lookup_wire, request_id_of
 from embserve.server.errors import InvalidRequest
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
@@ -91,3 +91,39 @@ def test_keys_are_counted_on_the_wire_before_parsing() -> None:
     for corrupt in (b"\x0a\x05ab", b"\x80", b"\x0b"):  # a length past the end, a cut varint, a group
         with pytest.raises(InvalidRequest):
             check_lookup_wire(corrupt, max_keys=2)
+
+
+def test_a_stream_message_without_room_is_refused_with_its_request_id(
+    server_factory: Factory, small_serving: ServingModel
+) -> None:
+    # The budget is held by a call that never sends its message; a stream message is then refused in-band, and
+    # the refusal carries the message's request_id, read from the wire, so a client can match it.
+    server = server_factory(small_serving, limits={"max_message_bytes": MiB, "max_receive_bytes": MiB})
+    sock = _raw_connection(server.address, window=1 << 16)
+    try:
+        _ended_streams(sock, 1, timeout=0.3)
+        sock.sendall(_frame(_HEADERS, _END_HEADERS, _call_headers(LOOKUP), 1))
+        deadline = time.monotonic() + 10
+        while server.server.servicer.receive.used < MiB and time.monotonic() < deadline:
+            time.sleep(0.01)
+        request = lookup_request(["user"], np.array([[2]]), np.array([3, 5]))
+        request.request_id = "stream-7"
+        with grpc.insecure_channel(server.address) as ch:
+            replies = list(ch.stream_stream(method_path("LookupStream"))(
+                iter([request.SerializeToString()]), timeout=10))
+    finally:
+        sock.close()
+    assert len(replies) == 1
+    reply = pb.LookupResponse.FromString(replies[0])
+    assert reply.request_id == "stream-7"
+    assert reply.status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "max_receive_bytes 1048576" in reply.status.message
+
+
+def test_request_id_is_read_from_the_wire() -> None:
+    message = pb.LookupRequest(features=pb.SparseFeatures(keys=["a"], values=b"\0" * 64), request_id="r-9")
+    assert request_id_of(message.SerializeToString()) == "r-9"
+    assert request_id_of(pb.LookupRequest(request_id="a").SerializeToString()
+                         + pb.LookupRequest(request_id="b").SerializeToString()) == "b"  # the last, as parsed
+    assert request_id_of(b"\x1a\x09short") == ""  # cut: nothing to name
+    assert request_id_of(b"") == ""
