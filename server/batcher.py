@@ -41,6 +41,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    budget_timer: asyncio.TimerHandle | None = None
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -170,6 +171,8 @@ class DynamicBatcher(Generic[T, R]):
         self._queue.append(entry)
         self._queued_examples += size
         self._queued_bytes += nbytes
+        if self.max_queue_wait_s is not None:
+            entry.budget_timer = asyncio.get_running_loop().call_later(self.max_queue_wait_s, self._expire, entry)
         if self._observer:
             self._observer.queue_depth(self._queued_examples)
         self._has_work.set()
@@ -238,14 +241,7 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             if self.max_queue_wait_s is not None and now - entry.enqueued > self.max_queue_wait_s:
                 self._pop()
-                entry.future.set_exception(
-                    Overloaded(
-                        f"waited {1e3 * (now - entry.enqueued):.0f} ms for a batch, over the queue budget of "
-                        f"{1e3 * self.max_queue_wait_s:.0f} ms; not computed, retry later"
-                    )
-                )
-                if self._observer:
-                    self._observer.dropped("queue_budget")
+                self._fail_over_budget(entry, now)  # its timer has not run yet
                 continue
             if batch and examples + entry.size > self.max_batch_size:
                 break
@@ -262,9 +258,36 @@ class DynamicBatcher(Generic[T, R]):
         return batch
 
     def _pop(self) -> None:
-        entry = self._queue.popleft()
+        self._forget(self._queue.popleft())
+
+    def _forget(self, entry: _Entry[T, R]) -> None:
+        """Takes an entry that left the queue out of its counts and stops its budget timer."""
         self._queued_examples -= entry.size
         self._queued_bytes -= entry.nbytes
+        if entry.budget_timer is not None:
+            entry.budget_timer.cancel()
+
+    def _expire(self, entry: _Entry[T, R]) -> None:
+        """An item's queue budget ended while it waited: it is failed now, while the batches ahead of it run,
+        rather than when the next batch forms. A cancelled item is left to be dropped then."""
+        if entry.future.done():
+            return
+        self._queue.remove(entry)  # identity: entries compare by identity
+        self._forget(entry)
+        self._fail_over_budget(entry, time.monotonic())
+        if self._observer:
+            self._observer.queue_depth(self._queued_examples)
+
+    def _fail_over_budget(self, entry: _Entry[T, R], now: float) -> None:
+        assert self.max_queue_wait_s is not None
+        entry.future.set_exception(
+            Overloaded(
+                f"waited {1e3 * (now - entry.enqueued):.0f} ms for a batch, over the queue budget of "
+                f"{1e3 * self.max_queue_wait_s:.0f} ms; not computed, retry later"
+            )
+        )
+        if self._observer:
+            self._observer.dropped("queue_budget")
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:

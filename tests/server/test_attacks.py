@@ -314,8 +314,9 @@ def test_concurrent_large_requests_are_bounded_in_bytes(server: ServerProcess) -
     for raw in answers[:2]:
         _check_large_answer(raw, N_IDS)
     reasons = collections.Counter(re.sub(r"\d+", "N", e.details())[:60] for e in errors)  # type: ignore[attr-defined]
-    print(f"40 x 8 MB: {len(answers)} answered, {len(errors)} refused {dict(reasons)}, RSS {watch.start >> 20} MB, "
-          f"+{(watch.peak - watch.start) >> 20} MB peak")
+    waits = sorted(int(w) for e in errors for w in re.findall(r"waited (\d+) ms", e.details()))  # type: ignore[attr-defined]
+    print(f"40 x 8 MB: {len(answers)} answered, {len(errors)} refused {dict(reasons)}, queue-budget waits {waits}, "
+          f"RSS {watch.start >> 20} MB, +{(watch.peak - watch.start) >> 20} MB peak")
     # What gRPC's core has taken in for calls not yet dispatched is outside the receive budget (docs/hardening.md):
     # +459 to +895 MB measured here, so this attack is held to 1 GiB rather than RSS_GROWTH_BUDGET.
     watch.check(1 << 30)

@@ -246,3 +246,22 @@ async def test_batch_bytes_bound_splits_batches() -> None:
     assert await asyncio.wait_for(asyncio.gather(blocker, *queued), 5) == [0, 40, 50, 20, 300, 10]
     assert run.batches == [[0], [4, 5], [2], [30], [1]]  # 900; 200 (+3,000 would pass); 3,000 alone; 100
     await b.close()
+
+
+async def test_queue_budget_fails_an_item_while_the_batch_ahead_still_runs() -> None:
+    run = Recorder()
+    b = make(run, max_queue_wait_s=0.02, max_queue_size=64)
+    blocker = await hold(run, b)
+    stale = asyncio.ensure_future(b.submit(1))
+    # The executor stays held: the refusal must not wait for the next batch to form.
+    with pytest.raises(Overloaded, match="over the queue budget of 20 ms"):
+        await asyncio.wait_for(stale, 10)
+    assert b.queued_examples == 0 and b.queued_bytes == 0 and not blocker.done()
+    kept = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0)
+    kept.cancel()  # a cancelled item's timer leaves it to the next batch's sweep
+    run.gate.set()
+    assert await asyncio.wait_for(blocker, 5) == 0
+    assert await asyncio.wait_for(b.submit(3), 5) == 30
+    assert run.batches == [[0], [3]]
+    await b.close()
