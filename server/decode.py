@@ -26,6 +26,8 @@ from .request import ModelSchema, SparseRequest
 
 __all__ = [
     "ECHO_CHARS",
+    "LENGTH_DELIMITED",
+    "MAX_OTHER_FIELDS",
     "FieldNames",
     "KeyOrders",
     "check_lookup_wire",
@@ -34,6 +36,7 @@ __all__ = [
     "parse_message",
     "request_id_of",
     "validate_features",
+    "wire_fields",
 ]
 
 ECHO_CHARS = 128
@@ -42,7 +45,7 @@ MAX_OTHER_FIELDS = 64
 _FEATURES = pb.LookupRequest.DESCRIPTOR.fields_by_name["features"].number
 _KEYS = pb.SparseFeatures.DESCRIPTOR.fields_by_name["keys"].number
 _REQUEST_ID = pb.LookupRequest.DESCRIPTOR.fields_by_name["request_id"].number
-_LENGTH_DELIMITED = 2
+LENGTH_DELIMITED = 2  # the wire type of strings, bytes and messages
 
 M = TypeVar("M", bound=Message)
 
@@ -74,8 +77,9 @@ def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
     raise InvalidRequest("request is not a valid protobuf message: a varint runs past its field")
 
 
-def _fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, wire type, start, end of the value) of each field in `buf[i:end]`, at most `limit`."""
+def wire_fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator[tuple[int, int, int, int]]:
+    """(field number, wire type, start, end of the value) of each field in `buf[i:end]`, read from the wire
+    without parsing; `InvalidRequest` naming `what` beyond `limit` fields, or where the bytes are not protobuf."""
     count = 0
     while i < end:
         count += 1
@@ -88,7 +92,7 @@ def _fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator[tup
             _, i = _varint(buf, i, end)
         elif wire_type == 1:
             i += 8
-        elif wire_type == _LENGTH_DELIMITED:
+        elif wire_type == LENGTH_DELIMITED:
             size, start = _varint(buf, i, end)
             i = start + size
         elif wire_type == 5:
@@ -107,11 +111,11 @@ def check_lookup_wire(raw: bytes, max_keys: int) -> None:
     at the first field over a bound, so its cost is bounded whatever the message holds."""
     limit = max_keys + MAX_OTHER_FIELDS
     keys = 0
-    for number, wire_type, start, end in _fields(raw, 0, len(raw), "the LookupRequest", limit):
-        if number != _FEATURES or wire_type != _LENGTH_DELIMITED:
+    for number, wire_type, start, end in wire_fields(raw, 0, len(raw), "the LookupRequest", limit):
+        if number != _FEATURES or wire_type != LENGTH_DELIMITED:
             continue
-        for inner, inner_type, _, _ in _fields(raw, start, end, "features", limit):
-            if inner == _KEYS and inner_type == _LENGTH_DELIMITED:
+        for inner, inner_type, _, _ in wire_fields(raw, start, end, "features", limit):
+            if inner == _KEYS and inner_type == LENGTH_DELIMITED:
                 keys += 1
                 if keys > max_keys:
                     raise InvalidRequest(f"features.keys has more than {max_keys} keys; the model has {max_keys}")
@@ -123,8 +127,8 @@ def request_id_of(raw: bytes) -> str:
     stream's client can match the answer."""
     request_id = b""
     try:
-        for number, wire_type, start, end in _fields(raw, 0, len(raw), "the LookupRequest", MAX_OTHER_FIELDS):
-            if number == _REQUEST_ID and wire_type == _LENGTH_DELIMITED:
+        for number, wire_type, start, end in wire_fields(raw, 0, len(raw), "the LookupRequest", MAX_OTHER_FIELDS):
+            if number == _REQUEST_ID and wire_type == LENGTH_DELIMITED:
                 request_id = raw[start:end]  # the last one, as a parser keeps
     except InvalidRequest:
         return ""

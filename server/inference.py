@@ -27,7 +27,7 @@ from embserve.v1.wire import WireFeatures
 
 from .admission import OffloadDecoder, ResponseBudget, response_bytes
 from .batcher import DynamicBatcher
-from .decode import FieldNames, echo, parse_message, validate_features
+from .decode import LENGTH_DELIMITED, MAX_OTHER_FIELDS, FieldNames, echo, parse_message, validate_features, wire_fields
 from .errors import EmbserveError, InvalidRequest, ShuttingDown, UnknownModel, oip_status_code_of
 from .executor import BatchOutput
 from .framing import field_header
@@ -135,6 +135,30 @@ def _string_param(param: oip.InferParameter, name: str) -> str:
     return str(param.string_param)
 
 
+_INFER_FIELDS = oip.ModelInferRequest.DESCRIPTOR.fields_by_name
+_INPUTS = _INFER_FIELDS["inputs"].number
+_RAW_INPUT_CONTENTS = _INFER_FIELDS["raw_input_contents"].number
+
+
+def check_infer_wire(raw: bytes, max_inputs: int) -> None:
+    """Counts the fields of a large ModelInferRequest on the wire before it is parsed, as `check_lookup_wire`
+    does for a LookupRequest: at most `max_inputs` input tensors and raw contents, a few other fields, and a few
+    fields in each input (its parameters included), so that no field repeated millions of times becomes millions
+    of objects. The walk stops at the first field over a bound."""
+    counts = {_INPUTS: 0, _RAW_INPUT_CONTENTS: 0}
+    limit = 2 * max_inputs + MAX_OTHER_FIELDS
+    for number, wire_type, start, end in wire_fields(raw, 0, len(raw), "the ModelInferRequest", limit):
+        if number not in counts:
+            continue
+        counts[number] += 1
+        if counts[number] > max_inputs:
+            name = "inputs" if number == _INPUTS else "raw_input_contents"
+            raise InvalidRequest(f"the request has more than {max_inputs} {name}; the model takes {max_inputs}")
+        if number == _INPUTS and wire_type == LENGTH_DELIMITED:
+            for _ in wire_fields(raw, start, end, "an input tensor", MAX_OTHER_FIELDS):
+                pass
+
+
 class InferDecoder:
     """ModelInferRequest -> `SparseRequest`: checks the tensors, gathers them into the flat arrays of an
     embserve.v1 request in canonical key order, and validates those with `validate_features`.
@@ -152,6 +176,7 @@ class InferDecoder:
             for kind in oip.INPUT_SUFFIXES
             if kind != "weights" or schema.weighted[k]
         }
+        self.max_inputs = len(self._inputs)
 
     def decode(self, request: oip.ModelInferRequest, model: ServingModel) -> SparseRequest:
         """Raises `InvalidRequest` naming the tensor, or `UnknownModel`."""
@@ -338,6 +363,8 @@ class InferenceServicer:
         await context.write(response)
 
     def _decode(self, raw: bytes, model: ServingModel) -> tuple[oip.ModelInferRequest, SparseRequest]:
+        if len(raw) >= self._offload.min_bytes:
+            check_infer_wire(raw, self._decoder.max_inputs)
         request = parse_message(oip.ModelInferRequest, raw)
         return request, self._decoder.decode(request, model)
 

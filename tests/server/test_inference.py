@@ -22,6 +22,8 @@ from tritonclient.utils import InferenceServerException
 
 from embserve.embeddings import ModelConfig, ServingModel
 from embserve.oip import wire as oip
+from embserve.server.errors import InvalidRequest
+from embserve.server.inference import check_infer_wire
 from embserve.v1 import embserve_pb2 as pb
 from tests.conftest import ServerHandle
 from tests.reference import random_features
@@ -318,3 +320,31 @@ def test_reflection_lists_the_service(served: ServerHandle) -> None:
         db = ProtoReflectionDescriptorDatabase(channel)
         assert {"inference.GRPCInferenceService", "embserve.v1.EmbeddingService"} <= set(db.get_services())
         assert db.FindFileContainingSymbol("inference.ModelInferRequest").package == "inference"
+
+
+def test_large_request_fields_are_counted_before_parsing(served: ServerHandle, small_serving: ServingModel) -> None:
+    inputs = [service_pb2.ModelInferRequest.InferInputTensor(name="user__lengths", datatype="INT32", shape=[1])]
+    many_inputs = service_pb2.ModelInferRequest(model_name="small", inputs=inputs * 200_000)  # ~4 MB of inputs
+    many_contents = service_pb2.ModelInferRequest(model_name="small", raw_input_contents=[b"\0"] * 1_100_000)
+    one_input = service_pb2.ModelInferRequest.InferInputTensor(name="user__lengths", datatype="INT32", shape=[1])
+    for _ in range(100_000):
+        one_input.parameters[f"p{_}"].bool_param = True  # one input with a huge parameters map
+    huge_map = service_pb2.ModelInferRequest(model_name="small", inputs=[one_input])
+    max_inputs = 3 * len(small_serving.keys)  # at most: lengths, values and weights of every key
+    with pytest.raises(InvalidRequest, match=f"more than {max_inputs} inputs"):
+        check_infer_wire(many_inputs.SerializeToString(), max_inputs)
+    with pytest.raises(InvalidRequest, match="raw_input_contents"):
+        check_infer_wire(many_contents.SerializeToString(), max_inputs)
+    with pytest.raises(InvalidRequest, match="an input tensor has more than 64 fields"):
+        check_infer_wire(huge_map.SerializeToString(), max_inputs)
+    check_infer_wire(service_pb2.ModelInferRequest(model_name="small", inputs=inputs).SerializeToString(), max_inputs)
+    with grpc.insecure_channel(served.address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        infer = channel.unary_unary(oip.MODEL_INFER_METHOD)
+        for request, message in ((many_inputs, "inputs"), (many_contents, "raw_input_contents"),
+                                 (huge_map, "an input tensor")):
+            body = request.SerializeToString()
+            assert 1 << 20 <= len(body) < 8 << 20  # large enough to be walked, within the message limit
+            with pytest.raises(grpc.RpcError) as rpc:
+                infer(body, timeout=30)
+            assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert message in str(rpc.value.details())  # type: ignore[attr-defined]
