@@ -35,7 +35,6 @@ __all__ = [
     "ResponseBudget",
     "bounds_of",
     "describe_default",
-    "map_large_allocations",
     "memory_default",
     "physical_memory",
     "release_free_memory",
@@ -279,31 +278,13 @@ class OffloadDecoder:
 
 
 @functools.cache
-def _libc_function(name: str) -> Callable[..., int] | None:
-    library = ctypes.util.find_library("c")
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
     try:
-        function = getattr(ctypes.CDLL(library), name) if library else None
+        trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # pragma: no cover - not glibc
         return None
-    return function  # type: ignore[no-any-return]
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    return _libc_function("malloc_trim")
-
-
-_M_MMAP_THRESHOLD = -3
-LARGE_ALLOCATION_BYTES = 1 * MiB
-
-
-def map_large_allocations(threshold: int = LARGE_ALLOCATION_BYTES) -> bool:
-    """Makes glibc serve allocations of at least `threshold` bytes (request messages, batches, responses) from
-    mappings of their own, returned to the OS when freed. By default glibc raises this threshold after the first
-    large free (up to 32 MiB) and later large buffers come from the heap, where what a burst of large requests
-    used stays resident: 6 concurrent 32 MB requests left +571 MB behind, and +39 MB with the threshold fixed.
-    Returns whether it took effect (glibc only)."""
-    mallopt = _libc_function("mallopt")
-    return mallopt is not None and mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    return trim  # type: ignore[no-any-return]
 
 
 def release_free_memory() -> None:

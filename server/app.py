@@ -20,7 +20,7 @@ from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2
 from embserve.v1.wire import SERVICE_NAME
 
-from .admission import Bounds, map_large_allocations, release_free_memory, request_bytes
+from .admission import Bounds, release_free_memory, request_bytes
 from .batcher import DynamicBatcher
 from .config import EventLoop, ServerConfig
 from .connections import grpc_options as connection_options
@@ -38,9 +38,6 @@ __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# A batch with a request of at least this many bytes of ids makes the server trim its heap once the queue empties.
-TRIM_AFTER_BYTES = 8 << 20
 
 
 class ReloadFailed(RuntimeError):
@@ -107,7 +104,6 @@ class EmbserveServer:
             model, pipelined=inflight > 1, on_forward=self.metrics.forward_seconds.observe
         )
         self.bounds = Bounds(config)
-        map_large_allocations()
         output_dim = model.output_dim
         self.batcher: DynamicBatcher[SparseRequest, BatchOutput] = DynamicBatcher(
             self._run_batch,
@@ -125,6 +121,9 @@ class EmbserveServer:
         )
         schema = model_schema(self.executor.model, config, self.bounds)
         self._large_since_trim = False
+        # A batch with a large request (one decoded off the event loop) makes the server trim its heap once the
+        # queue empties.
+        self._trim_after_bytes = config.limits.offload_decode_bytes
         self.servicer = EmbeddingServicer(
             config=config,
             schema=schema,
@@ -158,7 +157,7 @@ class EmbserveServer:
         """Runs a batch; once the queue is empty after large requests, hands the heap's free pages back to the OS
         (off the event loop), so a burst of large requests does not leave the process at its peak size."""
         outputs = await self.executor.run(batch)
-        if any(r.values.nbytes >= TRIM_AFTER_BYTES for r in batch):
+        if any(r.values.nbytes >= self._trim_after_bytes for r in batch):
             self._large_since_trim = True
         if self._large_since_trim and self.batcher.queued_bytes == 0:
             self._large_since_trim = False

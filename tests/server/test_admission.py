@@ -13,7 +13,6 @@ from embserve.server.admission import (
     OffloadDecoder,
     ReceiveBudget,
     ResponseBudget,
-    map_large_allocations,
     worker_config,
 )
 from embserve.server.config import LimitsConfig, ServerConfig
@@ -103,11 +102,6 @@ def test_receive_bytes_must_hold_the_largest_message() -> None:
         LimitsConfig(max_message_bytes=1 << 20, max_receive_bytes=1 << 19)
     bounds = Bounds(ServerConfig(limits=LimitsConfig(max_message_bytes=1 << 30)), memory=1 << 30)
     assert bounds.max_receive_bytes == 1 << 30  # the host default is raised to one message
-
-
-def test_large_allocations_are_mapped() -> None:
-    # glibc here: the call takes effect (it returns False only where there is no mallopt).
-    assert map_large_allocations() is True
 
 
 def test_workers_share_the_byte_bounds() -> None:
