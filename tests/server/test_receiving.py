@@ -1,6 +1,7 @@
 """The receive budget on a real server: a call with a unary request reserves room for the largest message before
 its message is read, and is refused RESOURCE_EXHAUSTED at once when there is none; the health service is served
-the same way; a large LookupRequest's keys are counted on the wire before it is parsed."""
+the same way; a large LookupRequest's keys are counted on the wire before it is parsed; after a large request
+the server trims its heap."""
 
 from __future__ import annotations
 
@@ -127,3 +128,18 @@ def test_request_id_is_read_from_the_wire() -> None:
                          + pb.LookupRequest(request_id="b").SerializeToString()) == "b"  # the last, as parsed
     assert request_id_of(b"\x1a\x09short") == ""  # cut: nothing to name
     assert request_id_of(b"") == ""
+
+
+def test_heap_is_trimmed_after_a_large_request(
+    server_factory: Factory, small_serving: ServingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[int] = []
+    monkeypatch.setattr("embserve.server.app.release_free_memory", lambda: trims.append(1))
+    # A request whose ids are at least offload_decode_bytes (1 KiB here) is large.
+    server = server_factory(small_serving, limits={"offload_decode_bytes": 1024})
+    assert isinstance(_lookup(server.address), np.ndarray)  # 2 ids: small, no trim
+    assert trims == []
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.unary_unary(LOOKUP, pb.LookupRequest.SerializeToString, pb.LookupResponse.FromString)
+        call(lookup_request(["user"], np.array([[200]]), np.arange(200) % 10), timeout=10)
+    assert trims == [1]
