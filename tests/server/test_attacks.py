@@ -295,7 +295,9 @@ def test_concurrent_oversized_requests_are_refused_unread(server: ServerProcess)
     assert not answers and len(errors) == 40
     assert {e.code() for e in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # type: ignore[attr-defined]
     print(f"40 x 32 MB: refused, RSS {watch.start >> 20} MB, +{(watch.peak - watch.start) >> 20} MB peak")
-    watch.check(256 * MiB)
+    # +82 to +230 MB over five runs (the watched caller and what gRPC takes in before it reads a length prefix);
+    # receiving the 1.3 GB would take several times this bound.
+    watch.check(512 * MiB)
     _alive(server)
 
 
