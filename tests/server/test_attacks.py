@@ -320,8 +320,9 @@ def test_concurrent_large_requests_are_bounded_in_bytes(server: ServerProcess) -
     print(f"40 x 8 MB: {len(answers)} answered, {len(errors)} refused {dict(reasons)}, queue-budget waits {waits}, "
           f"RSS {watch.start >> 20} MB, +{(watch.peak - watch.start) >> 20} MB peak")
     # What gRPC's core has taken in for calls not yet dispatched is outside the receive budget (docs/hardening.md):
-    # +459 to +895 MB measured here, so this attack is held to 1 GiB rather than RSS_GROWTH_BUDGET.
-    watch.check(1 << 30)
+    # +390 to +895 MB over a dozen runs here, so this attack is held to 1.25 GiB (still well under the 1.5 GB the
+    # issue asks for) rather than RSS_GROWTH_BUDGET, with room for a slower machine.
+    watch.check(5 << 28)
     assert _settles(server, watch.start) - watch.start < SETTLED_BUDGET
     _alive(server)
 
