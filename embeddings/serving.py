@@ -21,7 +21,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .config import ConfigError, EmbeddingBagConfig, Engine, IdPolicy, ModelConfig, ServingDType, ShardingType
 from .large_embeddings import LargeEmbeddings, canonical_keys
-from .weights import init_weights, load_checkpoint
+from .weights import checkpoint_version, init_weights, load_checkpoint
 
 __all__ = ["Engine", "SelfCheckFailed", "ServingModel", "build_serving_model"]
 
@@ -218,7 +218,7 @@ def build_serving_model(
     model = LargeEmbeddings(config, device=device)
     if checkpoint is not None:
         digest = load_checkpoint(model, checkpoint)
-        version = version or f"{Path(checkpoint).stem}-{digest}"
+        version = version or checkpoint_version(checkpoint, digest)
     else:
         init_weights(model, seed)
         version = version or f"init-{seed}"

@@ -3,6 +3,9 @@
 Checkpoints are plain state dicts: a safetensors file (`.safetensors`), or a torch file read with
 `torch.load(..., weights_only=True)`. Keys are the seed's (`ebc.embedding_bags.<table>.weight`); a checkpoint of a
 whole seed model, whose keys carry a prefix (`model.large_embeddings.ebc...`), loads too.
+
+A checkpoint's version, what clients see, is `<file stem>-<digest>`: the file name without its suffix and the first
+12 hex digits of the SHA-256 of its bytes (`checkpoint_version`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ __all__ = [
     "CheckpointError",
     "check_checkpoint",
     "checkpoint_digest",
+    "checkpoint_version",
     "init_weights",
     "load_checkpoint",
     "save_checkpoint",
@@ -169,15 +173,27 @@ def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> str:
 
 
 def save_checkpoint(model: LargeEmbeddings, path: str | Path) -> None:
-    """Writes the tables as a state dict: safetensors for a `.safetensors` path, a torch file otherwise."""
-    path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    """Writes the tables as a state dict: safetensors for a `.safetensors` path, a torch file otherwise.
 
-        save_file(state, str(path))
-    else:
-        torch.save(state, str(path))
+    Raises:
+        CheckpointError: the file cannot be written (its folder does not exist, no permission, disk full).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot write checkpoint {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(path))
+        else:
+            torch.save(state, str(path))
+    except Exception as err:  # safetensors and torch report write failures in types of their own
+        lines = str(err).strip().splitlines()
+        raise CheckpointError(
+            f"cannot write checkpoint {str(path)!r}: {type(err).__name__}: {lines[0] if lines else ''}"
+        ) from None
 
 
 def checkpoint_digest(path: str | Path) -> str:
@@ -187,3 +203,9 @@ def checkpoint_digest(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()[:12]
+
+
+def checkpoint_version(path: str | Path, digest: str) -> str:
+    """The model version clients see for a checkpoint file with content digest `digest`: `<file stem>-<digest>`
+    (`ranker.safetensors` -> `ranker-3f2a9c81b0de`). The server reports it unless `--model-version` says otherwise."""
+    return f"{Path(path).stem}-{digest}"

@@ -2,20 +2,29 @@
 
 `export` writes a model's weights from the deterministic init (`--seed`) or re-saves a loaded checkpoint;
 `convert` turns a trained model's weights (a state dict with any key prefix, or a `torch.distributed.checkpoint`
-directory of a sharded model) into a checkpoint and its model YAML. Failures are one line on stderr and exit code 2.
+directory of a sharded model) into a checkpoint and its model YAML. Both print the version clients will see
+(`<file stem>-<digest>`); `convert` also prints the response's column order and where it came from. Failures are one
+line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .config import ConfigError, ModelConfig, load_model_config
 from .convert import ConvertError, convert, write_model_yaml
-from .large_embeddings import LargeEmbeddings
-from .weights import CheckpointError, checkpoint_digest, init_weights, load_checkpoint, save_checkpoint
+from .large_embeddings import LargeEmbeddings, canonical_keys
+from .weights import (
+    CheckpointError,
+    checkpoint_digest,
+    checkpoint_version,
+    init_weights,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 __all__ = ["add_convert_args", "add_export_args", "convert_command", "export_command", "run_convert", "run_export"]
 
@@ -34,7 +43,26 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="trained weights: a state-dict file (torch or .safetensors) or a DCP directory")
     p.add_argument("--output", "-o", required=True, help="checkpoint to write: .safetensors (or a torch file)")
     p.add_argument("--model-out", help="model YAML to write (default: the output path with .yaml)")
-    p.add_argument("--model", help="model config to check the weights against and to write (default: inferred)")
+    p.add_argument(
+        "--model",
+        help="the training config: the weights are checked against it (names, shapes, data types) and it is "
+        "written, in its table order (default: inferred)",
+    )
+    p.add_argument(
+        "--order",
+        metavar="TABLE,...",
+        help="table order of an inferred config, i.e. of the response's columns (default: the source's key order, "
+        "where it is the training order; refused where it cannot be known)",
+    )
+    p.add_argument(
+        "--cast",
+        action="append",
+        nargs="?",
+        const="",
+        metavar="TABLE=DTYPE,...",
+        help="store a table in another data type than its weights' (fp32, fp16); bare --cast: each table in its "
+        "--model data type (default: none; a data type other than the weights' is refused)",
+    )
     p.add_argument("--name", help="model name when inferred (default: the output file's stem)")
     p.add_argument(
         "--ignore-other-keys",
@@ -71,32 +99,74 @@ def run_export(args: argparse.Namespace) -> int:
         save_checkpoint(model, args.output)
         if args.model_out:
             write_model_yaml(config, args.model_out)
-    except (ConfigError, CheckpointError, OSError) as err:
+    except (ConfigError, CheckpointError) as err:
         return _fail("export", err)
-    _report(config, args.output, args.model_out)
+    except OSError as err:
+        return _fail("export", ConvertError(f"{err.filename or args.output}: cannot write: {err.strerror or err}"))
+    _report(config, args.output, args.model_out, checkpoint_version(args.output, checkpoint_digest(args.output)))
     return 0
+
+
+def _order(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    names = [n.strip() for n in spec.split(",")]
+    if not all(names):
+        raise ConvertError(f"--order {spec!r}: an empty table name; write the tables as a,b,c")
+    return names
+
+
+def _casts(specs: list[str] | None, model: ModelConfig | None) -> dict[str, str] | None:
+    if not specs:
+        return None
+    out: dict[str, str] = {}
+    for spec in specs:
+        if not spec:
+            if model is None:
+                raise ConvertError(
+                    "a bare --cast stores each table in its --model data type; give --model, or TABLE=DTYPE"
+                )
+            out.update({t.name: t.data_type.value for t in model.tables})
+            continue
+        for item in spec.split(","):
+            table, sep, dtype = (part.strip() for part in item.partition("="))
+            if not sep or not table or not dtype:
+                raise ConvertError(f"--cast {spec!r}: expected TABLE=DTYPE, e.g. user=fp16")
+            out[table] = dtype
+    return out
 
 
 def run_convert(args: argparse.Namespace) -> int:
     model_out = args.model_out or str(Path(args.output).with_suffix(".yaml"))
     try:
         given: ModelConfig | None = load_model_config(args.model) if args.model else None
-        config = convert(
+        result = convert(
             args.source,
             args.output,
             model=given,
+            order=_order(args.order),
+            cast=_casts(args.cast, given),
             name=args.name,
             model_yaml=model_out,
             ignore_other_keys=args.ignore_other_keys,
         )
-    except (ConfigError, ConvertError, CheckpointError, OSError) as err:
+    except (ConfigError, ConvertError) as err:
         return _fail("convert", err)
-    _report(config, args.output, model_out)
+    _report(result.config, args.output, model_out, result.version, result.casts)
+    columns = canonical_keys(result.config)
+    print(f"response columns: {', '.join(columns)} (table order from {result.order_from})")
     return 0
 
 
-def _report(config: ModelConfig, output: str, model_out: str | None) -> None:
-    tables = ", ".join(f"{t.name} {t.num_embeddings}x{t.embedding_dim} {t.data_type.value}" for t in config.tables)
-    print(f"wrote {output} (ckpt-{checkpoint_digest(output)}): {tables}")
+def _report(
+    config: ModelConfig, output: str, model_out: str | None, version: str, casts: Mapping[str, str] | None = None
+) -> None:
+    casts = casts or {}
+    tables = ", ".join(
+        f"{t.name} {t.num_embeddings}x{t.embedding_dim} {t.data_type.value}"
+        + (f" (cast from {casts[t.name]})" if t.name in casts else "")
+        for t in config.tables
+    )
+    print(f"wrote {output} (version {version}): {tables}")
     if model_out:
         print(f"wrote {model_out}: serve with --model {model_out} --checkpoint {output}")

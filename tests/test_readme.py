@@ -5,6 +5,9 @@ A block that genuinely cannot run here (it needs a training job, a cluster or CU
 its opening fence: `<!-- not run: <reason> -->`. Blocks run in a fresh process, in an empty directory, with the
 documented address (`127.0.0.1:50051` / `localhost:50051`) replaced by the test server's. Pages call the quickstart's
 server (the built-in `default` model) unless `MODEL_OF_PAGE` names another.
+
+docs/weights.md is a walk-through whose blocks build on each other (train, convert, serve); `tests/test_docs_weights.py`
+runs all of its blocks, in order, in one folder.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from embserve.embeddings import build_serving_model, load_model_config
 from tests.conftest import ServerHandle, make_config, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+WALKTHROUGHS = {"docs/weights.md"}  # run block by block, in order, by their own tests
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if f"docs/{p.name}" not in WALKTHROUGHS)]
 NOT_RUN = re.compile(r"^<!-- not run: .+ -->$")
 DOC_ADDRESSES = ("127.0.0.1:50051", "localhost:50051")
 MODEL_OF_PAGE = {"docs/oip.md": "small"}  # its example speaks to the test suite's small model by name

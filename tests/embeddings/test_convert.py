@@ -4,6 +4,7 @@ values equal the original tables (numpy), and bad inputs fail with one message n
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from embserve.embeddings import (
     table_weights,
 )
 from embserve.embeddings.convert import ConvertError, convert, read_dcp_metadata
+from embserve.embeddings.weights import checkpoint_digest, checkpoint_version
 from embserve.client.cli import main
 from tests.conftest import make_config, write_model_config
 from tests.embeddings import _dcp_writer
@@ -58,9 +60,11 @@ def test_state_dict_with_any_prefix_converts_value_for_value(tmp_path: Path, pre
     source = tmp_path / "trained.pt"
     torch.save({f"{prefix}embedding_bags.{n}.weight": torch.from_numpy(w) for n, w in tables.items()}, source)
     out, yaml_path = tmp_path / "out.safetensors", tmp_path / "out.yaml"
-    config = convert(source, out, model_yaml=yaml_path)
+    result = convert(source, out, model_yaml=yaml_path)
+    config = result.config
 
     assert load_model_config(yaml_path) == config
+    assert result.order_from == "the checkpoint's key order" and result.casts == {}
     assert [(t.name, t.num_embeddings, t.embedding_dim, t.data_type.value, t.weighted) for t in config.tables] == [
         ("user", 60, 8, "fp32", False),
         ("author", 30, 4, "fp16", False),
@@ -88,7 +92,7 @@ def test_seed_model_with_weighted_tables_and_dense_layers(tmp_path: Path) -> Non
     with pytest.raises(ConvertError, match=r"2 keys are not embedding-table weights.*'model_state.model.mlp.weight'.*--ignore-other-keys"):
         convert(source, tmp_path / "x.safetensors")
 
-    inferred = convert(source, tmp_path / "out.safetensors", ignore_other_keys=True)
+    inferred = convert(source, tmp_path / "out.safetensors", ignore_other_keys=True).config
     assert {t.name: t.weighted for t in inferred.tables} == {t.name: t.weighted for t in config.tables}
     loaded = _loaded(inferred, tmp_path / "out.safetensors")
     for name, weight in expected.items():
@@ -101,8 +105,9 @@ def test_bfloat16_widens_exactly_and_safetensors_input(tmp_path: Path) -> None:
 
     source = tmp_path / "trained.safetensors"
     save_file({"embedding_bags.user.weight": values}, str(source))
-    config = convert(source, tmp_path / "out.safetensors")
-    assert config.tables[0].data_type.value == "fp32"
+    result = convert(source, tmp_path / "out.safetensors")
+    config = result.config
+    assert config.tables[0].data_type.value == "fp32" and result.casts == {"user": "bf16"}
     np.testing.assert_array_equal(_loaded(config, tmp_path / "out.safetensors")["user"], values.float().numpy())
 
 
@@ -121,7 +126,7 @@ def test_model_config_sets_order_and_serving_fields_and_is_checked(tmp_path: Pat
         }
     )
     out = tmp_path / "out.safetensors"
-    assert convert(source, out, model=model, model_yaml=tmp_path / "m.yaml") == model
+    assert convert(source, out, model=model, model_yaml=tmp_path / "m.yaml").config == model
     assert load_model_config(tmp_path / "m.yaml") == model
     assert "weighted_ebc.embedding_bags.topics.weight" in load_file(str(out))
     loaded = _loaded(model, out)
@@ -208,6 +213,243 @@ def test_dcp_with_shards_that_do_not_tile_the_table(tmp_path: Path) -> None:
         convert(tmp_path, tmp_path / "out.safetensors")
 
 
+# --- the table order is the training order, or the conversion is refused -----------------------------------------
+
+TRAINING_ORDER = [  # the issue's trial: not alphabetical (that would be author, hashtags, tweet, user)
+    {"name": "user", "num_embeddings": 40, "embedding_dim": 8},
+    {"name": "author", "num_embeddings": 30, "embedding_dim": 4},
+    {"name": "hashtags", "num_embeddings": 20, "embedding_dim": 6, "weighted": True},
+    {"name": "tweet", "num_embeddings": 50, "embedding_dim": 2},
+]
+
+
+def _trained_module(seed: int = 4) -> LargeEmbeddings:
+    module = LargeEmbeddings(make_config(TRAINING_ORDER, name="trained"))
+    init_weights(module, seed)
+    return module
+
+
+def _probe(config: ModelConfig) -> KeyedJaggedTensor:
+    keys, lengths, values, weights = random_features(
+        np.random.default_rng(1), {t.name: t.num_embeddings for t in config.tables}, 7, keys=canonical_keys(config), weighted=True
+    )
+    return KeyedJaggedTensor(
+        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.reshape(-1)), weights=torch.from_numpy(weights)  # type: ignore[arg-type]
+    )
+
+
+def test_dcp_keeps_the_training_order_and_serves_the_modules_columns(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = _trained_module()
+    ckpt = tmp_path / "step_10"
+    _single_process_dcp(ckpt, {f"model.large_embeddings.{k}": v for k, v in module.state_dict().items()})
+    out = tmp_path / "ranker.safetensors"
+    assert main(["convert", str(ckpt), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "response columns: user, author, tweet, hashtags (table order from the checkpoint's key order)" in printed
+    config = load_model_config(tmp_path / "ranker.yaml")
+    assert config.table_names == ["user", "author", "tweet", "hashtags"]  # unweighted tables, then weighted ones
+
+    serving = build_serving_model(config, checkpoint=out, engine="fused")
+    assert list(serving.keys) == canonical_keys(module.config)
+    kjt = _probe(module.config)
+    with torch.no_grad():
+        expected = module(kjt).values().numpy()
+    np.testing.assert_allclose(serving.forward(kjt).numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_state_dict_file_keeps_its_order(tmp_path: Path) -> None:
+    module = _trained_module()
+    source = tmp_path / "trained.pt"
+    torch.save(module.state_dict(), source)
+    result = convert(source, tmp_path / "out.safetensors")
+    assert result.config.table_names == ["user", "author", "tweet", "hashtags"]
+    assert result.order_from == "the checkpoint's key order"
+
+
+def _state(names: list[str]) -> dict[str, torch.Tensor]:
+    """Two small tables, `user` (4 x 2) and `author` (5 x 2), keyed in the order of `names`."""
+    tables = {"user": torch.full((4, 2), 1.0), "author": torch.full((5, 2), 2.0)}
+    return {f"ebc.embedding_bags.{n}.weight": tables[n] for n in names}
+
+
+def test_an_order_that_cannot_be_known_is_refused_until_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    sources = {"safetensors": tmp_path / "trained.safetensors", "sorted": tmp_path / "sorted.pt", "dcp": tmp_path / "dcp"}
+    save_file(_state(["user", "author"]), str(sources["safetensors"]))
+    torch.save(_state(["author", "user"]), sources["sorted"])
+    with pytest.warns(UserWarning, match="torch.distributed is disabled"):
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(_state(["user", "author"]), checkpoint_id=str(sources["dcp"]), planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
+    reasons = {
+        "safetensors": "a safetensors file keeps no key order",
+        "sorted": "its table keys are in sorted order, which is what torchrec's DistributedModelParallel.state_dict() gives",
+        "dcp": "its metadata records no state-dict order for ['user', 'author'] (saved without DCP's default planner)",
+    }
+    for kind, source in sources.items():
+        out = tmp_path / f"{kind}.safetensors"
+        with pytest.raises(ConvertError, match=r"cannot tell the training order of its 2 tables: ") as caught:
+            convert(source, out)
+        assert reasons[kind] in str(caught.value) and "--order" in str(caught.value) and not out.exists()
+
+        assert main(["convert", str(source), "-o", str(out), "--order", "user,author"]) == 0
+        assert "response columns: user, author (table order from --order)" in capsys.readouterr().out
+        assert load_model_config(tmp_path / f"{kind}.yaml").table_names == ["user", "author"]
+        loaded = _loaded(load_model_config(tmp_path / f"{kind}.yaml"), out)
+        for name in ("user", "author"):
+            np.testing.assert_array_equal(loaded[name], _state([name])[f"ebc.embedding_bags.{name}.weight"].numpy())
+
+    with pytest.raises(ConvertError, match=r"must name every table once: missing \['author'\]; not in the weights \['video'\]"):
+        convert(sources["sorted"], tmp_path / "x.safetensors", order=["user", "video"])
+    with pytest.raises(ConvertError, match=r"named twice \['user'\]"):
+        convert(sources["sorted"], tmp_path / "x.safetensors", order=["user", "author", "user"])
+    model = make_config([{"name": "user", "num_embeddings": 4, "embedding_dim": 2}, {"name": "author", "num_embeddings": 5, "embedding_dim": 2}])
+    with pytest.raises(ConvertError, match=r"from the model config or from --order, not both"):
+        convert(sources["sorted"], tmp_path / "x.safetensors", model=model, order=["user", "author"])
+    assert convert(sources["safetensors"], tmp_path / "x.safetensors", model=model).order_from == "the model config"
+    assert not (tmp_path / "x.yaml").exists()
+
+
+# --- one version string ----------------------------------------------------------------------------------------
+
+
+def test_the_printed_version_is_the_served_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "trained.pt"
+    torch.save(_trained_module().state_dict(), source)
+    out = tmp_path / "ranker.safetensors"
+    assert main(["convert", str(source), "-o", str(out)]) == 0
+    printed = re.search(r"\(version (\S+)\)", capsys.readouterr().out)
+    assert printed is not None
+    served = build_serving_model(load_model_config(tmp_path / "ranker.yaml"), checkpoint=out)
+    assert printed[1] == served.version == checkpoint_version(out, checkpoint_digest(out))
+    assert served.version.startswith("ranker-") and len(served.version) == len("ranker-") + 12
+
+    model_path = write_model_config(make_config(), tmp_path / "small.yaml")
+    exported = tmp_path / "init3.safetensors"
+    assert main(["export", "--model", str(model_path), "--seed", "3", "-o", str(exported)]) == 0
+    printed = re.search(r"\(version (\S+)\)", capsys.readouterr().out)
+    assert printed is not None and printed[1] == build_serving_model(make_config(), checkpoint=exported).version
+
+
+# --- every failure is one line naming the file, key or table ----------------------------------------------------
+
+
+def _break_missing_shard(ckpt: Path) -> str:
+    (ckpt / "__0_0.distcp").unlink()
+    return f"{ckpt / '__0_0.distcp'}: shard file missing (it holds a shard of 'embedding_bags."
+
+
+def _break_truncated_shard(ckpt: Path) -> str:
+    shard = ckpt / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])
+    return f"{shard}: shard file truncated: 100 bytes, but a shard of 'embedding_bags."
+
+
+def _break_corrupt_shard(ckpt: Path) -> str:
+    shard = ckpt / "__0_0.distcp"
+    shard.write_bytes(bytes(shard.stat().st_size))
+    return f"{ckpt}: cannot read the DCP shards: "
+
+
+def _break_truncated_metadata(ckpt: Path) -> str:
+    metadata = ckpt / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:40])
+    return f"{metadata}: cannot read DCP metadata: "
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_break_missing_shard, _break_truncated_shard, _break_corrupt_shard, _break_truncated_metadata],
+    ids=["missing-shard", "truncated-shard", "corrupt-shard", "truncated-metadata"],
+)
+def test_a_damaged_dcp_directory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any) -> None:
+    ckpt = tmp_path / "ckpt"
+    _single_process_dcp(ckpt, {"embedding_bags.user.weight": torch.ones(10, 4), "embedding_bags.author.weight": torch.ones(6, 2)})
+    needle = damage(ckpt)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(ConvertError) as caught:  # a ValueError, never DCP's CheckpointException (a BaseException)
+        convert(ckpt, out, order=["user", "author"])
+    assert isinstance(caught.value, ValueError) and needle in str(caught.value) and "\n" not in str(caught.value)
+    assert main(["convert", str(ckpt), "-o", str(out), "--order", "user,author"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("embserve convert: error: ") and needle in err, err
+    assert not out.exists()
+
+
+def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "trained.pt"
+    torch.save(_state(["user"]), source)
+    missing = tmp_path / "no" / "such" / "folder"
+    for output in (missing / "out.safetensors", missing / "out.pt"):
+        with pytest.raises(ConvertError, match=f"{re.escape(str(output))}: cannot write: folder '{re.escape(str(missing))}' does not exist"):
+            convert(source, output)
+        assert main(["convert", str(source), "-o", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{output}: cannot write" in err
+    assert main(["convert", str(source), "-o", str(tmp_path / "ok.safetensors"), "--model-out", str(missing / "m.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{missing / 'm.yaml'}: cannot write" in err and not (tmp_path / "ok.safetensors").exists()
+
+    model_path = write_model_config(make_config(), tmp_path / "small.yaml")
+    for output in (missing / "out.safetensors", missing / "out.pt"):
+        assert main(["export", "--model", str(model_path), "-o", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "embserve export: error: cannot write checkpoint" in err and str(missing) in err
+    assert main(["export", "--model", str(model_path), "-o", str(tmp_path / "e.safetensors"), "--model-out", str(missing / "m.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{missing / 'm.yaml'}: cannot write" in err
+
+
+# --- a data type other than the weights' is asked for ------------------------------------------------------------
+
+
+def test_a_data_type_change_is_asked_for_and_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tables = _tables()  # user fp32, author fp16, topics fp32
+    source = tmp_path / "trained.pt"
+    torch.save({f"embedding_bags.{n}.weight": torch.from_numpy(w) for n, w in tables.items()}, source)
+    as_trained = [{"name": n, "num_embeddings": r, "embedding_dim": d, "data_type": "fp16" if t is np.float16 else "fp32"} for n, (r, d, t) in RNG_TABLES.items()]
+    narrowed = make_config([{**t, "data_type": "fp16"} if t["name"] == "user" else t for t in as_trained])
+    widened = make_config([{**t, "data_type": "fp32"} if t["name"] == "author" else t for t in as_trained])
+    out = tmp_path / "out.safetensors"
+
+    with pytest.raises(ConvertError, match=r"table 'user': the weights are fp32 but the model config says fp16; pass --cast user=fp16"):
+        convert(source, out, model=narrowed)
+    with pytest.raises(ConvertError, match=r"table 'author': the weights are fp16 but the model config says fp32; pass --cast author=fp32"):
+        convert(source, out, model=widened)
+    with pytest.raises(ConvertError, match=r"table 'user': --cast asks for fp32, the model config says fp16"):
+        convert(source, out, model=narrowed, cast={"user": "fp32"})
+    with pytest.raises(ConvertError, match=r"--cast names table 'video', which is not in the weights"):
+        convert(source, out, cast={"video": "fp16"})
+    with pytest.raises(ConvertError, match=r"--cast user=int8: not a data type \(fp32, fp16\)"):
+        convert(source, out, cast={"user": "int8"})
+    assert not out.exists()
+
+    result = convert(source, out, model=narrowed, cast={"user": "fp16"})
+    assert result.casts == {"user": "fp32"}
+    assert _loaded(narrowed, out)["user"].dtype == np.float16
+    np.testing.assert_array_equal(_loaded(narrowed, out)["user"], tables["user"].astype(np.float16))
+    inferred = convert(source, out, cast={"author": "fp32"})
+    assert inferred.casts == {"author": "fp16"} and inferred.config.tables[1].data_type.value == "fp32"
+
+    # The command line: a bare --cast takes each table's type from --model; the output line reports the cast.
+    model_path = write_model_config(narrowed, tmp_path / "narrowed.yaml")
+    assert main(["convert", str(source), "-o", str(out), "--model", str(model_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "table 'user': the weights are fp32 but the model config says fp16" in err
+    assert main(["convert", str(source), "-o", str(out), "--model", str(model_path), "--cast"]) == 0
+    assert "user 60x8 fp16 (cast from fp32), author 30x4 fp16, topics 25x6 fp32" in capsys.readouterr().out
+    assert main(["convert", str(source), "-o", str(out), "--cast", "author=fp32,topics=fp16"]) == 0
+    assert "user 60x8 fp32, author 30x4 fp32 (cast from fp16), topics 25x6 fp16 (cast from fp32)" in capsys.readouterr().out
+    assert main(["convert", str(source), "-o", str(out), "--cast"]) == 2
+    assert "a bare --cast stores each table in its --model data type" in capsys.readouterr().err
+    assert main(["convert", str(source), "-o", str(out), "--cast", "user"]) == 2
+    assert "--cast 'user': expected TABLE=DTYPE" in capsys.readouterr().err
+
+
 # --- a real sharded save: 2 processes, gloo, torchrec DistributedModelParallel -----------------------------------
 
 SHARDED_SEED = 11
@@ -258,28 +500,50 @@ def test_sharded_dcp_converts_value_for_value_and_serves(
     assert main(["convert", str(sharded_checkpoint), "-o", str(out)]) == 2
     assert "keys are not embedding-table weights ('model.mlp.bias', 'model.mlp.weight')" in capsys.readouterr().err
 
-    assert main(["convert", str(sharded_checkpoint), "-o", str(out), "--ignore-other-keys"]) == 0
-    assert f"serve with --model {model_yaml} --checkpoint {out}" in capsys.readouterr().out
+    # DistributedModelParallel.state_dict() sorts its keys, so the checkpoint cannot say the training order.
+    assert list(read_dcp_metadata(sharded_checkpoint).planner_data) == sorted(read_dcp_metadata(sharded_checkpoint).planner_data)
+    assert main(["convert", str(sharded_checkpoint), "-o", str(out), "--ignore-other-keys"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot tell the training order of its 4 tables" in err
+    assert "DistributedModelParallel.state_dict()" in err and "--order" in err and not out.exists()
+
+    training_order = [t[0] for t in _dcp_writer.TABLES]
+    args = ["convert", str(sharded_checkpoint), "-o", str(out), "--ignore-other-keys", "--order", ",".join(training_order)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"serve with --model {model_yaml} --checkpoint {out}" in printed
+    assert "response columns: user, author, topics, hashtags (table order from --order)" in printed
     config = load_model_config(model_yaml)
     assert config.name == "sharded"
-    assert {t.name: (t.num_embeddings, t.embedding_dim, t.data_type.value, t.weighted) for t in config.tables} == {
-        n: (r, d, dt, w) for n, r, d, dt, w, _ in _dcp_writer.TABLES
-    }
+    assert [(t.name, t.num_embeddings, t.embedding_dim, t.data_type.value, t.weighted) for t in config.tables] == [
+        (n, r, d, dt, w) for n, r, d, dt, w, _ in _dcp_writer.TABLES
+    ]
     full = _dcp_writer.full_tables(SHARDED_SEED)
     loaded = _loaded(config, out)
     for name, weight in full.items():
         np.testing.assert_array_equal(loaded[name], weight)
 
-    # And the served answers are the numpy gather-and-sum of the original tables.
+    # The served columns are the trained module's: its forward, in its order, and the numpy gather-and-sum.
     serving = build_serving_model(config, checkpoint=out, engine="fused")
+    assert list(serving.keys) == canonical_keys(model_config_from_dict(_dcp_writer.model_dict()))
     keys, lengths, values, weights = random_features(
         np.random.default_rng(0), {t.name: t.num_embeddings for t in config.tables}, 9, keys=canonical_keys(config), weighted=True
     )
     kjt = KeyedJaggedTensor(
         keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.reshape(-1)), weights=torch.from_numpy(weights)  # type: ignore[arg-type]
     )
+    np.testing.assert_allclose(serving.forward(kjt).numpy(), _trained_forward(full, kjt), rtol=1e-5, atol=1e-5)
     expected = pool(full, keys, lengths, values, weights, list(serving.keys), weighted_keys={"hashtags"})
     np.testing.assert_allclose(serving.forward(kjt).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def _trained_forward(tables: dict[str, np.ndarray], kjt: KeyedJaggedTensor) -> np.ndarray:
+    """The training module's forward: the seed module of the training config, holding `tables`."""
+    module = LargeEmbeddings(model_config_from_dict(_dcp_writer.model_dict()))
+    with torch.no_grad():
+        for name, param in table_weights(module).items():
+            param.copy_(torch.from_numpy(tables[name]))
+        return module(kjt).values().numpy()
 
 
 @pytest.mark.slow
@@ -306,7 +570,7 @@ def test_export_from_seed_and_re_save(tmp_path: Path, capsys: pytest.CaptureFixt
     init_weights(reference, 7)
     for name, weight in _loaded(config, out).items():
         np.testing.assert_array_equal(weight, table_weights(reference)[name].detach().numpy())
-    assert "ckpt-" in capsys.readouterr().out
+    assert f"(version init7-{checkpoint_digest(out)})" in capsys.readouterr().out
 
     # Re-save a torch-format checkpoint as safetensors: same values, seed keys.
     torch_ckpt = tmp_path / "trained.pt"
