@@ -5,6 +5,7 @@ Other commands (`serve`, ...) are entry points of the group `embserve.commands`,
 
     embserve query --address 127.0.0.1:50051 --feature user_id=42 --feature hashtags=7,9
     embserve query --feature "user_id=42|43" --feature "hashtags=7,9|"     # two examples
+    embserve query --feature "hashtags=7,9|3" --weight "hashtags=0.5,2|1"  # per-id weights, in the ids' shape
     embserve query --metadata             # tables and the server's request limits (--json: as JSON)
 """
 
@@ -52,6 +53,14 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
         "e.g. hashtags=1,2|3 (default: none; give at least one unless --metadata or --health)",
     )
     p.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="KEY=WEIGHTS",
+        help="per-id weights of a --feature key, in its ids' shape: examples separated by '|', weights by ','; "
+        "e.g. hashtags=0.5,2|1 (default: none; every id weighs 1)",
+    )
+    p.add_argument(
         "--dtype",
         default="float32",
         choices=sorted(DTYPE_NAMES),
@@ -92,6 +101,48 @@ def _parse_ids(spec: str, key: str, example: int, text: str) -> list[int]:
         except ValueError:
             raise EmbserveError(f"--feature {spec!r}: key {key!r}, example {example}: {item.strip()!r} is not an integer id") from None
     return ids
+
+
+def _parse_weights(spec: str, key: str, example: int, text: str) -> list[float]:
+    if not text.strip():
+        return []
+    weights = []
+    for i, item in enumerate(text.split(",")):
+        try:
+            weights.append(float(item))
+        except ValueError:
+            raise EmbserveError(
+                f"--weight {spec!r}: key {key!r}, example {example}: weight {i} ({item.strip()!r}) is not a number"
+            ) from None
+    return weights
+
+
+def _parse_feature_weights(specs: list[str], features: dict[str, list[list[int]]]) -> dict[str, list[list[float]]]:
+    """The `--weight` specs, each checked against its key's ids: the same examples, one weight per id."""
+    out: dict[str, list[list[float]]] = {}
+    for spec in specs:
+        key, sep, text = spec.partition("=")
+        if not sep or not key:
+            raise EmbserveError(f"--weight {spec!r} is not KEY=WEIGHTS")
+        if key in out:
+            raise EmbserveError(f"--weight {spec!r}: key {key!r} given twice; put all its examples in one --weight")
+        if key not in features:
+            raise EmbserveError(
+                f"--weight {spec!r}: key {key!r} has no --feature; give its ids with --feature {key}=IDS"
+            )
+        weights = [_parse_weights(spec, key, n, ex) for n, ex in enumerate(text.split("|"))]
+        ids = features[key]
+        if len(weights) != len(ids):
+            raise EmbserveError(
+                f"--weight {spec!r}: key {key!r} has {len(weights)} examples, its --feature has {len(ids)}"
+            )
+        for n, (w, i) in enumerate(zip(weights, ids)):
+            if len(w) != len(i):
+                raise EmbserveError(
+                    f"--weight {spec!r}: key {key!r}, example {n}: {len(w)} weights for {len(i)} ids"
+                )
+        out[key] = weights
+    return out
 
 
 def _parse_features(specs: list[str]) -> dict[str, list[list[int]]]:
@@ -150,6 +201,7 @@ def _query(args: argparse.Namespace) -> int:
     addresses = args.address or [DEFAULT_ADDRESS]
     try:
         features = _parse_features(args.feature)
+        weights = _parse_feature_weights(args.weight, features)
     except EmbserveError as err:
         print(f"embserve query: {err}", file=sys.stderr)
         return 2
@@ -168,7 +220,7 @@ def _query(args: argparse.Namespace) -> int:
             if not features:
                 print("embserve query: give at least one --feature KEY=IDS (or --metadata / --health)", file=sys.stderr)
                 return 2
-            result = client.lookup(features, output_dtype=args.dtype)
+            result = client.lookup(features, weights=weights or None, output_dtype=args.dtype)
     except EmbserveError as err:
         print(f"embserve query: {type(err).__name__}: {err}", file=sys.stderr)
         return 1

@@ -1,4 +1,5 @@
-"""`embserve query`: help text, feature parsing, and `--metadata` with the server's limits, as text and JSON."""
+"""`embserve query`: help text, feature and weight parsing, and `--metadata` with the server's limits, as text and
+JSON."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 
 from embserve.client.cli import add_query_args, main
@@ -77,3 +79,44 @@ def test_metadata_prints_the_limits_as_text_and_json(
     assert (info["max_batch_size"], info["max_request_examples"], info["max_request_ids"]) == (512, 1234, 56789)
     assert info["max_stream_outstanding"] == 17 and info["max_message_bytes"] > 0
     assert {t["name"]: t["num_embeddings"] for t in info["tables"]}["user"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5,2"], ["'hashtags' has 1 examples, its --feature has 2"]),
+        (["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5|1"], ["'hashtags', example 0: 1 weights for 2 ids"]),
+        (["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5,2|x"], ["'hashtags', example 1: weight 0 ('x') is not a number"]),
+        (["--feature", "hashtags=1", "--weight", "topics=1"], ["key 'topics' has no --feature"]),
+        (["--feature", "hashtags=1", "--weight", "hashtags=1", "--weight", "hashtags=2"], ["'hashtags' given twice"]),
+        (["--feature", "hashtags=1", "--weight", "hashtags"], ["is not KEY=WEIGHTS"]),
+    ],
+    ids=["examples", "ids", "number", "no-feature", "twice", "no-equals"],
+)
+def test_malformed_weights_are_refused_before_any_call(
+    args: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["query", "--address", "127.0.0.1:1", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("embserve query: --weight"), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_weights_from_the_command_line_and_keys_left_out_are_zero_columns(
+    server_factory: Callable[..., ServerHandle],
+    small_serving: ServingModel,
+    small_tables: dict[str, np.ndarray],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    server = server_factory(small_serving)
+    args = ["query", "--address", server.address, "--json", "--feature", "hashtags=1,2||3", "--weight", "hashtags=0.5,2||-1.5"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    table = small_tables["hashtags"].astype(np.float64)
+    expected = [0.5 * table[1] + 2 * table[2], np.zeros(table.shape[1]), -1.5 * table[3]]
+    np.testing.assert_allclose(out["embeddings"]["hashtags"], expected, rtol=1e-6, atol=1e-6)
+    # Keys left out of the request are empty bags: every other table answers zeros.
+    assert set(out["embeddings"]) == set(small_serving.keys)
+    for key in set(small_serving.keys) - {"hashtags"}:
+        assert not np.any(out["embeddings"][key]), key
