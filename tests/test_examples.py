@@ -1,5 +1,7 @@
 """Every script in `examples/` runs as a user would run it (a separate process, the server's address as argument)
-against an in-process server, and every embedding it prints is the numpy gather-and-sum of the same features."""
+against an in-process server, and every embedding it prints is the numpy gather-and-sum of the same features.
+`train_convert_serve.py` makes its own model (trains, saves, converts, serves) and checks it against the trained
+module."""
 
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ SMALL_MODEL_FLAGS = ["--id-feature", "user", "--weighted-feature", "hashtags"]
 WEIGHTED = {"hashtags"}
 
 
-def _run(script: str, *args: str) -> list[dict[str, Any]]:
+def _run(script: str, *args: str, timeout: float = 120) -> list[dict[str, Any]]:
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True, timeout=timeout, check=False
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stderr}"
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -119,3 +121,17 @@ def test_tls_and_token(
 def test_every_example_has_help(script: str) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "python examples/" in proc.stdout, proc.stderr
+
+
+@pytest.mark.slow
+def test_train_convert_serve() -> None:
+    """Trained with DistributedModelParallel on 2 processes, saved with DCP, converted, served: the served columns
+    are the trained module's, in its order, under the version `embserve convert` printed."""
+    records = _run("train_convert_serve.py", "--steps", "3", timeout=300)
+    served = next(r for r in records if r["example"] == "served")
+    checks = next(r for r in records if r["example"] == "checks")
+    assert served["keys"] == ["user", "author", "hashtags", "tweet"]  # the training config's order, not sorted
+    assert checks["columns_in_training_order"] and checks["version_as_printed"]
+    assert checks["bit_for_bit"] == {"author": True, "hashtags": True, "tweet": True}
+    assert checks["row_wise_within_rounding"] == {"user": True}
+    assert np.abs(served["embeddings"]).sum() > 0
