@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: setup serve test test-fast typecheck protos bench soak gpu-check clean
+.PHONY: setup serve test test-fast lint typecheck format protos bench soak gpu-check clean
 
 setup: $(STAMP)
 
@@ -30,23 +30,33 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(BIN)/embserve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: $(STAMP) typecheck
+test: $(STAMP) lint
 	$(BIN)/python -m pytest $(ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow and not attack" $(ARGS)
 
-# mypy sees the folders under their import names (embserve.server, ...) through a tree of links that mirrors
-# pyproject's package-dir mapping, so that every `from embserve.X import ...` resolves to the real module.
+# Lint: pyflakes and import order (ruff), formatting (ruff format --check; `make format` applies it), and mypy
+# (strict) over the hand-written code and the tests. mypy sees the folders under their import names
+# (embserve.server, ...) through a tree of links that mirrors pyproject's package-dir mapping, so that every
+# `from embserve.X import ...` resolves to the real module.
+LINTED := server client embeddings benchmarks protos/embserve/v1/wire.py protos/embserve/oip/wire.py tests
 TYPECHECK_ROOT := build/typecheck
-typecheck: $(STAMP)
-	$(BIN)/ruff check --quiet --select F server client embeddings benchmarks protos/embserve/v1/wire.py protos/embserve/oip/wire.py tests
+lint: $(STAMP)
+	$(BIN)/ruff check --quiet $(LINTED)
+	$(BIN)/ruff format --quiet --check $(LINTED)
 	$(BIN)/python -c 'import os, tomllib; root = "$(TYPECHECK_ROOT)"; dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; \
-	[os.makedirs(os.path.join(root, *pkg.split(".")[:-1]), exist_ok=True) for pkg in dirs]; \
+	dirs["tests"] = "tests"; [os.makedirs(os.path.join(root, *pkg.split(".")[:-1]), exist_ok=True) for pkg in dirs]; \
 	[os.path.lexists(p) and os.remove(p) or os.symlink(os.path.relpath(d, os.path.dirname(p)), p) for pkg, d in dirs.items() for p in [os.path.join(root, *pkg.split("."))]]'
 	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(BIN)/python -m mypy --config-file $(CURDIR)/pyproject.toml \
 		--explicit-package-bases embserve/server embserve/client embserve/embeddings embserve/benchmarks embserve/v1/wire.py \
-		embserve/oip/wire.py
+		embserve/oip/wire.py tests
+
+typecheck: lint
+
+format: $(STAMP)
+	$(BIN)/ruff check --quiet --select I --fix $(LINTED)
+	$(BIN)/ruff format --quiet $(LINTED)
 
 protos: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos \

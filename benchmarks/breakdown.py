@@ -30,7 +30,7 @@ from embserve.server.executor import BatchExecutor
 from embserve.server.framing import ResponseEncoder, rows_as_bytes
 from embserve.server.request import ModelSchema, SparseRequest
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import pack_features
+from embserve.v1.wire import OutputDType, pack_features
 
 from .loadgen import TRANSPORTS, closed_loop
 from .procs import ServerProcess, embserve_command, noop_command
@@ -67,7 +67,10 @@ def _batcher_us(items: Sequence[SparseRequest], batch: int) -> float:
             return [0] * len(reqs)
 
         batcher: DynamicBatcher[SparseRequest, int] = DynamicBatcher(
-            nothing, size_of=lambda r: r.batch_size, max_batch_size=batch, max_queue_delay_s=0.0,
+            nothing,
+            size_of=lambda r: r.batch_size,
+            max_batch_size=batch,
+            max_queue_delay_s=0.0,
             max_queue_size=1 << 30,
         )
         batcher.start()
@@ -90,8 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workload = WORKLOADS[args.workload]()
     requests = workload.requests(1024, seed=0)
-    payloads = [pb.LookupRequest(features=pack_features(r.keys, r.batch_size, r.lengths, r.values)).SerializeToString()
-                for r in requests]
+    payloads = [
+        pb.LookupRequest(features=pack_features(r.keys, r.batch_size, r.lengths, r.values)).SerializeToString()
+        for r in requests
+    ]
     sizes = [r.batch_size for r in requests]
     min_bytes = [s * workload.config.output_dim * 4 for s in sizes]
 
@@ -112,9 +117,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for name, server in servers.items():
                     assert server.proc is not None
                     before_cpu, before_m = _cpu_seconds(server.proc.pid), server.metrics()
-                    res = asyncio.run(closed_loop(server.address, payloads, sizes, min_bytes,
-                                                  concurrency=args.concurrency, duration_s=args.duration,
-                                                  warmup_s=0.0, transport=transport))
+                    res = asyncio.run(
+                        closed_loop(
+                            server.address,
+                            payloads,
+                            sizes,
+                            min_bytes,
+                            concurrency=args.concurrency,
+                            duration_s=args.duration,
+                            warmup_s=0.0,
+                            transport=transport,
+                        )
+                    )
                     cpu = _cpu_seconds(server.proc.pid) - before_cpu
                     after_m = server.metrics()
                     batches = after_m.get("embserve_batches_total", 0) - before_m.get("embserve_batches_total", 0)
@@ -143,7 +157,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     executor = BatchExecutor(model, pipelined=False)
-    encoder = ResponseEncoder(keys=model.keys, dims=model.dims, offsets=model.offsets, model_name="m", model_version="v")
+    encoder = ResponseEncoder(
+        keys=model.keys, dims=model.dims, offsets=model.offsets, model_name="m", model_version="v"
+    )
     try:
         for (name, transport), (total, rps, batch) in totals.items():
             if name == "no-op":
@@ -154,8 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             executor_us = _per_item_us(lambda i: executor.run_blocking(groups[i]), len(groups)) / per_batch
             rows = torch.zeros((round(mean_size), model.output_dim))
             frame_us = _per_item_us(
-                lambda i: encoder.encode(rows_as_bytes(rows, "float32"), batch_size=rows.shape[0],
-                                         output_dtype="float32", request_id="r#1"), 1)
+                lambda i: encoder.encode(
+                    rows_as_bytes(rows, OutputDType.FLOAT32),
+                    batch_size=rows.shape[0],
+                    output_dtype=OutputDType.FLOAT32,
+                    request_id="r#1",
+                ),
+                1,
+            )
             batcher_us = _batcher_us(sparse, max(1, round(batch)))
             known = parse_us + validate_us + batcher_us + executor_us
             lines.append(

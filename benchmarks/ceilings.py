@@ -31,7 +31,9 @@ def to_sparse_requests(requests: Sequence[Request]) -> list[SparseRequest]:
     ]
 
 
-def compute_ceiling(model: ServingModel, requests: Sequence[Request], batch_examples: float, seconds: float = 2.0) -> float:
+def compute_ceiling(
+    model: ServingModel, requests: Sequence[Request], batch_examples: float, seconds: float = 2.0
+) -> float:
     """Examples/s of the executor's whole batch step over batches of about `batch_examples` examples built from
     `requests`."""
     sparse = to_sparse_requests(requests)

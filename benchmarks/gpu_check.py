@@ -182,11 +182,14 @@ def _table(results: Sequence[EngineResult]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m embserve.benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m embserve.benchmarks.gpu_check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON report (default: %(default)s)")
     parser.add_argument("--model", default="default", help="model config, path or built-in name (default: %(default)s)")
     parser.add_argument(
-        "--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)),
+        "--batch-sizes",
+        default=",".join(map(str, DEFAULT_BATCH_SIZES)),
         help="examples per batch, comma-separated (default: %(default)s)",
     )
     parser.add_argument("--iterations", type=int, default=50, help="timed batches per point (default: %(default)s)")

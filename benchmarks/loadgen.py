@@ -22,7 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import grpc
 import numpy as np
 
-from embserve.v1.wire import LOOKUP_METHOD, method_path, varint
+from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import LENGTH_DELIMITED, LOOKUP_METHOD, method_path, read_varint, varint, wire_fields
 
 __all__ = ["LoadResult", "closed_loop", "open_loop"]
 
@@ -92,56 +93,37 @@ class _Recorder:
 
     def result(self, mode: str, duration: float, concurrency: int | None, rate: float | None) -> LoadResult:
         return LoadResult(
-            mode, concurrency, rate, duration, self.ok, self.examples, dict(self.errors),
-            np.array(self.latencies), self.wrong, self.checked,
+            mode,
+            concurrency,
+            rate,
+            duration,
+            self.ok,
+            self.examples,
+            dict(self.errors),
+            np.array(self.latencies),
+            self.wrong,
+            self.checked,
         )
 
 
-def _read_varint(raw: bytes, i: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = raw[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-_REQUEST_ID_FIELD, _STATUS_FIELD, _CODE_FIELD = 9, 10, 1
+_RESPONSE_FIELDS = pb.LookupResponse.DESCRIPTOR.fields_by_name
+_REQUEST_ID_FIELD = _RESPONSE_FIELDS["request_id"].number
+_STATUS_FIELD = _RESPONSE_FIELDS["status"].number
+_CODE_FIELD = pb.Status.DESCRIPTOR.fields_by_name["code"].number
+_MAX_FIELDS = 64
 
 
 def reply_id_and_code(raw: bytes) -> tuple[bytes, int]:
     """A LookupResponse's request id and status code (0 when it carries embeddings), read from its field tags:
     every field but those two is skipped over, the embeddings bytes included."""
-    i, end, request_id, code = 0, len(raw), b"", 0
-    while i < end:
-        key, i = _read_varint(raw, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, i = _read_varint(raw, i)
-        elif wire == 2:
-            size, i = _read_varint(raw, i)
-            if field == _REQUEST_ID_FIELD:
-                request_id = raw[i : i + size]
-            elif field == _STATUS_FIELD:
-                j = i
-                while j < i + size:
-                    k, j = _read_varint(raw, j)
-                    if k & 7 == 0:
-                        v, j = _read_varint(raw, j)
-                        if k >> 3 == _CODE_FIELD:
-                            code = v
-                    else:
-                        n, j = _read_varint(raw, j)
-                        j += n
-            i += size
-        elif wire == 5:
-            i += 4
-        elif wire == 1:
-            i += 8
-        else:
-            raise ValueError(f"wire type {wire} in a LookupResponse")
+    request_id, code = b"", 0
+    for field, wire, start, end in wire_fields(raw, 0, len(raw), "a LookupResponse", _MAX_FIELDS):
+        if field == _REQUEST_ID_FIELD and wire == LENGTH_DELIMITED:
+            request_id = raw[start:end]
+        elif field == _STATUS_FIELD and wire == LENGTH_DELIMITED:
+            for inner, inner_wire, value_start, _ in wire_fields(raw, start, end, "a Status", _MAX_FIELDS):
+                if inner == _CODE_FIELD and inner_wire == 0:
+                    code = read_varint(raw, value_start, end)[0]
     return request_id, code
 
 
@@ -196,7 +178,8 @@ class _StreamMux:
         await asyncio.gather(self._reader, return_exceptions=True)
 
 
-_TAG_REQUEST_ID = varint(3 << 3 | 2)  # LookupRequest.request_id: the last occurrence of a field wins
+# LookupRequest.request_id, appended to a pre-encoded request: the last occurrence of a field wins.
+_TAG_REQUEST_ID = varint(pb.LookupRequest.DESCRIPTOR.fields_by_name["request_id"].number << 3 | LENGTH_DELIMITED)
 
 
 def _unary(method: grpc.aio.UnaryUnaryMultiCallable) -> Call:
@@ -218,8 +201,11 @@ async def _lookup_methods(
     LookupStream multiplexers; closed on exit."""
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1),
-               ("grpc.use_local_subchannel_pool", 1)]
+    options = [
+        ("grpc.max_receive_message_length", -1),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(count)]
     muxes: list[_StreamMux] = []
     try:

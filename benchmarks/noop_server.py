@@ -11,15 +11,15 @@ import argparse
 import asyncio
 import json
 import sys
-
 from collections.abc import AsyncIterator
 
 import grpc
 
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES, OUTPUT_DTYPES, OUTPUT_NUMPY_DTYPES, SERVICE_NAME
+from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, OutputDType
 
 __all__ = ["main"]
+
 
 class _Noop:
     def __init__(self, output_dim: int) -> None:
@@ -39,11 +39,12 @@ class _Noop:
         key = (request.features.batch_size, request.output_dtype)
         response = self._cache.get(key)
         if response is None:
-            batch, dtype = key
+            batch, wire = key
+            dtype = OutputDType.of_wire(wire) or OutputDType.FLOAT32
             response = pb.LookupResponse(
-                dtype=dtype or pb.DTYPE_FLOAT32,
+                dtype=dtype.wire,
                 shape=[batch, self.output_dim],
-                embeddings=bytes(batch * self.output_dim * OUTPUT_NUMPY_DTYPES[OUTPUT_DTYPES[dtype]].itemsize),
+                embeddings=bytes(batch * self.output_dim * dtype.itemsize),
                 model_name="noop",
                 model_version="noop",
             ).SerializeToString()

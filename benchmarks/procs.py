@@ -38,8 +38,16 @@ __all__ = [
 def embserve_command(model_path: Path | str, *extra: str) -> list[str]:
     """`python -m embserve.server` for a model YAML, on free ports (gRPC and metrics)."""
     return [
-        sys.executable, "-m", "embserve.server", "--model", str(model_path),
-        "--port", "0", "--metrics-port", "0", *extra,
+        sys.executable,
+        "-m",
+        "embserve.server",
+        "--model",
+        str(model_path),
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *extra,
     ]
 
 
@@ -134,8 +142,19 @@ class ServerProcess:
 
     @property
     def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def popen(self) -> subprocess.Popen[str]:
+        """The running process (once started)."""
         assert self.proc is not None, "not started"
-        return self.proc.pid
+        return self.proc
+
+    @property
+    def logs(self) -> LogReader:
+        """Its log lines (once started)."""
+        assert self.log is not None, "not started"
+        return self.log
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)

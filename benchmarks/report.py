@@ -83,42 +83,80 @@ def targets(records: Sequence[Record], max_queue_delay_ms: float) -> list[tuple[
     out: list[tuple[str, bool, str]] = []
 
     def peak(wl: str, target: str) -> Record | None:
-        return max((r for r in records if r.workload == wl and r.target == target and r.mode == "closed"
-                    and r.output_dtype == "float32"), key=lambda r: r.eps, default=None)
+        return max(
+            (
+                r
+                for r in records
+                if r.workload == wl and r.target == target and r.mode == "closed" and r.output_dtype == "float32"
+            ),
+            key=lambda r: r.eps,
+            default=None,
+        )
 
     def ratio(desc: str, got: Record | None, ceiling: Record | None, factor: float, per_request: bool) -> None:
         if got is None or ceiling is None:
             return
         a, b = (got.rps, ceiling.rps) if per_request else (got.eps, ceiling.eps)
         unit = "req/s" if per_request else "examples/s"
-        out.append((desc, a >= factor * b, f"{a:,.0f} vs {factor} x {b:,.0f} {unit} = {factor * b:,.0f} ({a / b:.2f} x)"))
+        out.append(
+            (desc, a >= factor * b, f"{a:,.0f} vs {factor} x {b:,.0f} {unit} = {factor * b:,.0f} ({a / b:.2f} x)")
+        )
 
     # Peak closed-loop throughput against the no-op servers' peaks, on the same cores.
     for wl, factor, per_request in (("small", 0.7, True), ("large", 0.85, False), ("multihot", 0.7, False)):
         unit = "req/s" if per_request else "examples/s"
-        ratio(f"{wl}, unary: {unit} >= {factor} x unary no-op", peak(wl, "embserve"), peak(wl, "transport-ceiling"),
-              factor, per_request)
-    ratio("small, stream: req/s >= 1.5 x unary no-op", peak("small", "embserve-stream"),
-          peak("small", "transport-ceiling"), 1.5, True)
-    ratio("small, stream: req/s >= 0.7 x stream no-op", peak("small", "embserve-stream"),
-          peak("small", "transport-ceiling-stream"), 0.7, True)
+        ratio(
+            f"{wl}, unary: {unit} >= {factor} x unary no-op",
+            peak(wl, "embserve"),
+            peak(wl, "transport-ceiling"),
+            factor,
+            per_request,
+        )
+    ratio(
+        "small, stream: req/s >= 1.5 x unary no-op",
+        peak("small", "embserve-stream"),
+        peak("small", "transport-ceiling"),
+        1.5,
+        True,
+    )
+    ratio(
+        "small, stream: req/s >= 0.7 x stream no-op",
+        peak("small", "embserve-stream"),
+        peak("small", "transport-ceiling-stream"),
+        0.7,
+        True,
+    )
     for fraction in (0.25, 0.5, 0.75):
         unary = _find(records, workload="small", mode="open", target="embserve", load_fraction=fraction)
         stream = _find(records, workload="small", mode="open", target="embserve-stream", load_fraction=fraction)
         if unary and stream:
-            out.append((f"small, open loop at {fraction:.0%} of unary's peak: stream p99 <= unary p99",
-                        stream.p99_ms <= unary.p99_ms,
-                        f"{stream.p99_ms:.2f} ms vs {unary.p99_ms:.2f} ms at {unary.rate or 0:,.0f}/s"))
+            out.append(
+                (
+                    f"small, open loop at {fraction:.0%} of unary's peak: stream p99 <= unary p99",
+                    stream.p99_ms <= unary.p99_ms,
+                    f"{stream.p99_ms:.2f} ms vs {unary.p99_ms:.2f} ms at {unary.rate or 0:,.0f}/s",
+                )
+            )
     for wl in ("small", "large", "multihot"):
         top = max((r.concurrency or 0 for r in records if r.workload == wl and r.target == "embserve-oip"), default=0)
         infer = _find(records, workload=wl, target="embserve-oip", concurrency=top)
         lookup = _find(records, workload=wl, target="embserve", mode="closed", concurrency=top, output_dtype="float32")
         if infer and lookup:
-            out.append((f"{wl}, {top} callers: ModelInfer examples/s >= 0.8 x Lookup", infer.eps >= 0.8 * lookup.eps,
-                        f"{infer.eps:,.0f} vs 0.8 x {lookup.eps:,.0f} = {0.8 * lookup.eps:,.0f}"))
+            out.append(
+                (
+                    f"{wl}, {top} callers: ModelInfer examples/s >= 0.8 x Lookup",
+                    infer.eps >= 0.8 * lookup.eps,
+                    f"{infer.eps:,.0f} vs 0.8 x {lookup.eps:,.0f} = {0.8 * lookup.eps:,.0f}",
+                )
+            )
     checked = sum(r.checked for r in records)
-    out.append(("every sampled response exact", checked > 0 and not any(r.wrong for r in records),
-                f"{sum(r.wrong for r in records)} wrong of {checked} checked"))
+    out.append(
+        (
+            "every sampled response exact",
+            checked > 0 and not any(r.wrong for r in records),
+            f"{sum(r.wrong for r in records)} wrong of {checked} checked",
+        )
+    )
     for wl in ("small", "large", "multihot"):
         pairs = []
         for r in records:
@@ -129,26 +167,51 @@ def targets(records: Sequence[Record], max_queue_delay_ms: float) -> list[tuple[
         if pairs:
             ok = all(r.eps >= u.eps for r, u in pairs)
             worst = min(pairs, key=lambda p: p[0].eps / max(p[1].eps, 1e-9))
-            out.append((f"{wl}: batched examples/s >= unbatched at every concurrency", ok,
-                        f"worst ratio {worst[0].eps / max(worst[1].eps, 1e-9):.2f} at {worst[0].concurrency} callers"))
+            out.append(
+                (
+                    f"{wl}: batched examples/s >= unbatched at every concurrency",
+                    ok,
+                    f"worst ratio {worst[0].eps / max(worst[1].eps, 1e-9):.2f} at {worst[0].concurrency} callers",
+                )
+            )
             one = [p for p in pairs if p[0].concurrency == 1]
             if one:
                 r, u = one[0]
-                out.append((f"{wl}, 1 caller: p50 within 0.3 ms of unbatched", r.p50_ms <= u.p50_ms + 0.3,
-                            f"{r.p50_ms:.2f} ms vs {u.p50_ms:.2f} ms"))
+                out.append(
+                    (
+                        f"{wl}, 1 caller: p50 within 0.3 ms of unbatched",
+                        r.p50_ms <= u.p50_ms + 0.3,
+                        f"{r.p50_ms:.2f} ms vs {u.p50_ms:.2f} ms",
+                    )
+                )
     half = _find(records, workload="small", mode="open", target="embserve", load_fraction=0.5)
     compute = _find(records, workload="small", target="compute-ceiling")
     if half and compute and compute.mean_batch_examples:
         forward_ms = 1e3 * compute.mean_batch_examples / compute.eps
         bound = 2 * (max_queue_delay_ms + forward_ms)
-        out.append(("small, open loop at half the max rate: p99 <= 2 x (queue delay + forward)", half.p99_ms <= bound,
-                    f"p99 {half.p99_ms:.2f} ms at {half.rate or 0:,.0f}/s vs 2 x ({max_queue_delay_ms:.2f} + {forward_ms:.2f}) = {bound:.2f} ms"))
+        out.append(
+            (
+                "small, open loop at half the max rate: p99 <= 2 x (queue delay + forward)",
+                half.p99_ms <= bound,
+                f"p99 {half.p99_ms:.2f} ms at {half.rate or 0:,.0f}/s vs 2 x ({max_queue_delay_ms:.2f} + {forward_ms:.2f}) = {bound:.2f} ms",
+            )
+        )
     fp16 = _find(records, workload="large", target="embserve", output_dtype="float16")
-    fp32 = _find(records, workload="large", target="embserve", concurrency=fp16.concurrency if fp16 else -1,
-                 output_dtype="float32")
+    fp32 = _find(
+        records,
+        workload="large",
+        target="embserve",
+        concurrency=fp16.concurrency if fp16 else -1,
+        output_dtype="float32",
+    )
     if fp16 and fp32:
-        out.append(("large: fp16 responses >= 1.6 x fp32 examples/s", fp16.eps >= 1.6 * fp32.eps,
-                    f"{fp16.eps:,.0f} vs 1.6 x {fp32.eps:,.0f} = {1.6 * fp32.eps:,.0f}"))
+        out.append(
+            (
+                "large: fp16 responses >= 1.6 x fp32 examples/s",
+                fp16.eps >= 1.6 * fp32.eps,
+                f"{fp16.eps:,.0f} vs 1.6 x {fp32.eps:,.0f} = {1.6 * fp32.eps:,.0f}",
+            )
+        )
     return out
 
 
@@ -163,7 +226,11 @@ def markdown(records: Sequence[Record], hw: dict[str, Any], command: str, max_qu
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in records:
-        load = f"{r.concurrency} callers" if r.mode == "closed" else (f"{r.rate:,.0f}/s open" if r.mode == "open" else "in-process")
+        load = (
+            f"{r.concurrency} callers"
+            if r.mode == "closed"
+            else (f"{r.rate:,.0f}/s open" if r.mode == "open" else "in-process")
+        )
         errors = ", ".join(f"{k} {v}" for k, v in sorted(r.errors.items())) or "-"
         lines.append(
             f"| {r.workload} | {r.target} | {load} | {r.output_dtype} | {_fmt(r.rps)} | {_fmt(r.eps)} | "
@@ -185,11 +252,23 @@ def plot(records: Sequence[Record], path: Path) -> None:
     workloads = sorted({r.workload for r in records})
     fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.5), squeeze=False)
     for ax, wl in zip(axes[0], workloads):
-        for target, style in (("embserve", "o-"), ("embserve-stream", "D-"), ("embserve-oip", "d-."), ("unbatched", "s--"),
-                              ("transport-ceiling", "^:"), ("transport-ceiling-stream", "v:")):
+        for target, style in (
+            ("embserve", "o-"),
+            ("embserve-stream", "D-"),
+            ("embserve-oip", "d-."),
+            ("unbatched", "s--"),
+            ("transport-ceiling", "^:"),
+            ("transport-ceiling-stream", "v:"),
+        ):
             for mode in ("closed", "open"):
-                pts = sorted((r for r in records if r.workload == wl and r.target == target and r.mode == mode
-                              and r.output_dtype == "float32"), key=lambda r: (r.concurrency or 0, r.rate or 0))
+                pts = sorted(
+                    (
+                        r
+                        for r in records
+                        if r.workload == wl and r.target == target and r.mode == mode and r.output_dtype == "float32"
+                    ),
+                    key=lambda r: (r.concurrency or 0, r.rate or 0),
+                )
                 if not pts:
                     continue
                 label = f"{target} ({mode})"
@@ -215,8 +294,9 @@ def write_report(records: Sequence[Record], out_dir: Path, command: str, max_que
     out_dir.mkdir(parents=True, exist_ok=True)
     hw = hardware()
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "report.md", "png": out_dir / "latency.png"}
-    paths["json"].write_text(json.dumps(
-        {"hardware": hw, "command": command, "records": [dataclasses.asdict(r) for r in records]}, indent=1))
+    paths["json"].write_text(
+        json.dumps({"hardware": hw, "command": command, "records": [dataclasses.asdict(r) for r in records]}, indent=1)
+    )
     paths["markdown"].write_text(markdown(records, hw, command, max_queue_delay_ms))
     plot(records, paths["png"])
     return paths

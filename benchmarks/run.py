@@ -23,7 +23,7 @@ import yaml
 from embserve.embeddings import ServingModel, build_serving_model
 from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import DTYPE_NAMES, LOOKUP_METHOD, OUTPUT_NUMPY_DTYPES, pack_features
+from embserve.v1.wire import LOOKUP_METHOD, OutputDType, pack_features
 
 from .ceilings import compute_ceiling
 from .loadgen import LoadResult, closed_loop, open_loop
@@ -53,7 +53,7 @@ OUTPUT_DTYPES_MEASURED = ("float32", "float16")
 def _encode(requests: Sequence[Request], dtype: str) -> list[bytes]:
     return [
         pb.LookupRequest(
-            features=pack_features(r.keys, r.batch_size, r.lengths, r.values), output_dtype=DTYPE_NAMES[dtype]
+            features=pack_features(r.keys, r.batch_size, r.lengths, r.values), output_dtype=OutputDType(dtype).wire
         ).SerializeToString()
         for r in requests
     ]
@@ -89,13 +89,16 @@ def _checker(model: ServingModel, requests: Sequence[Request]) -> Callable[[int,
     def check(index: int, raw: bytes) -> bool:
         response = pb.LookupResponse.FromString(raw)
         r = requests[index]
-        kjt = KeyedJaggedTensor(keys=list(r.keys), values=torch.from_numpy(r.values),
-                                lengths=torch.from_numpy(r.lengths.reshape(-1)))
+        kjt = KeyedJaggedTensor(
+            keys=list(r.keys), values=torch.from_numpy(r.values), lengths=torch.from_numpy(r.lengths.reshape(-1))
+        )
         expected = model.forward(kjt).numpy()
         if response.dtype == pb.DTYPE_FLOAT16:
-            got = np.frombuffer(response.embeddings, OUTPUT_NUMPY_DTYPES["float16"]).reshape(expected.shape).astype(np.float32)
+            got = (
+                np.frombuffer(response.embeddings, OutputDType.FLOAT16.numpy).reshape(expected.shape).astype(np.float32)
+            )
             return bool(np.allclose(got, expected, rtol=2e-3, atol=1e-4))
-        got = np.frombuffer(response.embeddings, OUTPUT_NUMPY_DTYPES["float32"]).reshape(expected.shape)
+        got = np.frombuffer(response.embeddings, OutputDType.FLOAT32.numpy).reshape(expected.shape)
         return bool(np.array_equal(got, expected))
 
     return check
@@ -103,10 +106,24 @@ def _checker(model: ServingModel, requests: Sequence[Request]) -> Callable[[int,
 
 def _record(workload: str, target: str, dtype: str, res: LoadResult, **extra: object) -> Record:
     return Record(
-        workload=workload, target=target, mode=res.mode, concurrency=res.concurrency, rate=res.rate,
-        output_dtype=dtype, duration_s=res.duration_s, requests=res.ok, examples=res.examples, rps=res.rps,
-        eps=res.eps, p50_ms=res.percentile(50), p90_ms=res.percentile(90), p99_ms=res.percentile(99),
-        p999_ms=res.percentile(99.9), errors=res.errors, wrong=res.wrong, checked=res.checked,
+        workload=workload,
+        target=target,
+        mode=res.mode,
+        concurrency=res.concurrency,
+        rate=res.rate,
+        output_dtype=dtype,
+        duration_s=res.duration_s,
+        requests=res.ok,
+        examples=res.examples,
+        rps=res.rps,
+        eps=res.eps,
+        p50_ms=res.percentile(50),
+        p90_ms=res.percentile(90),
+        p99_ms=res.percentile(99),
+        p999_ms=res.percentile(99.9),
+        errors=res.errors,
+        wrong=res.wrong,
+        checked=res.checked,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -144,7 +161,7 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
     payloads = {dtype: _encode(requests, dtype) for dtype in OUTPUT_DTYPES_MEASURED}
     oip_payloads = _encode_oip(requests, workload.config.name)
     out_dim = workload.config.output_dim
-    min_bytes = {d: [s * out_dim * OUTPUT_NUMPY_DTYPES[d].itemsize for s in sizes] for d in OUTPUT_DTYPES_MEASURED}
+    min_bytes = {d: [s * out_dim * OutputDType(d).itemsize for s in sizes] for d in OUTPUT_DTYPES_MEASURED}
     # Closed-loop points measure throughput: a queue budget long enough never to reject a caller of the sweep.
     common = ["--max-queue-delay-us", str(MAX_QUEUE_DELAY_US), "--max-queue-wait-ms", "30000"]
     servers = {
@@ -164,8 +181,17 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
         # table's pages and the first forwards are slow, and whichever target ran first would pay for them.
         progress.step(f"{workload.name}: warming the servers")
         for s in servers.values():
-            asyncio.run(closed_loop(s.address, payloads["float32"], sizes, min_bytes["float32"], concurrency=8,
-                                    duration_s=max(1.0, args.warmup), warmup_s=0.0))
+            asyncio.run(
+                closed_loop(
+                    s.address,
+                    payloads["float32"],
+                    sizes,
+                    min_bytes["float32"],
+                    concurrency=8,
+                    duration_s=max(1.0, args.warmup),
+                    warmup_s=0.0,
+                )
+            )
         levels = CONCURRENCY[workload.name][: args.max_points]
         batch_at_top: float | None = None
         # Targets alternate at each load level, so a slow drift of this shared machine hits them all alike.
@@ -177,27 +203,48 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
                 target_check: Callable[[int, bytes], bool] | None = None
                 if server_name != "transport-ceiling":
                     target_check = check if protocol == "v1" else (lambda i, raw: check(i, _as_lookup(raw)))
-                res = asyncio.run(closed_loop(
-                    server.address, payloads["float32"] if protocol == "v1" else oip_payloads, sizes,
-                    min_bytes["float32"], concurrency=n, duration_s=args.duration, warmup_s=args.warmup,
-                    check=target_check, transport=transport,
-                    method=oip.MODEL_INFER_METHOD if protocol == "oip" else LOOKUP_METHOD,
-                ))
+                res = asyncio.run(
+                    closed_loop(
+                        server.address,
+                        payloads["float32"] if protocol == "v1" else oip_payloads,
+                        sizes,
+                        min_bytes["float32"],
+                        concurrency=n,
+                        duration_s=args.duration,
+                        warmup_s=args.warmup,
+                        check=target_check,
+                        transport=transport,
+                        method=oip.MODEL_INFER_METHOD if protocol == "oip" else LOOKUP_METHOD,
+                    )
+                )
                 mean = _batch_mean(before, server.metrics())
                 if target == "embserve" and n == levels[-1]:
                     batch_at_top = mean
-                rec = _record(workload.name, target, "float32", res, mean_batch_examples=mean,
-                              server_rss_mb=server.rss_bytes() / 2**20)
+                rec = _record(
+                    workload.name,
+                    target,
+                    "float32",
+                    res,
+                    mean_batch_examples=mean,
+                    server_rss_mb=server.rss_bytes() / 2**20,
+                )
                 records.append(rec)
                 progress.done(rec)
         if workload.name == "large":
             for target in ("embserve", "transport-ceiling"):
                 progress.step(f"{workload.name} {target} fp16")
-                res = asyncio.run(closed_loop(
-                    servers[target].address, payloads["float16"], sizes, min_bytes["float16"],
-                    concurrency=levels[-1], duration_s=args.duration, warmup_s=args.warmup,
-                    check=check if target == "embserve" else None,
-                ))
+                res = asyncio.run(
+                    closed_loop(
+                        servers[target].address,
+                        payloads["float16"],
+                        sizes,
+                        min_bytes["float16"],
+                        concurrency=levels[-1],
+                        duration_s=args.duration,
+                        warmup_s=args.warmup,
+                        check=check if target == "embserve" else None,
+                    )
+                )
                 rec = _record(workload.name, target, "float16", res)
                 records.append(rec)
                 progress.done(rec)
@@ -207,11 +254,19 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
             for fraction in OPEN_FRACTIONS:
                 for target in ("embserve", "embserve-stream"):
                     progress.step(f"{workload.name} {target} open loop {fraction:.0%}")
-                    res = asyncio.run(open_loop(
-                        servers["embserve"].address, payloads["float32"], sizes, min_bytes["float32"],
-                        rate=max(1.0, fraction * top), duration_s=args.duration, warmup_s=args.warmup, check=check,
-                        transport=TARGETS[target][1],
-                    ))
+                    res = asyncio.run(
+                        open_loop(
+                            servers["embserve"].address,
+                            payloads["float32"],
+                            sizes,
+                            min_bytes["float32"],
+                            rate=max(1.0, fraction * top),
+                            duration_s=args.duration,
+                            warmup_s=args.warmup,
+                            check=check,
+                            transport=TARGETS[target][1],
+                        )
+                    )
                     rec = _record(workload.name, target, "float32", res, load_fraction=fraction)
                     records.append(rec)
                     progress.done(rec)
@@ -219,10 +274,25 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
         batch = batch_at_top or float(np.mean(sizes))
         eps = compute_ceiling(model, requests, batch, seconds=args.duration)
         rec = Record(
-            workload=workload.name, target="compute-ceiling", mode="in-process", concurrency=None, rate=None,
-            output_dtype="float32", duration_s=args.duration, requests=0, examples=0, rps=eps / batch, eps=eps,
-            p50_ms=1e3 * batch / eps, p90_ms=math.nan, p99_ms=math.nan, p999_ms=math.nan, errors={}, wrong=0,
-            checked=0, mean_batch_examples=batch,
+            workload=workload.name,
+            target="compute-ceiling",
+            mode="in-process",
+            concurrency=None,
+            rate=None,
+            output_dtype="float32",
+            duration_s=args.duration,
+            requests=0,
+            examples=0,
+            rps=eps / batch,
+            eps=eps,
+            p50_ms=1e3 * batch / eps,
+            p90_ms=math.nan,
+            p99_ms=math.nan,
+            p999_ms=math.nan,
+            errors={},
+            wrong=0,
+            checked=0,
+            mean_batch_examples=batch,
         )
         records.append(rec)
         progress.done(rec)

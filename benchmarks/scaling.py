@@ -43,18 +43,46 @@ def workers_rows(counts: list[int], duration: float, concurrency: int) -> list[d
                 server.start()
                 try:
                     server.wait_ready()  # the first worker's "serving"; the rest follow within a second
-                    asyncio.run(closed_loop(server.address, payloads, sizes, [0] * len(sizes), concurrency=8,
-                                            duration_s=1.0, warmup_s=1.0))
-                    res = asyncio.run(closed_loop(server.address, payloads, sizes, [0] * len(sizes),
-                                                  concurrency=concurrency, duration_s=duration, warmup_s=1.0))
+                    asyncio.run(
+                        closed_loop(
+                            server.address,
+                            payloads,
+                            sizes,
+                            [0] * len(sizes),
+                            concurrency=8,
+                            duration_s=1.0,
+                            warmup_s=1.0,
+                        )
+                    )
+                    res = asyncio.run(
+                        closed_loop(
+                            server.address,
+                            payloads,
+                            sizes,
+                            [0] * len(sizes),
+                            concurrency=concurrency,
+                            duration_s=duration,
+                            warmup_s=1.0,
+                        )
+                    )
                     assert server.proc is not None
                     pids = [server.proc.pid] + children(server.proc.pid)
                     memory = sum(pss_bytes(p) for p in pids)
                 finally:
                     server.stop()
-                rows.append({"workload": name, "workers": n, "callers": concurrency, "rps": res.rps, "eps": res.eps,
-                             "p50_ms": res.percentile(50), "p99_ms": res.percentile(99), "errors": res.errors,
-                             "total_pss_mb": memory / 2**20})
+                rows.append(
+                    {
+                        "workload": name,
+                        "workers": n,
+                        "callers": concurrency,
+                        "rps": res.rps,
+                        "eps": res.eps,
+                        "p50_ms": res.percentile(50),
+                        "p99_ms": res.percentile(99),
+                        "errors": res.errors,
+                        "total_pss_mb": memory / 2**20,
+                    }
+                )
                 print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
 
@@ -87,12 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(result, indent=1))
-    lines = ["| workload | workers | callers | req/s | examples/s | p50 ms | p99 ms | memory (PSS, all processes) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| workload | workers | callers | req/s | examples/s | p50 ms | p99 ms | memory (PSS, all processes) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in workers:
-        lines.append(f"| {r['workload']} | {r['workers']} | {r['callers']} | {r['rps']:,.0f} | {r['eps']:,.0f} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['total_pss_mb']:,.0f} MiB |")
-    lines += ["", "| serving_dtype | forward examples/s (in process, batches of 2,048) | table bytes |", "|---|---:|---:|"]
+        lines.append(
+            f"| {r['workload']} | {r['workers']} | {r['callers']} | {r['rps']:,.0f} | {r['eps']:,.0f} | "
+            f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['total_pss_mb']:,.0f} MiB |"
+        )
+    lines += [
+        "",
+        "| serving_dtype | forward examples/s (in process, batches of 2,048) | table bytes |",
+        "|---|---:|---:|",
+    ]
     for r in dtypes:
         lines.append(f"| {r['serving_dtype']} | {r['eps']:,.0f} | {r['table_mb']:,.0f} MiB |")
     (out / "scaling.md").write_text("\n".join(lines) + "\n")

@@ -112,7 +112,7 @@ async def _traffic(
 
 async def _capacity(address: str, seconds: float) -> float:
     keys = [t["name"] for t in TABLES]
-    features = {k: [list(range(24))] * 96 for k in keys}
+    features: dict[str, list[list[int]]] = {str(k): [list(range(24))] * 96 for k in keys}
     done = 0
     async with AsyncClient(address, retry=None, timeout=10) as client:
         await client.metadata()
@@ -153,8 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         live = tmp / "weights.safetensors"
         shutil.copy(sources[0], live)
         server = ServerProcess(
-            embserve_command(tmp / "model.yaml", "--checkpoint", str(live), "--max-queue-size", "2048",
-                             "--max-batch-size", "1024", "--max-queue-wait-ms", "100"),
+            embserve_command(
+                tmp / "model.yaml",
+                "--checkpoint",
+                str(live),
+                "--max-queue-size",
+                "2048",
+                "--max-batch-size",
+                "1024",
+                "--max-queue-wait-ms",
+                "100",
+            ),
             "embserve",
         )
         server.start()
@@ -196,8 +205,18 @@ def main(argv: list[str] | None = None) -> int:
         f"deadline/cancelled {counts['deadline/cancelled'] + counts['cancelled']}, failed {counts['failed']}, "
         f"wrong {counts['wrong']}, reloads {int(ok_reloads)}/{reloads}, max RSS {max_rss / 2**20:,.0f} MiB"
     )
-    print(json.dumps({**counts, "capacity": capacity, "reloads_ok": ok_reloads, "reloads_sent": reloads,
-                      "max_rss_mb": max_rss / 2**20}), file=sys.stderr)
+    print(
+        json.dumps(
+            {
+                **counts,
+                "capacity": capacity,
+                "reloads_ok": ok_reloads,
+                "reloads_sent": reloads,
+                "max_rss_mb": max_rss / 2**20,
+            }
+        ),
+        file=sys.stderr,
+    )
     return 1 if counts["wrong"] or counts["failed"] else 0
 
 

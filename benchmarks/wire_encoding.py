@@ -42,7 +42,9 @@ def _time(fn: object, repeat: int) -> float:
 def main() -> None:
     packed_cls, raw_cls = _messages()
     rng = np.random.default_rng(0)
-    print(f"{'ids':>9} | {'packed: parse+np.array':>22} | {'bytes: parse+frombuffer':>23} | {'wire packed':>11} | {'wire bytes':>10}")
+    print(
+        f"{'ids':>9} | {'packed: parse+np.array':>22} | {'bytes: parse+frombuffer':>23} | {'wire packed':>11} | {'wire bytes':>10}"
+    )
     for n in (26, 208, 13_312, 102_400):
         ids = rng.integers(0, 10**6, size=n, dtype=np.int64)
         packed = packed_cls(values=ids.tolist()).SerializeToString()

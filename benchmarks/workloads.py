@@ -52,7 +52,10 @@ def _one_hot(config: ModelConfig, rng: np.random.Generator, batch: int) -> Reque
 
 def _small() -> Workload:
     config = model_config_from_dict(
-        {"name": "small", "tables": [{"name": f"f{i}", "num_embeddings": 100_000, "embedding_dim": 64} for i in range(26)]}
+        {
+            "name": "small",
+            "tables": [{"name": f"f{i}", "num_embeddings": 100_000, "embedding_dim": 64} for i in range(26)],
+        }
     )
     return Workload(
         "small",
@@ -88,7 +91,9 @@ def _multihot() -> Workload:
         )
         return Request(keys, lengths, values)
 
-    return Workload("multihot", "8 tables x 500,000 rows x dim 128 (half fp16); 1 to 40 ids per bag; 64 examples", config, make)
+    return Workload(
+        "multihot", "8 tables x 500,000 rows x dim 128 (half fp16); 1 to 40 ids per bag; 64 examples", config, make
+    )
 
 
 WORKLOADS: dict[str, Callable[[], Workload]] = {"small": _small, "large": _large, "multihot": _multihot}

@@ -4,6 +4,9 @@ Needs only grpcio, protobuf and numpy; torch and torchrec are used when present 
 `LookupResult.to_torch()`), never required.
 """
 
+from embserve.v1.wire import OutputDType, OutputDTypeName
+
+from ._base import USE_CLIENT_DEFAULT, Timeout, UseClientDefault
 from ._transport import RetryPolicy, TlsConfig
 from .aio import AsyncClient
 from .errors import (
@@ -17,27 +20,37 @@ from .errors import (
     Unauthenticated,
     Unavailable,
 )
-from .inputs import SparseInput, to_sparse_input
+from .inputs import FeatureArrays, Features, IdLists, KeyedJaggedLike, SparseInput, Weights, to_sparse_input
 from .result import LookupResult, ModelInfo, TableInfo
 from .sync import Client
 
 __all__ = [
+    "USE_CLIENT_DEFAULT",
     "AsyncClient",
     "Cancelled",
     "Client",
     "DeadlineExceeded",
     "EmbserveError",
+    "FeatureArrays",
+    "Features",
+    "IdLists",
     "InvalidRequest",
+    "KeyedJaggedLike",
     "LookupResult",
     "ModelInfo",
+    "OutputDType",
+    "OutputDTypeName",
     "Overloaded",
     "PermissionDenied",
     "RetryPolicy",
     "ServerError",
     "SparseInput",
     "TableInfo",
+    "Timeout",
     "TlsConfig",
     "Unauthenticated",
     "Unavailable",
+    "UseClientDefault",
+    "Weights",
     "to_sparse_input",
 ]

@@ -5,21 +5,34 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, Literal, TypeAlias, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
-from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES
+from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES, OutputDType
 
 from ._transport import RetryPolicy, TlsConfig, build_target, call_metadata, channel_options, credentials
-from .inputs import to_sparse_input
+from .inputs import Features, Weights, to_sparse_input
 from .result import LookupResult, ModelInfo
 
-__all__ = ["DEFAULT_TIMEOUT_S", "HEALTH_STATUS", "BaseClient"]
+__all__ = ["DEFAULT_TIMEOUT_S", "HEALTH_STATUS", "USE_CLIENT_DEFAULT", "BaseClient", "Timeout", "UseClientDefault"]
+
+
+class UseClientDefault(enum.Enum):
+    """The type of `USE_CLIENT_DEFAULT`."""
+
+    USE_CLIENT_DEFAULT = enum.auto()
+
+
+USE_CLIENT_DEFAULT: Final = UseClientDefault.USE_CLIENT_DEFAULT
+"""A call's `timeout` when it is not given: the client's own. (`timeout=None` means no deadline.)"""
+
+Timeout: TypeAlias = "float | None | Literal[UseClientDefault.USE_CLIENT_DEFAULT]"
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_TRANSPORT = "stream"
@@ -69,8 +82,9 @@ class BaseClient(Generic[ChannelT]):
     ) -> ChannelT:
         raise NotImplementedError
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self._default_timeout if timeout is None else timeout
+    def _timeout(self, timeout: Timeout) -> float | None:
+        """A call's deadline in seconds: its own, or the client's when not given; None: no deadline."""
+        return self._default_timeout if timeout is USE_CLIENT_DEFAULT else timeout
 
     @property
     def _needs_limits(self) -> bool:
@@ -78,7 +92,13 @@ class BaseClient(Generic[ChannelT]):
         return self._info is None and not self._metadata_denied
 
     def _requests(
-        self, features: Any, *, weights: Any, batch_size: int | None, output_dtype: str, request_id: str
+        self,
+        features: Features,
+        *,
+        weights: Weights | None,
+        batch_size: int | None,
+        output_dtype: OutputDType | str,
+        request_id: str,
     ) -> list[pb.LookupRequest]:
         """Checks the features and splits them into requests that fit the server's limits (when known)."""
         sparse = to_sparse_input(features, weights=weights, batch_size=batch_size)

@@ -17,7 +17,6 @@ from embserve.v1.wire import SERVICE_NAME
 __all__ = ["RetryPolicy", "TlsConfig", "build_target", "channel_options", "call_metadata", "credentials"]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
     """gRPC's own retry policy (exponential backoff with jitter) for UNAVAILABLE, RESOURCE_EXHAUSTED and CANCELLED
@@ -34,7 +33,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not 2 <= self.max_attempts <= 5:
-            raise ValueError(f"max_attempts must be 2..5 (gRPC's limit), got {self.max_attempts}; use retry=None to disable")
+            raise ValueError(
+                f"max_attempts must be 2..5 (gRPC's limit), got {self.max_attempts}; use retry=None to disable"
+            )
         if self.initial_backoff_s <= 0 or self.max_backoff_s <= 0 or self.backoff_multiplier <= 0:
             raise ValueError("backoffs and multiplier must be > 0")
 

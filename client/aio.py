@@ -9,10 +9,12 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import OutputDType, OutputDTypeName
 
-from ._base import HEALTH_STATUS, BaseClient
+from ._base import HEALTH_STATUS, USE_CLIENT_DEFAULT, BaseClient, Timeout
 from ._streams import AsyncStreamPool
 from .errors import PermissionDenied, from_rpc_error
+from .inputs import Features, Weights
 from .result import LookupResult, ModelInfo
 
 __all__ = ["AsyncClient"]
@@ -32,12 +34,12 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
 
     async def lookup(
         self,
-        features: Any,
+        features: Features,
         *,
-        weights: Any = None,
+        weights: Weights | None = None,
         batch_size: int | None = None,
-        timeout: float | None = None,
-        output_dtype: str = "float32",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        output_dtype: OutputDType | OutputDTypeName = OutputDType.FLOAT32,
         request_id: str = "",
     ) -> LookupResult:
         """Pooled embeddings of `features`; see `Client.lookup`."""
@@ -59,7 +61,7 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
             raise from_rpc_error(err) from None
         return self._joined(responses)
 
-    async def _fetch_limits(self, timeout: float | None) -> None:
+    async def _fetch_limits(self, timeout: Timeout) -> None:
         """Fetches the server's request limits once; a token that may not read metadata gets no chunking."""
         if self._needs_limits:
             try:
@@ -67,7 +69,7 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
             except PermissionDenied:
                 self._metadata_denied = True
 
-    async def metadata(self, *, timeout: float | None = None) -> ModelInfo:
+    async def metadata(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
         """The served model's tables, key order, version and request limits."""
         try:
             response = await self._stub.GetModelMetadata(
@@ -78,7 +80,7 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
         self._info = ModelInfo.from_proto(response)
         return self._info
 
-    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+    async def health(self, service: str = "", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
         """The standard gRPC health status: `SERVING`, `NOT_SERVING`, `UNKNOWN` or `SERVICE_UNKNOWN`."""
         try:
             resp = await self._health.Check(

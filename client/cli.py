@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from embserve.v1.wire import DTYPE_NAMES
+from embserve.v1.wire import OutputDType
 
 from ._base import DEFAULT_TIMEOUT_S
 from .errors import EmbserveError
@@ -63,25 +63,33 @@ def add_query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=sorted(DTYPE_NAMES),
+        choices=[d.value for d in OutputDType],
         help="element type of the returned embeddings (default: %(default)s)",
     )
     p.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="SECONDS",
         help="deadline of each call, in seconds (default: %(default)s s)",
     )
     p.add_argument("--token", help="bearer token sent as 'authorization: Bearer ...' (default: none)")
     p.add_argument(
-        "--metadata", action="store_true",
+        "--metadata",
+        action="store_true",
         help="print the model's tables and the server's request limits instead of a lookup (default: off)",
     )
     p.add_argument("--health", action="store_true", help="print the gRPC health status instead (default: off)")
     p.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="print the whole result (lookup or --metadata) as one JSON object (default: off, a readable table)",
     )
     p.add_argument(
-        "--precision", type=int, default=DEFAULT_PRECISION, metavar="DIGITS",
+        "--precision",
+        type=int,
+        default=DEFAULT_PRECISION,
+        metavar="DIGITS",
         help="decimal digits printed per value, ignored with --json (default: %(default)s)",
     )
 
@@ -99,7 +107,9 @@ def _parse_ids(spec: str, key: str, example: int, text: str) -> list[int]:
         try:
             ids.append(int(item))
         except ValueError:
-            raise EmbserveError(f"--feature {spec!r}: key {key!r}, example {example}: {item.strip()!r} is not an integer id") from None
+            raise EmbserveError(
+                f"--feature {spec!r}: key {key!r}, example {example}: {item.strip()!r} is not an integer id"
+            ) from None
     return ids
 
 
@@ -138,9 +148,7 @@ def _parse_feature_weights(specs: list[str], features: dict[str, list[list[int]]
             )
         for n, (w, i) in enumerate(zip(weights, ids)):
             if len(w) != len(i):
-                raise EmbserveError(
-                    f"--weight {spec!r}: key {key!r}, example {n}: {len(w)} weights for {len(i)} ids"
-                )
+                raise EmbserveError(f"--weight {spec!r}: key {key!r}, example {n}: {len(w)} weights for {len(i)} ids")
         out[key] = weights
     return out
 
@@ -225,10 +233,19 @@ def _query(args: argparse.Namespace) -> int:
         print(f"embserve query: {type(err).__name__}: {err}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"model": result.model_name, "version": result.model_version, "embeddings": {
-            k: result[k].astype(float).tolist() for k in result.keys}}))
+        print(
+            json.dumps(
+                {
+                    "model": result.model_name,
+                    "version": result.model_version,
+                    "embeddings": {k: result[k].astype(float).tolist() for k in result.keys},
+                }
+            )
+        )
         return 0
-    print(f"model {result.model_name} version {result.model_version}: {result.batch_size} x {result.embeddings.shape[1]} {result.dtype}")
+    print(
+        f"model {result.model_name} version {result.model_version}: {result.batch_size} x {result.embeddings.shape[1]} {result.dtype}"
+    )
     with np.printoptions(precision=args.precision, suppress=True, threshold=8, edgeitems=3):
         for key in result.keys:
             print(f"  {key:<20} {result[key]}".replace("\n", "\n" + " " * 23))

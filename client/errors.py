@@ -1,15 +1,15 @@
 """The client's exceptions; a raw `grpc.RpcError` never reaches callers.
 
-    EmbserveError                 .code (gRPC status name or "CLIENT"), .details (the server's message)
-    ├── InvalidRequest            INVALID_ARGUMENT, or rejected client-side before sending
-    ├── Overloaded                RESOURCE_EXHAUSTED (retried first, when retries are on)
-    ├── DeadlineExceeded          DEADLINE_EXCEEDED
-    ├── Unavailable               UNAVAILABLE (retried first, when retries are on)
-    │   └── Cancelled             CANCELLED: the server cancelled the call unanswered, as it does to calls that
-    │                             arrive while it shuts down (the SDK never cancels on its own; retried too)
-    ├── Unauthenticated           UNAUTHENTICATED
-    ├── PermissionDenied          PERMISSION_DENIED
-    └── ServerError               INTERNAL, UNKNOWN and every other status
+EmbserveError                 .code (gRPC status name or "CLIENT"), .details (the server's message)
+├── InvalidRequest            INVALID_ARGUMENT, or rejected client-side before sending
+├── Overloaded                RESOURCE_EXHAUSTED (retried first, when retries are on)
+├── DeadlineExceeded          DEADLINE_EXCEEDED
+├── Unavailable               UNAVAILABLE (retried first, when retries are on)
+│   └── Cancelled             CANCELLED: the server cancelled the call unanswered, as it does to calls that
+│                             arrive while it shuts down (the SDK never cancels on its own; retried too)
+├── Unauthenticated           UNAUTHENTICATED
+├── PermissionDenied          PERMISSION_DENIED
+└── ServerError               INTERNAL, UNKNOWN and every other status
 """
 
 from __future__ import annotations

@@ -10,16 +10,38 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import DTYPE_NAMES, pack_features
+from embserve.v1.wire import OutputDType, pack_features
 
 from .errors import InvalidRequest
 
-__all__ = ["SparseInput", "to_sparse_input"]
+__all__ = ["FeatureArrays", "Features", "IdLists", "KeyedJaggedLike", "SparseInput", "Weights", "to_sparse_input"]
+
+IdLists: TypeAlias = Sequence[Sequence[int]]
+"""One key's examples as id lists: `[[42], [7, 9], []]`."""
+FeatureArrays: TypeAlias = "tuple[Any, ...]"
+"""One key as arrays: `(lengths, values)` or `(lengths, values, weights)`, numpy arrays or sequences."""
+Weights: TypeAlias = Mapping[str, Sequence[Sequence[float]]]
+"""Per-id weights for features given as id lists, in the same shape: `{key: [[w, ...], ...]}`."""
+
+
+class KeyedJaggedLike(Protocol):
+    """What the client reads of a torchrec `KeyedJaggedTensor` (without importing torch)."""
+
+    def keys(self) -> list[str]: ...
+    def lengths(self) -> Any: ...
+    def values(self) -> Any: ...
+    def weights_or_none(self) -> Any: ...
+    def stride(self) -> int: ...
+
+
+Features: TypeAlias = "Mapping[str, IdLists | FeatureArrays] | KeyedJaggedLike"
+"""The features of one request: id lists or arrays per key, or a `KeyedJaggedTensor`."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SparseInput:
@@ -35,12 +57,14 @@ class SparseInput:
     def wire_bytes(self) -> int:
         return 4 * self.lengths.size + 8 * self.values.size + (4 * self.weights.size if self.weights is not None else 0)
 
-    def to_proto(self, output_dtype: str, request_id: str = "") -> pb.LookupRequest:
-        if output_dtype not in DTYPE_NAMES:
-            raise InvalidRequest(f"output_dtype must be one of {sorted(DTYPE_NAMES)}, got {output_dtype!r}")
+    def to_proto(self, output_dtype: OutputDType | str, request_id: str = "") -> pb.LookupRequest:
+        try:
+            dtype = OutputDType.parse(output_dtype)
+        except ValueError as err:
+            raise InvalidRequest(str(err)) from None
         return pb.LookupRequest(
             features=pack_features(self.keys, self.batch_size, self.lengths, self.values, self.weights),
-            output_dtype=DTYPE_NAMES[output_dtype],
+            output_dtype=dtype.wire,
             request_id=request_id,
         )
 
@@ -56,7 +80,9 @@ class SparseInput:
         out = []
         for a in range(0, self.batch_size, step):
             b = min(a + step, self.batch_size)
-            spans = [(int(key_starts[k] + within[k, a]), int(key_starts[k] + within[k, b])) for k in range(len(self.keys))]
+            spans = [
+                (int(key_starts[k] + within[k, a]), int(key_starts[k] + within[k, b])) for k in range(len(self.keys))
+            ]
             values = np.concatenate([self.values[s:e] for s, e in spans]) if spans else self.values[:0]
             weights = None
             if self.weights is not None:
@@ -97,7 +123,9 @@ def _int_array(x: Any, dtype: str, what: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.ndim != 1:
         raise InvalidRequest(f"{what} must be 1-D, got shape {arr.shape}")
-    if arr.size and not (np.issubdtype(arr.dtype, np.integer) or (dtype == "<f4" and np.issubdtype(arr.dtype, np.number))):
+    if arr.size and not (
+        np.issubdtype(arr.dtype, np.integer) or (dtype == "<f4" and np.issubdtype(arr.dtype, np.number))
+    ):
         raise InvalidRequest(f"{what} must hold {'numbers' if dtype == '<f4' else 'integers'}, got {arr.dtype}")
     return arr.astype(dtype, copy=False)
 
@@ -117,10 +145,7 @@ def _from_kjt(kjt: Any) -> SparseInput:
 
 
 def to_sparse_input(
-    features: Any,
-    *,
-    weights: Mapping[str, Sequence[Sequence[float]]] | None = None,
-    batch_size: int | None = None,
+    features: Features, *, weights: Weights | None = None, batch_size: int | None = None
 ) -> SparseInput:
     """Normalises and checks one of the accepted feature forms (see the module docstring).
 

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import OUTPUT_DTYPES, OUTPUT_NUMPY_DTYPES
+from embserve.v1.wire import OutputDType
 
 __all__ = ["LookupResult", "ModelInfo", "TableInfo"]
-
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -32,7 +31,7 @@ class LookupResult:
     keys: tuple[str, ...]
     dims: tuple[int, ...]
     offsets: tuple[int, ...]
-    dtype: str
+    dtype: OutputDType
     model_name: str
     model_version: str
     raw: np.ndarray | None = None
@@ -40,11 +39,11 @@ class LookupResult:
 
     @classmethod
     def from_proto(cls, response: pb.LookupResponse) -> LookupResult:
-        if response.dtype == pb.DTYPE_UNSPECIFIED or response.dtype not in OUTPUT_DTYPES or len(response.shape) != 2:
+        dtype = OutputDType.of_wire(response.dtype)
+        if response.dtype == pb.DTYPE_UNSPECIFIED or dtype is None or len(response.shape) != 2:
             raise ValueError(f"unexpected response dtype {response.dtype} / shape {list(response.shape)}")
-        dtype = OUTPUT_DTYPES[response.dtype]
         rows, cols = (int(x) for x in response.shape)
-        raw = np.frombuffer(response.embeddings, dtype=OUTPUT_NUMPY_DTYPES[dtype]).reshape(rows, cols)
+        raw = np.frombuffer(response.embeddings, dtype=dtype.numpy).reshape(rows, cols)
         embeddings = _bf16_to_f32(raw) if response.dtype == pb.DTYPE_BFLOAT16 else raw
         return cls(
             embeddings=embeddings,
@@ -139,8 +138,14 @@ class ModelInfo:
             output_dim=m.output_dim,
             tables=tuple(
                 TableInfo(
-                    t.name, t.num_embeddings, t.embedding_dim, t.data_type, t.serving_dtype, t.weight_bytes,
-                    t.weighted, t.id_policy,
+                    t.name,
+                    t.num_embeddings,
+                    t.embedding_dim,
+                    t.data_type,
+                    t.serving_dtype,
+                    t.weight_bytes,
+                    t.weighted,
+                    t.id_policy,
                 )
                 for t in m.tables
             ),

@@ -9,10 +9,12 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import OutputDType, OutputDTypeName
 
-from ._base import HEALTH_STATUS, BaseClient
+from ._base import HEALTH_STATUS, USE_CLIENT_DEFAULT, BaseClient, Timeout
 from ._streams import StreamPool
 from .errors import PermissionDenied, from_rpc_error
+from .inputs import Features, Weights
 from .result import LookupResult, ModelInfo
 
 __all__ = ["Client"]
@@ -45,12 +47,12 @@ class Client(BaseClient[grpc.Channel]):
 
     def lookup(
         self,
-        features: Any,
+        features: Features,
         *,
-        weights: Any = None,
+        weights: Weights | None = None,
         batch_size: int | None = None,
-        timeout: float | None = None,
-        output_dtype: str = "float32",
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        output_dtype: OutputDType | OutputDTypeName = OutputDType.FLOAT32,
         request_id: str = "",
     ) -> LookupResult:
         """Pooled embeddings of `features`.
@@ -59,7 +61,7 @@ class Client(BaseClient[grpc.Channel]):
             features: `{key: [[id, ...], ...]}`, `{key: (lengths, values[, weights])}` or a `KeyedJaggedTensor`.
             weights: per-id weights for the list form, `{key: [[w, ...], ...]}`.
             batch_size: number of examples; inferred from the features unless they are empty.
-            timeout: deadline in seconds for this call (default: the client's).
+            timeout: deadline in seconds for this call; None: no deadline (default: the client's).
             output_dtype: `float32`, `float16` or `bfloat16` on the wire.
             request_id: echoed by the server and written to its logs.
 
@@ -91,7 +93,7 @@ class Client(BaseClient[grpc.Channel]):
         with concurrent.futures.ThreadPoolExecutor(min(len(requests), 8)) as pool:
             return list(pool.map(lambda r: self._streams.lookup(r, deadline), requests))  # type: ignore[union-attr]
 
-    def _fetch_limits(self, timeout: float | None) -> None:
+    def _fetch_limits(self, timeout: Timeout) -> None:
         """Fetches the server's request limits once; a token that may not read metadata gets no chunking."""
         if self._needs_limits:
             try:
@@ -99,7 +101,7 @@ class Client(BaseClient[grpc.Channel]):
             except PermissionDenied:
                 self._metadata_denied = True
 
-    def metadata(self, *, timeout: float | None = None) -> ModelInfo:
+    def metadata(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
         """The served model's tables, key order, version and request limits."""
         try:
             response = self._stub.GetModelMetadata(
@@ -110,7 +112,7 @@ class Client(BaseClient[grpc.Channel]):
         self._info = ModelInfo.from_proto(response)
         return self._info
 
-    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+    def health(self, service: str = "", *, timeout: Timeout = USE_CLIENT_DEFAULT) -> str:
         """The standard gRPC health status: `SERVING`, `NOT_SERVING`, `UNKNOWN` or `SERVICE_UNKNOWN`."""
         try:
             resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout(timeout))

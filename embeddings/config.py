@@ -14,6 +14,8 @@ from typing import Any
 import pydantic
 import yaml
 
+from .errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "DataType",
@@ -31,10 +33,6 @@ __all__ = [
 ]
 
 _CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A model configuration is invalid; the message names the offending field or table."""
 
 
 @enum.unique

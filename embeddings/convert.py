@@ -38,7 +38,8 @@ from typing import Any
 import torch
 import yaml
 
-from .config import ConfigError, DataType, ModelConfig, model_config_from_dict
+from .config import DataType, ModelConfig, model_config_from_dict
+from .errors import ConfigError, ConvertError
 from .large_embeddings import LargeEmbeddings
 from .weights import CheckpointError, checkpoint_digest, checkpoint_version, save_checkpoint, table_weights
 
@@ -65,10 +66,6 @@ _SORTED_ORDER = (
     "its table keys are in sorted order, which is what torchrec's DistributedModelParallel.state_dict() gives "
     "whatever the model's order"
 )
-
-
-class ConvertError(ValueError):
-    """Weights that cannot be converted; the message names the file, key or table and the problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +191,9 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _DCP_METADATA_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
@@ -202,7 +201,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def _dcp_reader(path: Path) -> Any:
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    class SafeReader(FileSystemReader):  # type: ignore[misc]
+    class SafeReader(FileSystemReader):
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             metadata_file = path / ".metadata"
             try:
@@ -234,7 +233,9 @@ def _check_chunks(path: Path, key: str, size: tuple[int, ...], chunks: list[Any]
     boxes = [(tuple(int(x) for x in c.offsets), tuple(int(x) for x in c.sizes)) for c in chunks]
     for off, sz in boxes:
         if len(off) != len(size) or any(o < 0 or o + s > n for o, s, n in zip(off, sz, size)):
-            raise ConvertError(f"{path}: {key!r}: shard at offsets {list(off)} sizes {list(sz)} is outside {list(size)}")
+            raise ConvertError(
+                f"{path}: {key!r}: shard at offsets {list(off)} sizes {list(sz)} is outside {list(size)}"
+            )
     for i, (a_off, a_sz) in enumerate(boxes):
         for b_off, b_sz in boxes[i + 1 :]:
             if all(ao < bo + bs and bo < ao + as_ for ao, as_, bo, bs in zip(a_off, a_sz, b_off, b_sz)):

@@ -8,7 +8,6 @@ as a reference.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -20,7 +19,9 @@ from torchrec.inference.modules import quantize_inference_model
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from .config import ConfigError, EmbeddingBagConfig, Engine, IdPolicy, ModelConfig, ServingDType, ShardingType
+from .errors import SelfCheckFailed
 from .large_embeddings import LargeEmbeddings, canonical_keys
+from .memory import release_free_memory
 from .weights import checkpoint_version, init_weights, load_checkpoint
 
 __all__ = ["Engine", "SelfCheckFailed", "ServingModel", "build_serving_model"]
@@ -33,10 +34,6 @@ _WEIGHT_DTYPES: dict[ServingDType, torch.dtype] = {
     ServingDType.INT8: torch.qint8,
     ServingDType.INT4: torch.quint4x2,
 }
-
-
-class SelfCheckFailed(RuntimeError):
-    """A built model cannot compute; the message names the table and the error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +57,14 @@ class ServingModel:
     @property
     def output_dim(self) -> int:
         return self.offsets[-1]
+
+    @property
+    def engine_name(self) -> str:
+        return self.engine.value
+
+    @property
+    def device_name(self) -> str:
+        return str(self.device)
 
     @property
     def has_weighted_tables(self) -> bool:
@@ -159,12 +164,13 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-
 def _weight_bytes(module: nn.Module, tables: list[str]) -> dict[str, int]:
     sizes: dict[str, int] = {}
     for key, tensor in module.state_dict().items():
         for name in tables:
-            if key.endswith(f"embedding_bags.{name}.weight") or key.endswith(f"embedding_bags.{name}.weight_qscaleshift"):
+            if key.endswith(f"embedding_bags.{name}.weight") or key.endswith(
+                f"embedding_bags.{name}.weight_qscaleshift"
+            ):
                 sizes[name] = sizes.get(name, 0) + tensor.numel() * tensor.element_size()
     return sizes
 
@@ -179,14 +185,6 @@ def _release_quantization_copies(module: nn.Module) -> None:
     for sub in module.modules():
         if getattr(sub, "_table_name_to_quantized_weights", None) is not None:
             setattr(sub, "_table_name_to_quantized_weights", None)
-
-
-def _trim_heap() -> None:
-    """Returns the freed build-time buffers (float tables, conversion temporaries) to the OS (glibc only)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def build_serving_model(
@@ -247,7 +245,7 @@ def build_serving_model(
     offsets = [0]
     for d in dims:
         offsets.append(offsets[-1] + d)
-    _trim_heap()
+    release_free_memory()  # the float tables and conversion temporaries
     return ServingModel(
         config=config,
         module=module.eval(),

@@ -68,7 +68,9 @@ def shard_fused_module(
         raise ConfigError(f"sharding over {devices} GPUs, but this host has {torch.cuda.device_count()}")
     source = _fused_tables(module)
     constraints = {
-        t.name: ParameterConstraints(sharding_types=[sharding.value], compute_kernels=[EmbeddingComputeKernel.QUANT.value])
+        t.name: ParameterConstraints(
+            sharding_types=[sharding.value], compute_kernels=[EmbeddingComputeKernel.QUANT.value]
+        )
         for t in config.tables
     }
     # torchrec's sharded inference modules place their kernels and outputs on CUDA unless this process-wide flag

@@ -14,14 +14,13 @@ import hashlib
 import io
 import math
 import zlib
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .config import LargeEmbeddingsConfig
+from .errors import CheckpointError
 from .large_embeddings import LargeEmbeddings
+from .state_keys import check_checkpoint, match_tables
 
 __all__ = [
     "CheckpointError",
@@ -35,10 +34,6 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message names the table or file."""
-
-
 def table_weights(model: LargeEmbeddings) -> dict[str, torch.nn.Parameter]:
     """The weight parameter of every table, by table name."""
     out: dict[str, torch.nn.Parameter] = {}
@@ -47,11 +42,6 @@ def table_weights(model: LargeEmbeddings) -> dict[str, torch.nn.Parameter]:
             for name, bag in ebc.embedding_bags.items():
                 out[name] = bag.weight
     return out
-
-
-def _state_key(config: LargeEmbeddingsConfig, table: str) -> str:
-    weighted = {t.name for t in config.tables if t.weighted}
-    return f"{'weighted_ebc' if table in weighted else 'ebc'}.embedding_bags.{table}.weight"
 
 
 @torch.no_grad()
@@ -90,78 +80,13 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, digest
 
 
-def _find(state: Mapping[str, Any], key: str) -> str | None:
-    """The key under which `state` holds `key`, exactly or behind a prefix."""
-    if key in state:
-        return key
-    suffix = "." + key
-    matches = [k for k in state if k.endswith(suffix)]
-    if len(matches) > 1:
-        raise CheckpointError(f"checkpoint has several tensors for {key!r}: {matches}")
-    return matches[0] if matches else None
-
-
-def _match(config: LargeEmbeddingsConfig, shapes: Mapping[str, tuple[int, ...]], path: Path) -> dict[str, str]:
-    """Which state key holds each table, after checking that every table is there with its config's shape."""
-    known = {t.name for t in config.tables}
-    strays = sorted(
-        k.split("embedding_bags.", 1)[1].rsplit(".", 1)[0]
-        for k in shapes
-        if "embedding_bags." in k and k.split("embedding_bags.", 1)[1].rsplit(".", 1)[0] not in known
-    )
-    if strays:
-        raise CheckpointError(f"checkpoint {str(path)!r} has tables the model does not: {strays}")
-    found: dict[str, str] = {}
-    for table in config.tables:
-        key = _find(shapes, _state_key(config, table.name)) or _find(shapes, f"embedding_bags.{table.name}.weight")
-        if key is None:
-            raise CheckpointError(f"checkpoint {str(path)!r} has no weights for table {table.name!r}")
-        expected = (table.num_embeddings, table.embedding_dim)
-        if tuple(shapes[key]) != expected:
-            raise CheckpointError(
-                f"checkpoint {str(path)!r}, table {table.name!r}: checkpoint shape {tuple(shapes[key])} != "
-                f"config shape {expected} (num_embeddings, embedding_dim)"
-            )
-        found[table.name] = key
-    return found
-
-
-def check_checkpoint(config: LargeEmbeddingsConfig, path: str | Path) -> None:
-    """Checks, without loading the weights, that a checkpoint file is readable and holds every table of `config`
-    with its shape: the check `load_checkpoint` makes, cheap enough to run before the model is built.
-
-    Raises:
-        CheckpointError: naming the file, and the table where one is missing or misshapen.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        else:
-            # mmap: only the tensors' metadata is read, not their bytes.
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-                raise CheckpointError(f"checkpoint {str(path)!r} is not a state dict of tensors")
-            shapes = {k: tuple(v.shape) for k, v in state.items()}
-    except CheckpointError:
-        raise
-    except Exception as err:  # any parse failure of an untrusted file is reported, never propagated raw
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(err).__name__}: {err}") from None
-    _match(config, shapes, path)
-
-
 @torch.no_grad()
 def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> str:
     """Copies every table's weights from a checkpoint and returns the digest of the bytes it read (the model
     version); a missing table or a shape mismatch is a `CheckpointError`."""
     path = Path(path)
     state, digest = _read_state_dict(path)
-    keys = _match(model.config, {k: tuple(v.shape) for k, v in state.items()}, path)
+    keys = match_tables(model.config, {k: tuple(v.shape) for k, v in state.items()}, path)
     for name, weight in table_weights(model).items():
         tensor = state[keys[name]]
         if not tensor.is_floating_point():

@@ -34,7 +34,9 @@ DEFAULT_SEED = 0
 def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="model config: a YAML path or a built-in name (default: default)")
     p.add_argument("--checkpoint", help="re-save this checkpoint (.safetensors or torch state dict) instead of an init")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"init seed without --checkpoint (default: {DEFAULT_SEED})")
+    p.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"init seed without --checkpoint (default: {DEFAULT_SEED})"
+    )
     p.add_argument("--output", "-o", required=True, help="checkpoint to write: .safetensors (or a torch file)")
     p.add_argument("--model-out", help="also write the model config as YAML here")
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -20,20 +20,19 @@ from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2
 from embserve.v1.wire import SERVICE_NAME
 
-from .admission import Bounds, release_free_memory, request_bytes
-from .batcher import DynamicBatcher
+from .bounds import Bounds
 from .config import EventLoop, ServerConfig
 from .connections import grpc_options as connection_options
-from .executor import BatchExecutor, BatchOutput
-from .inference import InferenceServicer, add_inference_to_server
-from .receiving import ReceiveInterceptor
+from .frontdoor import FrontDoor
+from .inference import InferenceServicer
+from .local_backend import LocalBackend
 from .metrics import ServerMetrics
-from .request import SparseRequest
 from .security import peer_guards, server_credentials
-from .servicer import EmbeddingServicer, add_to_server, model_schema
+from .servicer import EmbeddingServicer
 from .startup import StartupError
+from .streams import StreamServicer
 
-__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", "run_server", "serve_until_signal"]
+__all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", "serve_until_signal"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,87 +81,57 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 class EmbserveServer:
     """One embserve server: call `start`, then `stop`. Binds `config.host:config.port` (port 0: any free port).
 
+    The app builds the pieces once: the backend (batcher and executor), the front door in front of it, and the
+    three front ends (Lookup and metadata, LookupStream, the Open Inference Protocol) as thin translations.
+
     Args:
         config: server settings.
         model: a ready model; by default the one `config` names is built.
+        bounds: this process's byte bounds; by default `config`'s, resolved against the host's memory (workers
+            get their share).
         reuse_port: share the port with other processes (SO_REUSEPORT), as the workers of `--workers N` do;
             off otherwise, so that a port already in use is an error.
         worker: this process's worker index, for logs.
     """
 
     def __init__(
-        self, config: ServerConfig, *, model: ServingModel | None = None, reuse_port: bool = False, worker: int = 0
+        self,
+        config: ServerConfig,
+        *,
+        model: ServingModel | None = None,
+        bounds: Bounds | None = None,
+        reuse_port: bool = False,
+        worker: int = 0,
     ) -> None:
         self.config = config
         self.reuse_port = reuse_port
         self.worker = worker
         self.metrics = ServerMetrics()
-        model = model or load_model(config)
-        b = config.batching
-        inflight = b.max_inflight_batches or (2 if model.device.type == "cuda" else 1)
-        self.executor = BatchExecutor(
-            model, pipelined=inflight > 1, on_forward=self.metrics.forward_seconds.observe
-        )
-        self.bounds = Bounds(config)
-        output_dim = model.output_dim
-        self.batcher: DynamicBatcher[SparseRequest, BatchOutput] = DynamicBatcher(
-            self._run_batch,
-            size_of=lambda r: r.batch_size,
-            bytes_of=lambda r: request_bytes(r, output_dim),
-            max_queue_bytes=self.bounds.max_queue_bytes,
-            max_batch_bytes=self.bounds.max_batch_bytes,
-            max_batch_size=b.max_batch_size if b.enabled else 1,
-            max_queue_delay_s=b.max_queue_delay_us / 1e6,
-            max_queue_size=b.max_queue_size,
-            policy=b.policy,
-            max_inflight_batches=inflight,
-            max_queue_wait_s=b.max_queue_wait_ms / 1e3,
-            observer=self.metrics,
-        )
-        schema = model_schema(self.executor.model, config, self.bounds)
-        self._large_since_trim = False
-        # A batch with a large request (one decoded off the event loop) makes the server trim its heap once the
-        # queue empties.
-        self._trim_after_bytes = config.limits.offload_decode_bytes
-        self.servicer = EmbeddingServicer(
-            config=config,
-            schema=schema,
-            batcher=self.batcher,
-            metrics=self.metrics,
-            current_model=lambda: self.executor.model,
+        self.bounds = bounds or Bounds.of(config)
+        self.backend = LocalBackend(
+            model or load_model(config),
+            batching=config.batching,
             bounds=self.bounds,
-        )
-        self.inference = InferenceServicer(
-            schema=schema,
-            batcher=self.batcher,
             metrics=self.metrics,
-            current_model=lambda: self.executor.model,
-            accepting=lambda: self.servicer.accepting,
-            budget=self.servicer.budget,
-            decoder=self.servicer.decoder,
-            inflight=self.servicer.inflight,
+            trim_after_bytes=config.limits.offload_decode_bytes,
         )
+        self.door = FrontDoor(backend=self.backend, bounds=self.bounds, limits=config.limits, metrics=self.metrics)
+        self.metrics.track_budgets(self.door.accounting)
+        self._front_ends = (EmbeddingServicer(self.door), StreamServicer(self.door))
+        self._inference = InferenceServicer(self.door)
         self.health, self._interceptors = peer_guards(config, self.metrics)
-        # After auth: a refused call is never read at all.
-        self._interceptors.append(ReceiveInterceptor(self.servicer.receive, self.metrics))
         self._reload_lock = asyncio.Lock()
         self.port: int = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
-        m = self.executor.model
+        m = self.backend.model
         self.metrics.set_model(m.config.name, m.version, m.engine.value, str(m.device))
 
-    async def _run_batch(self, batch: list[SparseRequest]) -> Sequence[BatchOutput]:
-        """Runs a batch; once the queue is empty after large requests, hands the heap's free pages back to the OS
-        (off the event loop), so a burst of large requests does not leave the process at its peak size."""
-        outputs = await self.executor.run(batch)
-        if any(r.values.nbytes >= self._trim_after_bytes for r in batch):
-            self._large_since_trim = True
-        if self._large_since_trim and self.batcher.queued_bytes == 0:
-            self._large_since_trim = False
-            await asyncio.get_running_loop().run_in_executor(None, release_free_memory)
-        return outputs
+    @property
+    def model(self) -> ServingModel:
+        """The model serving now."""
+        return self.backend.model
 
     @property
     def address(self) -> str:
@@ -178,8 +147,13 @@ class EmbserveServer:
 
     async def start(self) -> None:
         server = grpc.aio.server(options=self.grpc_options(), interceptors=self._interceptors)
-        add_to_server(self.servicer, server)
-        add_inference_to_server(self.inference, server)
+        embserve_handlers = {name: h for front in self._front_ends for name, h in front.handlers().items()}
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(SERVICE_NAME, embserve_handlers),
+                grpc.method_handlers_generic_handler(oip.SERVICE_NAME, self._inference.handlers()),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -201,7 +175,7 @@ class EmbserveServer:
             self.port = 0
         if self.port == 0:
             await server.stop(None)
-            self.executor.shutdown()
+            await self.backend.close()
             raise StartupError(
                 f"gRPC port {self.config.port} on {self.config.host} could not be bound (in use by another process, "
                 "or not an address of this host): choose another with --port"
@@ -214,7 +188,7 @@ class EmbserveServer:
                 )
             except OSError as err:
                 await server.stop(None)
-                self.executor.shutdown()
+                await self.backend.close()
                 raise StartupError(
                     f"metrics port {self.config.metrics_port} on {self.config.host} could not be bound "
                     f"({err.strerror}): choose another with --metrics-port, or --no-metrics"
@@ -223,10 +197,10 @@ class EmbserveServer:
             self.metrics_port = httpd.server_port
         await server.start()
         self._server = server
-        self.batcher.start()
+        self.backend.start()
         for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        m = self.executor.model
+        m = self.backend.model
         logger.info(
             "serving",
             extra={
@@ -240,7 +214,7 @@ class EmbserveServer:
                 "device": str(m.device),
                 "tables": len(m.keys),
                 "policy": self.config.batching.policy.value,
-                "max_batch_size": self.batcher.max_batch_size,
+                "max_batch_size": self.backend.max_batch_size,
             },
         )
 
@@ -255,7 +229,7 @@ class EmbserveServer:
             version: the version to report; by default derived from the checkpoint's content.
         """
         async with self._reload_lock:
-            old = self.executor.model
+            old = self.backend.model
             config = self.config.model_copy(
                 update={"checkpoint": checkpoint or self.config.checkpoint, "model_version": version}
             )
@@ -263,11 +237,13 @@ class EmbserveServer:
                 if config.checkpoint is None:
                     raise ValueError("no checkpoint configured or given")
                 model = await asyncio.get_running_loop().run_in_executor(None, load_model, config)
-                self.executor.swap_model(model)
+                self.backend.swap_model(model)
             except Exception as err:
                 self.metrics.reloads.labels("failed").inc()
-                logger.error("reload failed; still serving the old version",
-                             extra={"version": old.version, "error": f"{type(err).__name__}: {err}"})
+                logger.error(
+                    "reload failed; still serving the old version",
+                    extra={"version": old.version, "error": f"{type(err).__name__}: {err}"},
+                )
                 raise ReloadFailed(f"{type(err).__name__}: {err}") from None
             self.metrics.reloads.labels("ok").inc()
             self.metrics.set_model(model.config.name, model.version, model.engine.value, str(model.device))
@@ -277,23 +253,24 @@ class EmbserveServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish within `grace` seconds."""
         grace = self.config.grace_period_s if grace is None else grace
+        self.door.begin_drain()
         await self.health.enter_graceful_shutdown()
-        self.servicer.begin_drain()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         # Keep the port open while accepted calls finish, so probes read NOT_SERVING and new calls UNAVAILABLE.
-        if not await self.servicer.inflight.wait_idle(grace):
+        if not await self.door.inflight.wait_idle(grace):
             logger.warning("grace period over with calls in flight; cancelling them", extra={"grace_s": grace})
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - loop.time()))
-        await self.batcher.close()
-        self.executor.shutdown()
-        self.servicer.decoder.shutdown()
+        await self.backend.close()
+        self.door.offload.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        cancelled = sum(self.metrics.value("embserve_requests_total", {"method": m, "code": "CANCELLED"})
-                        for m in ("Lookup", "LookupStream", "ModelInfer"))
+        cancelled = sum(
+            self.metrics.value("embserve_requests_total", {"method": m, "code": "CANCELLED"})
+            for m in ("Lookup", "LookupStream", "ModelInfer")
+        )
         # Calls whose handler was cancelled (by their caller, or by the end of the grace period): a drain that
         # cuts accepted calls shows here.
         logger.info("stopped", extra={"address": self.address, "lookups_cancelled": int(cancelled)})
@@ -307,12 +284,13 @@ async def serve_until_signal(
     config: ServerConfig,
     *,
     model: ServingModel | None = None,
+    bounds: Bounds | None = None,
     worker: int | None = None,
     on_ready: Callable[[], object] | None = None,
 ) -> None:
     """Runs a server until SIGTERM/SIGINT, then drains. SIGHUP reloads the checkpoint, except in a worker of
     `--workers N`, whose parent reloads by replacing its workers."""
-    server = EmbserveServer(config, model=model, reuse_port=worker is not None, worker=worker or 0)
+    server = EmbserveServer(config, model=model, bounds=bounds, reuse_port=worker is not None, worker=worker or 0)
     await server.start()
     if on_ready is not None:
         on_ready()
@@ -337,11 +315,6 @@ async def serve_until_signal(
     await stop.wait()
     logger.info("signal received; draining", extra={"grace_period_s": config.grace_period_s})
     await server.stop()
-
-
-def run_server(config: ServerConfig) -> None:
-    """Serves until SIGTERM or SIGINT, then drains and returns (the process exits 0)."""
-    run_on_event_loop(serve_until_signal(config), config.event_loop)
 
 
 def run_on_event_loop(main: Coroutine[Any, Any, T], kind: EventLoop) -> T:

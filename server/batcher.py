@@ -1,8 +1,9 @@
 """The dynamic batcher: merges concurrent requests into batches of up to `max_batch_size` examples.
 
 One future per request. A batch runs through `run_batch`, whose results are fanned out in order; an exception in a
-batch is set on every future of that batch and on no other. Expired and cancelled requests are dropped before a
-batch is formed, so they are never computed. At most `max_inflight_batches` batches run at once; while they run,
+batch is set on every future of that batch and on no other. A queued request whose deadline or queue budget ends
+is failed at that moment (a timer per request), and cancelled requests are dropped before a batch is formed, so
+neither is computed. At most `max_inflight_batches` batches run at once; while they run,
 new requests gather in the queue by themselves. Admission counts examples (`size_of`) and, where a byte bound is
 given, bytes (`bytes_of`: what an item holds while queued and will produce).
 """
@@ -41,7 +42,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
-    budget_timer: asyncio.TimerHandle | None = None
+    timer: asyncio.TimerHandle | None = None  # fires when the deadline or the queue budget ends, whichever first
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -113,7 +114,6 @@ class DynamicBatcher(Generic[T, R]):
         self._running: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
-        self.batches_run = 0
 
     @property
     def queued_examples(self) -> int:
@@ -165,14 +165,19 @@ class DynamicBatcher(Generic[T, R]):
                 )
         now = time.monotonic()
         entry: _Entry[T, R] = _Entry(
-            item, size, nbytes, asyncio.get_running_loop().create_future(),
-            None if timeout is None else now + timeout, now,
+            item,
+            size,
+            nbytes,
+            asyncio.get_running_loop().create_future(),
+            None if timeout is None else now + timeout,
+            now,
         )
         self._queue.append(entry)
         self._queued_examples += size
         self._queued_bytes += nbytes
-        if self.max_queue_wait_s is not None:
-            entry.budget_timer = asyncio.get_running_loop().call_later(self.max_queue_wait_s, self._expire, entry)
+        ends = [t for t in (timeout, self.max_queue_wait_s) if t is not None]
+        if ends:
+            entry.timer = asyncio.get_running_loop().call_later(max(0.0, min(ends)), self._expire, entry)
         if self._observer:
             self._observer.queue_depth(self._queued_examples)
         self._has_work.set()
@@ -235,9 +240,7 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             if entry.deadline is not None and entry.deadline <= now:
                 self._pop()
-                entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
-                if self._observer:
-                    self._observer.dropped("deadline")
+                self._fail_deadline(entry)  # its timer has not run yet
                 continue
             if self.max_queue_wait_s is not None and now - entry.enqueued > self.max_queue_wait_s:
                 self._pop()
@@ -261,22 +264,32 @@ class DynamicBatcher(Generic[T, R]):
         self._forget(self._queue.popleft())
 
     def _forget(self, entry: _Entry[T, R]) -> None:
-        """Takes an entry that left the queue out of its counts and stops its budget timer."""
+        """Takes an entry that left the queue out of its counts and stops its timer."""
         self._queued_examples -= entry.size
         self._queued_bytes -= entry.nbytes
-        if entry.budget_timer is not None:
-            entry.budget_timer.cancel()
+        if entry.timer is not None:
+            entry.timer.cancel()
 
     def _expire(self, entry: _Entry[T, R]) -> None:
-        """An item's queue budget ended while it waited: it is failed now, while the batches ahead of it run,
-        rather than when the next batch forms. A cancelled item is left to be dropped then."""
+        """An item's deadline or queue budget ended while it waited: it is failed now, while the batches ahead of
+        it run, rather than when the next batch forms, and its place in the queue is free at once. A cancelled
+        item is left to be dropped then."""
         if entry.future.done():
             return
         self._queue.remove(entry)  # identity: entries compare by identity
         self._forget(entry)
-        self._fail_over_budget(entry, time.monotonic())
+        now = time.monotonic()
+        if entry.deadline is not None and entry.deadline <= now + 1e-3:
+            self._fail_deadline(entry)
+        else:
+            self._fail_over_budget(entry, now)
         if self._observer:
             self._observer.queue_depth(self._queued_examples)
+
+    def _fail_deadline(self, entry: _Entry[T, R]) -> None:
+        entry.future.set_exception(DeadlineExpired("deadline passed while queued; not computed"))
+        if self._observer:
+            self._observer.dropped("deadline")
 
     def _fail_over_budget(self, entry: _Entry[T, R], now: float) -> None:
         assert self.max_queue_wait_s is not None
@@ -291,7 +304,6 @@ class DynamicBatcher(Generic[T, R]):
 
     async def _run(self, batch: list[_Entry[T, R]]) -> None:
         try:
-            self.batches_run += 1
             results = await self._run_batch([e.item for e in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")

@@ -63,7 +63,6 @@ def _serve(args: argparse.Namespace) -> int:
     except StartupError as err:
         return _fail(one_line(err), EXIT_BAD_SETTING, debug)
 
-
     from embserve.embeddings import SelfCheckFailed
 
     from .app import run_on_event_loop, serve_until_signal

@@ -1,6 +1,8 @@
 """Server configuration: one typed object, loaded from YAML and overridden by command-line flags.
 
-Unknown keys are errors (`extra="forbid"`), as in the model config. Defaults are the module constants below.
+Unknown keys are errors (`extra="forbid"`), as in the model config. Defaults are the module constants below. Each
+field's `description` is its help text: `embserve serve --help` and the settings table of docs/server.md read it
+(`flags`). Torch-free.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ import yaml
 
 from embserve.embeddings.config import Engine, ShardingType
 from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES
+
+from .bounds import (
+    BATCH_BYTES_DEFAULT,
+    PENDING_BYTES_DEFAULT,
+    PENDING_PER_CONNECTION_DEFAULT,
+    QUEUE_BYTES_DEFAULT,
+    RECEIVE_BYTES_DEFAULT,
+    RESPONSE_BYTES_DEFAULT,
+)
 
 __all__ = [
     "AuthConfig",
@@ -50,7 +61,8 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
 DEFAULT_MIN_PING_INTERVAL_MS = 60_000
 DEFAULT_MAX_PING_STRIKES = 2
-# Requests whose message is at least this many bytes are decoded on the decode threads, not the event loop.
+# Descriptors kept for the process itself (model and log files, metrics endpoint, pipes, torch, the listener).
+FD_RESERVE = 256
 DEFAULT_OFFLOAD_DECODE_BYTES = 1 << 20
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_MAX_DECODE_QUEUE = 16
@@ -87,112 +99,178 @@ class BatchPolicy(str, enum.Enum):
     WAIT = "wait"
 
 
+def _field(default: Any, description: str, **bounds: Any) -> Any:
+    return pydantic.Field(default, description=description, **bounds)
+
+
 class BatchingConfig(_Strict):
-    enabled: bool = True
-    policy: BatchPolicy = BatchPolicy.EAGER
-    max_batch_size: int = pydantic.Field(DEFAULT_MAX_BATCH_SIZE, gt=0)
-    max_queue_delay_us: int = pydantic.Field(DEFAULT_MAX_QUEUE_DELAY_US, ge=0)
-    max_queue_size: int = pydantic.Field(DEFAULT_MAX_QUEUE_SIZE, gt=0)
-    # The queue budget: a call that waited longer than this for its batch is answered RESOURCE_EXHAUSTED unrun.
-    max_queue_wait_ms: float = pydantic.Field(DEFAULT_MAX_QUEUE_WAIT_MS, gt=0)
-    # Bytes the queue holds: each request's arrays plus the response it will produce. None: from the host's
-    # memory (`admission.memory_default`).
-    max_queue_bytes: int | None = pydantic.Field(None, ge=1 << 16)
-    # Bytes one batch takes (the same count per request); a request larger than it runs alone. None: from the
-    # host's memory.
-    max_batch_bytes: int | None = pydantic.Field(None, ge=1 << 16)
-    # None: 1 on CPU (the forward competes with the event loop for cores), 2 on CUDA (copy overlaps compute).
-    max_inflight_batches: int | None = pydantic.Field(None, ge=1, le=8)
+    enabled: bool = _field(True, "batch concurrent requests (off: one forward per request)")
+    policy: BatchPolicy = _field(
+        BatchPolicy.EAGER,
+        "eager: batch whatever is queued when the executor is free; wait: wait up to max_queue_delay_us for a "
+        "full batch",
+    )
+    max_batch_size: int = _field(DEFAULT_MAX_BATCH_SIZE, "examples per forward; a larger request runs alone", gt=0)
+    max_queue_delay_us: int = _field(
+        DEFAULT_MAX_QUEUE_DELAY_US, "wait policy: longest wait for a fuller batch, microseconds", ge=0
+    )
+    max_queue_size: int = _field(DEFAULT_MAX_QUEUE_SIZE, "examples queued; beyond it RESOURCE_EXHAUSTED at once", gt=0)
+    max_queue_wait_ms: float = _field(
+        DEFAULT_MAX_QUEUE_WAIT_MS,
+        "queue budget, milliseconds: a call that waited longer is answered RESOURCE_EXHAUSTED unrun",
+        gt=0,
+    )
+    max_queue_bytes: int | None = _field(
+        None,
+        "bytes queued (each request's arrays plus its response); beyond it RESOURCE_EXHAUSTED at once; none: "
+        f"{QUEUE_BYTES_DEFAULT}",
+        ge=1 << 16,
+    )
+    max_batch_bytes: int | None = _field(
+        None,
+        "bytes one batch takes (its requests' arrays plus responses); a larger request runs alone; none: "
+        f"{BATCH_BYTES_DEFAULT}",
+        ge=1 << 16,
+    )
+    max_inflight_batches: int | None = _field(
+        None, "batches assembled or computed at once; none: 1 on CPU, 2 on CUDA", ge=1, le=8
+    )
 
 
 class LimitsConfig(_Strict):
-    max_request_examples: int = pydantic.Field(DEFAULT_MAX_REQUEST_EXAMPLES, gt=0)
-    max_request_ids: int = pydantic.Field(DEFAULT_MAX_REQUEST_IDS, gt=0)
-    max_message_bytes: int = pydantic.Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
-    max_stream_outstanding: int = pydantic.Field(DEFAULT_MAX_STREAM_OUTSTANDING, ge=1)
-    # Health.Watch streams open at once from callers without a valid token; beyond it RESOURCE_EXHAUSTED.
-    max_health_watches: int = pydantic.Field(DEFAULT_MAX_HEALTH_WATCHES, ge=0)
-    # The response one request may produce (batch_size x output_dim x dtype size); larger is INVALID_ARGUMENT.
-    # None: from the host's memory.
-    max_response_bytes: int | None = pydantic.Field(None, ge=1024)
-    # Response bytes computed but not yet sent (a client that does not read holds them), over all connections
-    # and on one connection; beyond either, new calls are refused RESOURCE_EXHAUSTED. None: from the host's memory.
-    max_pending_response_bytes: int | None = pydantic.Field(None, ge=1 << 16)
-    max_pending_response_bytes_per_connection: int | None = pydantic.Field(None, ge=1 << 16)
-    # Request messages held by calls in progress: a call with a unary request reserves max_message_bytes before
-    # its message is read and is refused RESOURCE_EXHAUSTED at once without room; a LookupStream message counts
-    # its own size from read until queued. None: from the host's memory, at least max_message_bytes.
-    max_receive_bytes: int | None = pydantic.Field(None, ge=1 << 16)
-    # Requests of at least this many bytes are decoded on `decode_threads` threads, off the event loop; at most
-    # `max_decode_queue` wait for them, beyond it RESOURCE_EXHAUSTED.
-    offload_decode_bytes: int = pydantic.Field(DEFAULT_OFFLOAD_DECODE_BYTES, ge=0)
-    decode_threads: int = pydantic.Field(DEFAULT_DECODE_THREADS, ge=1, le=64)
-    max_decode_queue: int = pydantic.Field(DEFAULT_MAX_DECODE_QUEUE, ge=1)
-
-    @pydantic.model_validator(mode="after")
-    def _receive_holds_a_message(self) -> LimitsConfig:
-        if self.max_receive_bytes is not None and self.max_receive_bytes < self.max_message_bytes:
-            raise ValueError(
-                f"limits.max_receive_bytes ({self.max_receive_bytes}) must be >= limits.max_message_bytes "
-                f"({self.max_message_bytes}): every read reserves room for the largest message"
-            )
-        return self
+    max_request_examples: int = _field(DEFAULT_MAX_REQUEST_EXAMPLES, "largest batch_size of one request", gt=0)
+    max_request_ids: int = _field(DEFAULT_MAX_REQUEST_IDS, "most ids in one request", gt=0)
+    max_message_bytes: int = _field(DEFAULT_MAX_MESSAGE_BYTES, "largest request message received, bytes", ge=1024)
+    max_stream_outstanding: int = _field(
+        DEFAULT_MAX_STREAM_OUTSTANDING,
+        "LookupStream messages in progress per stream; beyond it a message is answered RESOURCE_EXHAUSTED at once",
+        ge=1,
+    )
+    max_health_watches: int = _field(
+        DEFAULT_MAX_HEALTH_WATCHES,
+        "Health.Watch streams open at once without a valid token; beyond it RESOURCE_EXHAUSTED",
+        ge=0,
+    )
+    max_response_bytes: int | None = _field(
+        None,
+        "largest response of one request (batch_size x output_dim x dtype size); beyond it INVALID_ARGUMENT; "
+        f"none: {RESPONSE_BYTES_DEFAULT}",
+        ge=1024,
+    )
+    max_pending_response_bytes: int | None = _field(
+        None,
+        "answers computed and not yet taken by their clients, all connections; at it, new calls are "
+        f"RESOURCE_EXHAUSTED; none: {PENDING_BYTES_DEFAULT}",
+        ge=1 << 16,
+    )
+    max_pending_response_bytes_per_connection: int | None = _field(
+        None,
+        "the same on one connection; at it, the connection's new calls and stream messages wait until its client "
+        f"reads (flow control); none: {PENDING_PER_CONNECTION_DEFAULT}",
+        ge=1 << 16,
+    )
+    max_receive_bytes: int | None = _field(
+        None,
+        "request messages read and not yet queued (or refused); beyond it RESOURCE_EXHAUSTED at once; none: "
+        f"{RECEIVE_BYTES_DEFAULT}",
+        ge=1 << 16,
+    )
+    offload_decode_bytes: int = _field(
+        DEFAULT_OFFLOAD_DECODE_BYTES,
+        "requests of at least this many bytes are decoded on the decode threads, off the event loop",
+        ge=0,
+    )
+    decode_threads: int = _field(DEFAULT_DECODE_THREADS, "threads decoding large requests", ge=1, le=64)
+    max_decode_queue: int = _field(
+        DEFAULT_MAX_DECODE_QUEUE, "large requests decoding or waiting to; beyond it RESOURCE_EXHAUSTED at once", ge=1
+    )
 
 
 class ConnectionsConfig(_Strict):
     """HTTP/2 connection bounds, passed to gRPC as server options (`connections.grpc_options`)."""
 
-    keepalive_time_ms: int = pydantic.Field(DEFAULT_KEEPALIVE_TIME_MS, gt=0)
-    keepalive_timeout_ms: int = pydantic.Field(DEFAULT_KEEPALIVE_TIMEOUT_MS, gt=0)
-    max_connection_idle_ms: int = pydantic.Field(DEFAULT_MAX_CONNECTION_IDLE_MS, gt=0)
-    max_connection_age_ms: int = pydantic.Field(DEFAULT_MAX_CONNECTION_AGE_MS, gt=0)
-    max_connection_age_grace_ms: int = pydantic.Field(DEFAULT_MAX_CONNECTION_AGE_GRACE_MS, ge=0)
-    max_concurrent_streams: int = pydantic.Field(DEFAULT_MAX_CONCURRENT_STREAMS, gt=0)
-    # None: the open-file limit less a reserve for the process's own files (`connections.FD_RESERVE`).
-    max_connections: int | None = pydantic.Field(None, gt=0)
-    handshake_timeout_ms: int = pydantic.Field(DEFAULT_HANDSHAKE_TIMEOUT_MS, gt=0)
-    min_ping_interval_ms: int = pydantic.Field(DEFAULT_MIN_PING_INTERVAL_MS, ge=0)
-    max_ping_strikes: int = pydantic.Field(DEFAULT_MAX_PING_STRIKES, ge=0)
+    keepalive_time_ms: int = _field(
+        DEFAULT_KEEPALIVE_TIME_MS, "server ping on a connection quiet this long, milliseconds", gt=0
+    )
+    keepalive_timeout_ms: int = _field(
+        DEFAULT_KEEPALIVE_TIMEOUT_MS, "close a connection whose ping is unanswered this long, milliseconds", gt=0
+    )
+    max_connection_idle_ms: int = _field(
+        DEFAULT_MAX_CONNECTION_IDLE_MS, "close a connection with no call for this long, milliseconds", gt=0
+    )
+    max_connection_age_ms: int = _field(
+        DEFAULT_MAX_CONNECTION_AGE_MS, "ask clients to reconnect after this long, milliseconds", gt=0
+    )
+    max_connection_age_grace_ms: int = _field(
+        DEFAULT_MAX_CONNECTION_AGE_GRACE_MS,
+        "time calls get to finish on a connection past its age, milliseconds",
+        ge=0,
+    )
+    max_concurrent_streams: int = _field(
+        DEFAULT_MAX_CONCURRENT_STREAMS,
+        "calls open at once on one connection; keep it above any one client channel's concurrency (a burst past "
+        "it can be refused)",
+        gt=0,
+    )
+    max_connections: int | None = _field(
+        None, f"open connections; more are closed at once; none: the open-file limit less {FD_RESERVE}", gt=0
+    )
+    handshake_timeout_ms: int = _field(
+        DEFAULT_HANDSHAKE_TIMEOUT_MS,
+        "close a connection that has not finished its TLS/HTTP/2 set-up in this long, milliseconds",
+        gt=0,
+    )
+    min_ping_interval_ms: int = _field(
+        DEFAULT_MIN_PING_INTERVAL_MS, "client pings closer than this without data are strikes, milliseconds", ge=0
+    )
+    max_ping_strikes: int = _field(
+        DEFAULT_MAX_PING_STRIKES, "strikes before the connection is closed (GOAWAY); 0: no limit", ge=0
+    )
 
 
 class TlsConfig(_Strict):
     """Server TLS: PEM certificate chain and key; with `client_ca_file`, clients must present a certificate
     signed by that CA (mutual TLS)."""
 
-    cert_file: str
-    key_file: str
-    client_ca_file: str | None = None
+    cert_file: str = pydantic.Field(description="PEM certificate chain: serve TLS")
+    key_file: str = pydantic.Field(description="PEM private key for --tls-cert")
+    client_ca_file: str | None = _field(None, "PEM CA: require client certificates it signed (mutual TLS)")
 
 
 class AuthConfig(_Strict):
     """Bearer-token auth. `tokens_file` lines are `<token> <methods>`, methods a comma list of RPC names
     (`Lookup`, `GetModelMetadata`) or `*`; `#` starts a comment. Health and reflection stay open for probes."""
 
-    tokens_file: str
+    tokens_file: str = pydantic.Field(description="bearer tokens file: lines '<token> <methods or *>'")
 
 
 class ServerConfig(_Strict):
     """Everything `embserve serve` needs; see the README's configuration table."""
 
-    model: str = "default"
-    checkpoint: str | None = None
-    seed: int = 0
-    model_version: str | None = None
-    engine: Engine = Engine.FUSED
-    device: str = "cpu"
-    shard_devices: int = pydantic.Field(1, ge=1)  # > 1: torchrec table sharding over that many devices
-    sharding: ShardingType = ShardingType.TABLE_WISE
-    host: str = DEFAULT_HOST
-    port: int = pydantic.Field(DEFAULT_PORT, ge=0, le=65535)
-    metrics_port: int | None = pydantic.Field(DEFAULT_METRICS_PORT, ge=0, le=65535)
-    grace_period_s: float = pydantic.Field(DEFAULT_GRACE_PERIOD_S, ge=0)
-    torch_threads: int | None = pydantic.Field(None, ge=1)
-    workers: int = pydantic.Field(1, ge=1)  # server processes sharing the port and the weights
-    # Worker deaths within a minute that the supervisor replaces; one more and it stops and exits non-zero.
-    max_worker_restarts_per_minute: int = pydantic.Field(DEFAULT_MAX_WORKER_RESTARTS_PER_MINUTE, ge=0)
-    log_level: str = "info"
-    log_format: LogFormat = LogFormat.JSON
-    event_loop: EventLoop = EventLoop.UVLOOP
+    model: str = _field("default", "model config: a YAML path or a built-in name (default, twhin_local)")
+    checkpoint: str | None = _field(None, "weights: a .safetensors or torch state-dict file; none: seeded init")
+    seed: int = _field(0, "init seed when there is no checkpoint")
+    model_version: str | None = _field(None, "version string reported to clients; none: derived from the weights")
+    engine: Engine = _field(Engine.FUSED, "fused: torchrec's quantized inference collection; eager: the plain module")
+    device: str = _field("cpu", "cpu, cuda or cuda:N")
+    shard_devices: int = _field(1, "above 1: split the tables over that many devices (int8/int4 tables)", ge=1)
+    sharding: ShardingType = _field(ShardingType.TABLE_WISE, "how sharded tables are split")
+    host: str = _field(DEFAULT_HOST, "address to bind")
+    port: int = _field(DEFAULT_PORT, "gRPC port; 0 picks a free one", ge=0, le=65535)
+    metrics_port: int | None = _field(DEFAULT_METRICS_PORT, "Prometheus /metrics port", ge=0, le=65535)
+    grace_period_s: float = _field(DEFAULT_GRACE_PERIOD_S, "seconds to drain on SIGTERM/SIGINT", ge=0)
+    torch_threads: int | None = _field(None, "torch intra-op threads; none: torch's default", ge=1)
+    workers: int = _field(1, "server processes sharing the port and the weights", ge=1)
+    max_worker_restarts_per_minute: int = _field(
+        DEFAULT_MAX_WORKER_RESTARTS_PER_MINUTE,
+        "worker deaths per minute the supervisor replaces; one more and it stops and exits 1",
+        ge=0,
+    )
+    log_level: str = _field("info", "debug, info, warning or error")
+    log_format: LogFormat = _field(LogFormat.JSON, "log line format on stderr")
+    event_loop: EventLoop = _field(
+        EventLoop.UVLOOP, "the event loop: uvloop spends less CPU per call than asyncio's own"
+    )
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     connections: ConnectionsConfig = ConnectionsConfig()

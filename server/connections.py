@@ -12,14 +12,12 @@ import logging
 import resource
 from typing import Any
 
-from .config import ConnectionsConfig
+from .config import FD_RESERVE, ConnectionsConfig
 
 __all__ = ["FD_RESERVE", "grpc_options", "max_connections", "raise_fd_limit"]
 
 logger = logging.getLogger(__name__)
 
-# Descriptors kept for the process itself (model and log files, metrics endpoint, pipes, torch, the listener).
-FD_RESERVE = 256
 # Soft limit used when the hard limit is unlimited (the kernel refuses RLIM_INFINITY for RLIMIT_NOFILE).
 _NOFILE_CEILING = 1 << 20
 

@@ -18,15 +18,21 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import OUTPUT_DTYPES, WireFeatures, WireFormatError, unpack_features
+from embserve.v1.wire import (
+    LENGTH_DELIMITED,
+    OutputDType,
+    WireFeatures,
+    WireFormatError,
+    unpack_features,
+    wire_fields,
+)
 
-from .admission import response_bytes
+from .bounds import response_bytes
 from .errors import InvalidRequest
 from .request import ModelSchema, SparseRequest
 
 __all__ = [
     "ECHO_CHARS",
-    "LENGTH_DELIMITED",
     "MAX_OTHER_FIELDS",
     "FieldNames",
     "KeyOrders",
@@ -36,7 +42,7 @@ __all__ = [
     "parse_message",
     "request_id_of",
     "validate_features",
-    "wire_fields",
+    "walk_fields",
 ]
 
 ECHO_CHARS = 128
@@ -45,7 +51,6 @@ MAX_OTHER_FIELDS = 64
 _FEATURES = pb.LookupRequest.DESCRIPTOR.fields_by_name["features"].number
 _KEYS = pb.SparseFeatures.DESCRIPTOR.fields_by_name["keys"].number
 _REQUEST_ID = pb.LookupRequest.DESCRIPTOR.fields_by_name["request_id"].number
-LENGTH_DELIMITED = 2  # the wire type of strings, bytes and messages
 
 M = TypeVar("M", bound=Message)
 
@@ -65,43 +70,12 @@ def parse_message(cls: type[M], raw: bytes) -> M:
     return message
 
 
-def _varint(buf: bytes, i: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while i < end and shift < 64:
-        byte = buf[i]
-        value |= (byte & 0x7F) << shift
-        i += 1
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-    raise InvalidRequest("request is not a valid protobuf message: a varint runs past its field")
-
-
-def wire_fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator[tuple[int, int, int, int]]:
-    """(field number, wire type, start, end of the value) of each field in `buf[i:end]`, read from the wire
-    without parsing; `InvalidRequest` naming `what` beyond `limit` fields, or where the bytes are not protobuf."""
-    count = 0
-    while i < end:
-        count += 1
-        if count > limit:
-            raise InvalidRequest(f"{what} has more than {limit} fields; a valid one has at most {limit}")
-        tag, i = _varint(buf, i, end)
-        number, wire_type = tag >> 3, tag & 7
-        start = i
-        if wire_type == 0:
-            _, i = _varint(buf, i, end)
-        elif wire_type == 1:
-            i += 8
-        elif wire_type == LENGTH_DELIMITED:
-            size, start = _varint(buf, i, end)
-            i = start + size
-        elif wire_type == 5:
-            i += 4
-        else:
-            raise InvalidRequest(f"{what} has field {number} of wire type {wire_type}, which it never carries")
-        if i > end:
-            raise InvalidRequest(f"request is not a valid protobuf message: field {number} runs past its end")
-        yield number, wire_type, start, i
+def walk_fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator[tuple[int, int, int, int]]:
+    """`wire.wire_fields`, with bytes that cannot be walked answered as an `InvalidRequest`."""
+    try:
+        yield from wire_fields(buf, i, end, what, limit)
+    except WireFormatError as err:
+        raise InvalidRequest(f"request is {err}" if str(err).startswith("not a valid") else str(err)) from None
 
 
 def check_lookup_wire(raw: bytes, max_keys: int) -> None:
@@ -111,10 +85,10 @@ def check_lookup_wire(raw: bytes, max_keys: int) -> None:
     at the first field over a bound, so its cost is bounded whatever the message holds."""
     limit = max_keys + MAX_OTHER_FIELDS
     keys = 0
-    for number, wire_type, start, end in wire_fields(raw, 0, len(raw), "the LookupRequest", limit):
+    for number, wire_type, start, end in walk_fields(raw, 0, len(raw), "the LookupRequest", limit):
         if number != _FEATURES or wire_type != LENGTH_DELIMITED:
             continue
-        for inner, inner_type, _, _ in wire_fields(raw, start, end, "features", limit):
+        for inner, inner_type, _, _ in walk_fields(raw, start, end, "features", limit):
             if inner == _KEYS and inner_type == LENGTH_DELIMITED:
                 keys += 1
                 if keys > max_keys:
@@ -127,7 +101,7 @@ def request_id_of(raw: bytes) -> str:
     stream's client can match the answer."""
     request_id = b""
     try:
-        for number, wire_type, start, end in wire_fields(raw, 0, len(raw), "the LookupRequest", MAX_OTHER_FIELDS):
+        for number, wire_type, start, end in walk_fields(raw, 0, len(raw), "the LookupRequest", MAX_OTHER_FIELDS):
             if number == _REQUEST_ID and wire_type == LENGTH_DELIMITED:
                 request_id = raw[start:end]  # the last one, as a parser keeps
     except InvalidRequest:
@@ -157,7 +131,7 @@ def _first(mask: np.ndarray) -> int:
 def decode_lookup(request: pb.LookupRequest, schema: ModelSchema, key_orders: KeyOrders | None = None) -> SparseRequest:
     """Validates a LookupRequest against the model; raises `InvalidRequest` naming the first problem found.
     `key_orders` caches the check of key lists seen before."""
-    output_dtype = OUTPUT_DTYPES.get(request.output_dtype)
+    output_dtype = OutputDType.of_wire(request.output_dtype)
     if output_dtype is None:
         raise InvalidRequest(f"output_dtype {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
     n_keys = len(request.features.keys)  # counted before the keys become Python strings, one per key
@@ -211,7 +185,9 @@ def _key_indices(keys: tuple[str, ...], schema: ModelSchema) -> np.ndarray:
     for i, key in enumerate(keys):  # one step per key, at most one per model table
         idx = schema.index_of(key)
         if idx is None:
-            raise InvalidRequest(f"unknown key {echo(key)} at keys[{i}]; the model's keys are {echo(list(schema.keys))}")
+            raise InvalidRequest(
+                f"unknown key {echo(key)} at keys[{i}]; the model's keys are {echo(list(schema.keys))}"
+            )
         key_index[i] = idx
     if len(set(keys)) != len(keys):
         seen: set[str] = set()
@@ -224,7 +200,7 @@ def validate_features(
     features: WireFeatures,
     schema: ModelSchema,
     *,
-    output_dtype: str = "float32",
+    output_dtype: OutputDType = OutputDType.FLOAT32,
     request_id: str = "",
     key_orders: KeyOrders | None = None,
     names: FieldNames = WIRE_NAMES,
@@ -243,7 +219,7 @@ def validate_features(
         if answer > schema.max_response_bytes:
             raise InvalidRequest(
                 f"the response to {names.batch_size} {batch_size} would be {answer} bytes ({batch_size} x "
-                f"{schema.output_dim} x {output_dtype}), over the server's max_response_bytes "
+                f"{schema.output_dim} x {output_dtype.value}), over the server's max_response_bytes "
                 f"{schema.max_response_bytes}; send fewer examples per request"
             )
     keys = features.keys

@@ -6,7 +6,9 @@
     ├── DeadlineExpired     DEADLINE_EXCEEDED  the caller's deadline passed before its batch ran
     ├── ShuttingDown        UNAVAILABLE        the server is draining and takes no new calls
     ├── UnknownModel        NOT_FOUND          an Open Inference Protocol call names another model or version
-    └── BatchFailed         INTERNAL           the forward of the request's batch raised
+    ├── BatchFailed         INTERNAL           the forward of the request's batch raised
+    └── CallGone            CANCELLED          the caller went away before its answer could be sent (nothing is
+                                               sent back: counted only)
 
 The Open Inference Protocol answers with the codes Triton uses for the same conditions (`oip_status_code_of`):
 the same, except that a full queue is UNAVAILABLE, as Triton's "Exceeds maximum queue size" is.
@@ -18,6 +20,7 @@ import grpc
 
 __all__ = [
     "BatchFailed",
+    "CallGone",
     "DeadlineExpired",
     "EmbserveError",
     "InvalidRequest",
@@ -57,6 +60,10 @@ class UnknownModel(EmbserveError):
 
 class BatchFailed(EmbserveError):
     code = grpc.StatusCode.INTERNAL
+
+
+class CallGone(EmbserveError):
+    code = grpc.StatusCode.CANCELLED
 
 
 def status_code_of(error: BaseException) -> grpc.StatusCode:

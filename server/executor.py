@@ -19,22 +19,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from embserve.embeddings import ServingModel
 
 from .assembler import AssembledBatch, assemble
+from .backend import BatchOutput
 from .framing import ResponseEncoder, rows_as_bytes, rows_in
 from .request import SparseRequest
 
-__all__ = ["BatchExecutor", "BatchOutput"]
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchOutput:
-    """One request's share of a batch: its serialized LookupResponse and its number of examples; for front ends
-    that frame the rows in another protocol's message, the rows as a view into `response` (no copy) and the
-    version of the model that computed them."""
-
-    response: bytes
-    batch_size: int
-    rows: memoryview
-    model_version: str
+__all__ = ["BatchExecutor"]
 
 
 @dataclasses.dataclass
@@ -134,5 +123,9 @@ class BatchExecutor:
 
 def _encoder_for(model: ServingModel) -> ResponseEncoder:
     return ResponseEncoder(
-        keys=model.keys, dims=model.dims, offsets=model.offsets, model_name=model.config.name, model_version=model.version
+        keys=model.keys,
+        dims=model.dims,
+        offsets=model.offsets,
+        model_name=model.config.name,
+        model_version=model.version,
     )

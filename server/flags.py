@@ -1,7 +1,8 @@
-"""The server's settings table: each `ServerConfig` key with its command-line flag and help text.
+"""The server's settings table: each `ServerConfig` key with its command-line flag.
 
 The one definition that `embserve serve`'s flags, the flag-to-config overrides and the settings table of docs/server.md
-all come from. Types, choices and defaults are read from `ServerConfig` itself, so none is written twice.
+all come from. Help texts, types, choices and defaults are read from `ServerConfig` itself (each field's
+`description`), so none is written twice; a flag that sets a key to a constant (`--no-metrics`) has its own help.
 """
 
 from __future__ import annotations
@@ -15,17 +16,7 @@ from typing import Any
 
 import pydantic
 
-from .admission import (
-    BATCH_BYTES_DEFAULT,
-    PENDING_BYTES_DEFAULT,
-    PENDING_PER_CONNECTION_DEFAULT,
-    QUEUE_BYTES_DEFAULT,
-    RECEIVE_BYTES_DEFAULT,
-    RESPONSE_BYTES_DEFAULT,
-    describe_default,
-)
 from .config import ServerConfig
-from .connections import FD_RESERVE
 
 __all__ = ["SETTINGS", "Setting", "add_flags", "overrides_from", "settings_table"]
 
@@ -34,101 +25,80 @@ _UNSET = object()
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One configuration key. `const`: the flag takes no value and sets the key to `const`."""
+    """One configuration key and its flag. `const`: the flag takes no value and sets the key to `const`, and
+    `const_help` says what that means."""
 
     key: str  # dotted ServerConfig key, e.g. "batching.max_batch_size"
     flag: str
-    help: str
     const: Any = _UNSET
+    const_help: str = ""
 
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
 
+    @property
+    def help(self) -> str:
+        if self.const is not _UNSET:
+            return self.const_help
+        return _field(self.key).description or ""
+
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("model", "--model", "model config: a YAML path or a built-in name (default, twhin_local)"),
-    Setting("checkpoint", "--checkpoint", "weights: a .safetensors or torch state-dict file; none: seeded init"),
-    Setting("seed", "--seed", "init seed when there is no checkpoint"),
-    Setting("model_version", "--model-version", "version string reported to clients; none: derived from the weights"),
-    Setting("engine", "--engine", "fused: torchrec's quantized inference collection; eager: the plain module"),
-    Setting("device", "--device", "cpu, cuda or cuda:N"),
-    Setting("shard_devices", "--shard-devices", "above 1: split the tables over that many devices (int8/int4 tables)"),
-    Setting("sharding", "--sharding", "how sharded tables are split"),
-    Setting("host", "--host", "address to bind"),
-    Setting("port", "--port", "gRPC port; 0 picks a free one"),
-    Setting("metrics_port", "--metrics-port", "Prometheus /metrics port"),
-    Setting("metrics_port", "--no-metrics", "no Prometheus endpoint", const=None),
-    Setting("grace_period_s", "--grace-period", "seconds to drain on SIGTERM/SIGINT"),
-    Setting("torch_threads", "--torch-threads", "torch intra-op threads; none: torch's default"),
-    Setting("workers", "--workers", "server processes sharing the port and the weights"),
-    Setting("max_worker_restarts_per_minute", "--max-worker-restarts", "worker deaths per minute the supervisor "
-            "replaces; one more and it stops and exits 1"),
-    Setting("log_level", "--log-level", "debug, info, warning or error"),
-    Setting("log_format", "--log-format", "log line format on stderr"),
-    Setting("event_loop", "--event-loop", "the event loop: uvloop spends less CPU per call than asyncio's own"),
-    Setting("batching.enabled", "--no-batching", "one forward per request", const=False),
-    Setting("batching.policy", "--batch-policy", "eager: batch whatever is queued when the executor is free; "
-            "wait: wait up to max_queue_delay_us for a full batch"),
-    Setting("batching.max_batch_size", "--max-batch-size", "examples per forward; a larger request runs alone"),
-    Setting("batching.max_queue_delay_us", "--max-queue-delay-us", "wait policy: longest wait for a fuller batch, "
-            "microseconds"),
-    Setting("batching.max_queue_size", "--max-queue-size", "examples queued; beyond it RESOURCE_EXHAUSTED at once"),
-    Setting("batching.max_queue_wait_ms", "--max-queue-wait-ms", "queue budget, milliseconds: a call that waited "
-            "longer is answered RESOURCE_EXHAUSTED unrun"),
-    Setting("batching.max_queue_bytes", "--max-queue-bytes", "bytes queued (each request's arrays plus its "
-            f"response); beyond it RESOURCE_EXHAUSTED at once; none: {describe_default(QUEUE_BYTES_DEFAULT)}"),
-    Setting("batching.max_batch_bytes", "--max-batch-bytes", "bytes one batch takes (its requests' arrays plus "
-            f"responses); a larger request runs alone; none: {describe_default(BATCH_BYTES_DEFAULT)}"),
-    Setting("batching.max_inflight_batches", "--max-inflight-batches", "batches assembled or computed at once; "
-            "none: 1 on CPU, 2 on CUDA"),
-    Setting("limits.max_request_examples", "--max-request-examples", "largest batch_size of one request"),
-    Setting("limits.max_request_ids", "--max-request-ids", "most ids in one request"),
-    Setting("limits.max_message_bytes", "--max-message-bytes", "largest request message received, bytes"),
-    Setting("limits.max_stream_outstanding", "--max-stream-outstanding", "LookupStream messages in progress per "
-            "stream; beyond it a message is answered RESOURCE_EXHAUSTED at once"),
-    Setting("limits.max_health_watches", "--max-health-watches", "Health.Watch streams open at once without a "
-            "valid token; beyond it RESOURCE_EXHAUSTED"),
-    Setting("limits.max_response_bytes", "--max-response-bytes", "largest response of one request (batch_size x "
-            f"output_dim x dtype size); beyond it INVALID_ARGUMENT; none: {describe_default(RESPONSE_BYTES_DEFAULT)}"),
-    Setting("limits.max_pending_response_bytes", "--max-pending-response-bytes", "response bytes computed but "
-            f"not yet sent, all connections; beyond it new calls RESOURCE_EXHAUSTED; none: "
-            f"{describe_default(PENDING_BYTES_DEFAULT)}"),
-    Setting("limits.max_pending_response_bytes_per_connection", "--max-pending-response-bytes-per-connection",
-            f"the same on one connection; none: {describe_default(PENDING_PER_CONNECTION_DEFAULT)}"),
-    Setting("limits.max_receive_bytes", "--max-receive-bytes", "request messages held by calls in progress; "
-            "a call reserves max_message_bytes before its message is read, and without room is RESOURCE_EXHAUSTED "
-            "at once; a LookupStream message counts its size until queued; none: "
-            f"{describe_default(RECEIVE_BYTES_DEFAULT)}, at least max_message_bytes"),
-    Setting("limits.offload_decode_bytes", "--offload-decode-bytes", "requests of at least this many bytes are "
-            "decoded on the decode threads, off the event loop"),
-    Setting("limits.decode_threads", "--decode-threads", "threads decoding large requests"),
-    Setting("limits.max_decode_queue", "--max-decode-queue", "large requests decoding or waiting to; beyond it "
-            "RESOURCE_EXHAUSTED at once"),
-    Setting("connections.keepalive_time_ms", "--keepalive-time-ms", "server ping on a connection quiet this long, "
-            "milliseconds"),
-    Setting("connections.keepalive_timeout_ms", "--keepalive-timeout-ms", "close a connection whose ping is "
-            "unanswered this long, milliseconds"),
-    Setting("connections.max_connection_idle_ms", "--max-connection-idle-ms", "close a connection with no call "
-            "for this long, milliseconds"),
-    Setting("connections.max_connection_age_ms", "--max-connection-age-ms", "ask clients to reconnect after this "
-            "long, milliseconds"),
-    Setting("connections.max_connection_age_grace_ms", "--max-connection-age-grace-ms", "time calls get to finish "
-            "on a connection past its age, milliseconds"),
-    Setting("connections.max_concurrent_streams", "--max-concurrent-streams", "calls open at once on one "
-            "connection; keep it above any one client channel's concurrency (a burst past it can be refused)"),
-    Setting("connections.max_connections", "--max-connections", "open connections; more are closed at once; "
-            f"none: the open-file limit less {FD_RESERVE}"),
-    Setting("connections.handshake_timeout_ms", "--handshake-timeout-ms", "close a connection that has not "
-            "finished its TLS/HTTP/2 set-up in this long, milliseconds"),
-    Setting("connections.min_ping_interval_ms", "--min-ping-interval-ms", "client pings closer than this without "
-            "data are strikes, milliseconds"),
-    Setting("connections.max_ping_strikes", "--max-ping-strikes", "strikes before the connection is closed "
-            "(GOAWAY); 0: no limit"),
-    Setting("tls.cert_file", "--tls-cert", "PEM certificate chain: serve TLS"),
-    Setting("tls.key_file", "--tls-key", "PEM private key for --tls-cert"),
-    Setting("tls.client_ca_file", "--tls-client-ca", "PEM CA: require client certificates it signed (mutual TLS)"),
-    Setting("auth.tokens_file", "--auth-tokens-file", "bearer tokens file: lines '<token> <methods or *>'"),
+    Setting("model", "--model"),
+    Setting("checkpoint", "--checkpoint"),
+    Setting("seed", "--seed"),
+    Setting("model_version", "--model-version"),
+    Setting("engine", "--engine"),
+    Setting("device", "--device"),
+    Setting("shard_devices", "--shard-devices"),
+    Setting("sharding", "--sharding"),
+    Setting("host", "--host"),
+    Setting("port", "--port"),
+    Setting("metrics_port", "--metrics-port"),
+    Setting("metrics_port", "--no-metrics", const=None, const_help="no Prometheus endpoint"),
+    Setting("grace_period_s", "--grace-period"),
+    Setting("torch_threads", "--torch-threads"),
+    Setting("workers", "--workers"),
+    Setting("max_worker_restarts_per_minute", "--max-worker-restarts"),
+    Setting("log_level", "--log-level"),
+    Setting("log_format", "--log-format"),
+    Setting("event_loop", "--event-loop"),
+    Setting("batching.enabled", "--no-batching", const=False, const_help="one forward per request"),
+    Setting("batching.policy", "--batch-policy"),
+    Setting("batching.max_batch_size", "--max-batch-size"),
+    Setting("batching.max_queue_delay_us", "--max-queue-delay-us"),
+    Setting("batching.max_queue_size", "--max-queue-size"),
+    Setting("batching.max_queue_wait_ms", "--max-queue-wait-ms"),
+    Setting("batching.max_queue_bytes", "--max-queue-bytes"),
+    Setting("batching.max_batch_bytes", "--max-batch-bytes"),
+    Setting("batching.max_inflight_batches", "--max-inflight-batches"),
+    Setting("limits.max_request_examples", "--max-request-examples"),
+    Setting("limits.max_request_ids", "--max-request-ids"),
+    Setting("limits.max_message_bytes", "--max-message-bytes"),
+    Setting("limits.max_stream_outstanding", "--max-stream-outstanding"),
+    Setting("limits.max_health_watches", "--max-health-watches"),
+    Setting("limits.max_response_bytes", "--max-response-bytes"),
+    Setting("limits.max_pending_response_bytes", "--max-pending-response-bytes"),
+    Setting("limits.max_pending_response_bytes_per_connection", "--max-pending-response-bytes-per-connection"),
+    Setting("limits.max_receive_bytes", "--max-receive-bytes"),
+    Setting("limits.offload_decode_bytes", "--offload-decode-bytes"),
+    Setting("limits.decode_threads", "--decode-threads"),
+    Setting("limits.max_decode_queue", "--max-decode-queue"),
+    Setting("connections.keepalive_time_ms", "--keepalive-time-ms"),
+    Setting("connections.keepalive_timeout_ms", "--keepalive-timeout-ms"),
+    Setting("connections.max_connection_idle_ms", "--max-connection-idle-ms"),
+    Setting("connections.max_connection_age_ms", "--max-connection-age-ms"),
+    Setting("connections.max_connection_age_grace_ms", "--max-connection-age-grace-ms"),
+    Setting("connections.max_concurrent_streams", "--max-concurrent-streams"),
+    Setting("connections.max_connections", "--max-connections"),
+    Setting("connections.handshake_timeout_ms", "--handshake-timeout-ms"),
+    Setting("connections.min_ping_interval_ms", "--min-ping-interval-ms"),
+    Setting("connections.max_ping_strikes", "--max-ping-strikes"),
+    Setting("tls.cert_file", "--tls-cert"),
+    Setting("tls.key_file", "--tls-key"),
+    Setting("tls.client_ca_file", "--tls-client-ca"),
+    Setting("auth.tokens_file", "--auth-tokens-file"),
 )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import DTYPE_NAMES, varint
+from embserve.v1.wire import OutputDType, varint
 
 __all__ = ["ResponseEncoder", "field_header", "rows_as_bytes", "rows_in"]
 
@@ -44,13 +44,20 @@ class ResponseEncoder:
     ) -> None:
         self.output_dim = int(offsets[-1])
         self._prefix = {
-            name: pb.LookupResponse(
-                dtype=wire, keys=keys, dims=dims, offsets=offsets, model_name=model_name, model_version=model_version
+            dtype: pb.LookupResponse(
+                dtype=dtype.wire,
+                keys=keys,
+                dims=dims,
+                offsets=offsets,
+                model_name=model_name,
+                model_version=model_version,
             ).SerializeToString()
-            for name, wire in DTYPE_NAMES.items()
+            for dtype in OutputDType
         }
 
-    def encode(self, payload: bytes | memoryview, *, batch_size: int, output_dtype: str, request_id: str = "") -> bytes:
+    def encode(
+        self, payload: bytes | memoryview, *, batch_size: int, output_dtype: OutputDType, request_id: str = ""
+    ) -> bytes:
         """A serialized LookupResponse around one request's rows, already `output_dtype` bytes (any contiguous
         buffer: the rows are copied once, into the response)."""
         size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
@@ -68,12 +75,12 @@ def rows_in(response: bytes, nbytes: int) -> memoryview:
     return memoryview(response)[len(response) - nbytes :]
 
 
-def rows_as_bytes(rows: torch.Tensor, dtype: str) -> memoryview:
+def rows_as_bytes(rows: torch.Tensor, dtype: OutputDType) -> memoryview:
     """float32 rows as a contiguous buffer of `dtype`, correctly rounded (no copy for float32 rows of a contiguous
     output); bfloat16 as its raw 16-bit patterns."""
-    if dtype == "float16":
+    if dtype == OutputDType.FLOAT16:
         rows = rows.to(torch.float16)
-    elif dtype == "bfloat16":
+    elif dtype == OutputDType.BFLOAT16:
         rows = rows.to(torch.bfloat16).view(torch.int16)
     array: Any = rows.contiguous().numpy()
     return memoryview(array).cast("B")

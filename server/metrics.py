@@ -6,7 +6,7 @@ add label sets (each one a permanent series in `/metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -62,6 +62,15 @@ class ServerMetrics:
             "embserve_tokenless_health_watches", "Health.Watch streams open without a valid token", registry=r
         )
         self.reloads = Counter("embserve_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
+        self.budgets = Gauge(
+            "embserve_budget", "What calls in progress hold now, by budget (bytes, or calls)", ["budget"], registry=r
+        )
+
+    def track_budgets(self, accounting: Callable[[], Mapping[str, int]]) -> None:
+        """Exports each entry of `accounting()` (a fixed set of names) as `embserve_budget{budget=...}`, read when
+        `/metrics` is scraped: nothing is added to a call's path."""
+        for name in accounting():
+            self.budgets.labels(name).set_function(lambda name=name: accounting()[name])
 
     def set_model(self, name: str, version: str, engine: str, device: str) -> None:
         self.model.info({"name": name, "version": version, "engine": engine, "device": device})

@@ -11,8 +11,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from embserve.v1.wire import OutputDType
+
 if TYPE_CHECKING:
-    from embserve.embeddings import ServingModel
+    from .backend import ModelView
 
 __all__ = ["ModelSchema", "SparseRequest"]
 
@@ -40,7 +42,7 @@ class ModelSchema:
     @classmethod
     def of(
         cls,
-        model: ServingModel,
+        model: ModelView,
         *,
         max_request_examples: int,
         max_request_ids: int,
@@ -69,5 +71,5 @@ class SparseRequest:
     values: np.ndarray  # int64 [N]
     weights: np.ndarray | None  # float32 [N]
     ids_per_key: np.ndarray  # int64 [K]
-    output_dtype: str = "float32"
+    output_dtype: OutputDType = OutputDType.FLOAT32
     request_id: str = ""

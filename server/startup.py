@@ -100,6 +100,4 @@ def check_startup(config: ServerConfig) -> None:
             )
         index = int(config.device[5:]) if ":" in config.device else 0
         if index >= torch.cuda.device_count():
-            raise StartupError(
-                f"--device {config.device}: this host has {torch.cuda.device_count()} CUDA device(s)"
-            )
+            raise StartupError(f"--device {config.device}: this host has {torch.cuda.device_count()} CUDA device(s)")

@@ -1,14 +1,13 @@
-"""LookupStream: many lookups over one bidirectional stream, each batched like a Lookup call.
+"""gRPC <-> front door for LookupStream: many lookups over one bidirectional stream, each batched like a Lookup call.
 
-A reader task decodes each message and hands it to the batcher (no task per message: the batch's future calls
+A reader task decodes each message and hands it to the backend (no task per message: the answer's future calls
 back); replies go out in completion order, matched by `request_id`. A message that fails is answered with its
-status and the stream goes on. Two bounds keep a stream's memory fixed: at most `max_outstanding` messages in
-progress (beyond it a message is answered RESOURCE_EXHAUSTED at once), and at most `max_outstanding` replies
-waiting to be written (beyond it the reader stops reading, so HTTP/2 flow control holds a client that does not
-read its answers). Replies waiting to be written count in the server's `ResponseBudget`, with the Lookup and
-ModelInfer answers, until their write returns; while it is over its bound (in total or on this connection), a new
-message is answered RESOURCE_EXHAUSTED. Large messages are decoded off the event loop, one at a time. On drain,
-new messages are answered UNAVAILABLE, those in progress are answered, then the stream ends.
+status and the stream goes on. A stream's memory is bounded: at most `max_outstanding` messages in progress
+(beyond it a message is answered RESOURCE_EXHAUSTED at once), and at most `max_outstanding` replies waiting to be
+written. The reader stops reading (so HTTP/2 flow control holds the client) while that many replies wait, and
+while the connection's answers not yet taken are at their bound (`admission.ResponseBudget`). A computed reply
+counts among those answers until its write returns. On drain, new messages are answered UNAVAILABLE, those in
+progress are answered, then the stream ends; a stream with nothing in progress ends at once.
 """
 
 from __future__ import annotations
@@ -18,25 +17,25 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
 
 import grpc
 
 from embserve.v1 import embserve_pb2 as pb
 
-from .decode import decode_lookup, request_id_of
-from .errors import BatchFailed, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
-from .executor import BatchOutput
+from .admission import Owed
+from .backend import BatchOutput
+from .decode import request_id_of
+from .errors import BatchFailed, CallGone, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
+from .frontdoor import FrontDoor, write
 from .request import SparseRequest
 
-if TYPE_CHECKING:
-    from .servicer import EmbeddingServicer
-
-__all__ = ["LookupStream", "refuse_while_draining"]
+__all__ = ["StreamServicer"]
 
 logger = logging.getLogger(__name__)
 
+METHOD = "LookupStream"
+FIRST_MESSAGE_WAIT_S = 1.0
 
 
 def error_reply(request_id: str, error: BaseException) -> bytes:
@@ -47,42 +46,55 @@ def error_reply(request_id: str, error: BaseException) -> bytes:
     return pb.LookupResponse(request_id=request_id, status=status).SerializeToString()
 
 
-FIRST_MESSAGE_WAIT_S = 1.0
+class StreamServicer:
+    """The LookupStream handler over the server's front door."""
+
+    def __init__(self, door: FrontDoor) -> None:
+        self._door = door
+
+    async def LookupStream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        if not self._door.accepting:
+            await self._refuse_while_draining(requests, context)
+            return
+        stream = _Stream(self._door, context)
+        unsubscribe = self._door.on_drain(stream.wake)
+        try:
+            await stream.run(requests)
+        finally:
+            unsubscribe()
+
+    async def _refuse_while_draining(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """A stream opened while the server drains: its first message is answered UNAVAILABLE in-band, then the
+        stream ends. (Aborting the call instead races with the client's writes, and grpc's asyncio client then
+        reports INTERNAL instead of the server's status; an in-band answer reaches it intact, and the client's
+        retry policy sends the message elsewhere.)"""
+        try:
+            raw = await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
+        except (StopAsyncIteration, TimeoutError):
+            return
+        self._door.count(METHOD, grpc.StatusCode.UNAVAILABLE)
+        refusal = ShuttingDown("server is shutting down; retry on another replica")
+        await context.write(error_reply(request_id_of(raw), refusal))
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        return {METHOD: grpc.stream_stream_rpc_method_handler(self.LookupStream)}  # bytes both ways
 
 
-async def refuse_while_draining(
-    requests: AsyncIterator[bytes],
-    context: grpc.aio.ServicerContext,
-    count: Callable[[str, grpc.StatusCode], None],
-) -> None:
-    """A stream opened while the server drains: its first message is answered UNAVAILABLE in-band, then the stream
-    ends. (Aborting the call instead races with the client's writes, and grpc's asyncio client then reports
-    INTERNAL instead of the server's status; an in-band answer reaches it intact, and the client's retry policy
-    sends the message elsewhere.)"""
-    try:
-        raw = await asyncio.wait_for(anext(aiter(requests)), FIRST_MESSAGE_WAIT_S)
-    except (StopAsyncIteration, TimeoutError):
-        return
-    count("LookupStream", grpc.StatusCode.UNAVAILABLE)
-    await context.write(error_reply(request_id_of(raw), ShuttingDown("server is shutting down; retry on another replica")))
-
-
-class LookupStream:
+class _Stream:
     """One open LookupStream call."""
 
-    def __init__(self, servicer: EmbeddingServicer, context: grpc.aio.ServicerContext, max_outstanding: int) -> None:
-        self._servicer = servicer
+    def __init__(self, door: FrontDoor, context: grpc.aio.ServicerContext) -> None:
+        self._door = door
         self._context = context
-        self._max_outstanding = max_outstanding
-        # (reply, its bytes counted in the response budget); None: only re-check whether the stream is done.
-        self._replies: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        self._max_outstanding = door.limits.max_stream_outstanding
+        # (reply, what is owed for it: released once written); None: only re-check whether the stream is done.
+        self._replies: asyncio.Queue[tuple[bytes, Owed | None] | None] = asyncio.Queue()
         self._room = asyncio.Event()
         self._room.set()
-        self._futures: set[asyncio.Future[BatchOutput]] = set()
+        self._owed: dict[asyncio.Future[BatchOutput], Owed] = {}  # the messages in progress
         self._in_progress = 0
         self._reading = True
         self._peer = context.peer()
-        self._budget = servicer.budget
 
     def wake(self) -> None:
         """Makes the writer re-check its state (the server started draining)."""
@@ -96,17 +108,19 @@ class LookupStream:
             await self._write()
         finally:
             reader.cancel()
-            for future in list(self._futures):  # the caller went away: its queued messages are dropped unrun
+            for future in list(self._owed):  # the caller went away: its queued messages are dropped unrun
                 future.cancel()
-            while not self._replies.empty():  # replies never written leave the budget
+            for owed in self._owed.values():  # messages never answered leave the budget
+                owed.release()
+            while not self._replies.empty():  # replies never written leave it too
                 reply = self._replies.get_nowait()
-                if reply is not None and reply[1]:
-                    self._budget.release(self._peer, reply[1])
+                if reply is not None and reply[1] is not None:
+                    reply[1].release()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader  # done reading before the request iterator is closed
 
     def _done(self) -> bool:
-        return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._servicer.accepting)
+        return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._door.accepting)
 
     async def _write(self) -> None:
         while not self._done():
@@ -115,44 +129,87 @@ class LookupStream:
                 self._room.set()
             if reply is not None:
                 try:
-                    await self._context.write(reply[0])
+                    await write(self._context, reply[0])
+                except CallGone:
+                    return  # the caller left: nothing more can be sent
                 finally:
-                    if reply[1]:
-                        self._budget.release(self._peer, reply[1])
+                    if reply[1] is not None:
+                        reply[1].release()
 
     async def _read(self, requests: AsyncIterator[bytes]) -> None:
+        door = self._door
         try:
-            async for raw in requests:
+            while True:
                 if self._replies.qsize() >= self._max_outstanding:
                     self._room.clear()
                     await self._room.wait()  # the client is not reading its answers: stop reading its requests
-                await self._accept(raw)
+                await door.responses.wait_for_room(self._peer)  # nor while its connection holds too many
+                try:
+                    raw = await anext(requests)
+                except StopAsyncIteration:
+                    return
+                if len(raw) < door.offload.min_bytes:
+                    self._accept(raw)
+                else:
+                    await self._accept_large(raw)
         finally:
             self._reading = False
             self.wake()
 
-    async def _accept(self, raw: bytes) -> None:
+    def _accept(self, raw: bytes) -> None:
+        """A message decoded on the event loop."""
         start = time.perf_counter()
         try:
-            held = self._servicer.receive.charge(len(raw))
+            charge = self._door.receive.charge(len(raw))
         except EmbserveError as err:  # not parsed: its id is read from the wire
             self._reply_error(request_id_of(raw), err, start)
             return
         try:
-            await self._admit(raw, start)
+            self._admit(raw, self._decode(raw), start)
         finally:
-            held.release()  # queued (max_queue_bytes counts it) or refused
+            charge.release()  # queued (the queue bound counts it) or refused
 
-    async def _admit(self, raw: bytes, start: float) -> None:
-        request_id = ""
-        servicer = self._servicer
+    async def _accept_large(self, raw: bytes) -> None:
+        """A message decoded off the event loop, one at a time per stream."""
+        start = time.perf_counter()
         try:
-            # Parsed and decoded in one step, off the event loop when large; a decoding error is answered only
-            # if the checks below pass.
-            request, decoded = await servicer.decoder.run(len(raw), functools.partial(self._decode, raw))
-            request_id = request.request_id
-            if not servicer.accepting:
-                raise ShuttingDown("server is draining; send this request to another replica")
+            charge = self._door.receive.charge(len(raw))
+        except EmbserveError as err:
+            self._reply_error(request_id_of(raw), err, start)
+            return
+        try:
+            try:
+                decoded = await self._door.offload.run(len(raw), functools.partial(self._decode, raw))
+            except EmbserveError as err:
+                self._reply_error(request_id_of(raw), err, start)
+                return
+            self._admit(raw, decoded, start)
+        finally:
+            charge.release()
+
+    def _decode(self, raw: bytes) -> tuple[pb.LookupRequest, SparseRequest | EmbserveError] | EmbserveError:
+        """Parsed and validated in one step; a validation error is answered only if the stream's own checks pass,
+        a parse error names the request id read from the wire."""
+        try:
+            request = self._door.parse_lookup(raw)
+        except EmbserveError as err:
+            return err
+        try:
+            return request, self._door.validate_lookup(request)
+        except EmbserveError as err:
+            return request, err
+
+    def _admit(
+        self, raw: bytes, decoded: tuple[pb.LookupRequest, SparseRequest | EmbserveError] | EmbserveError, start: float
+    ) -> None:
+        door = self._door
+        if isinstance(decoded, EmbserveError):
+            self._reply_error(request_id_of(raw), decoded, start)
+            return
+        request, sparse = decoded
+        request_id = request.request_id
+        try:
+            door.check_accepting()
             if not request_id:
                 raise InvalidRequest("request_id is required on LookupStream: answers are matched to it")
             if self._in_progress >= self._max_outstanding:
@@ -160,59 +217,51 @@ class LookupStream:
                     f"{self._in_progress} messages in progress on this stream, the server's max_stream_outstanding; "
                     "wait for answers before sending more"
                 )
-            if isinstance(decoded, EmbserveError):
-                raise decoded
-            sparse = decoded
-            nbytes = servicer.response_bytes(sparse)
-            self._budget.reserve(self._peer, nbytes)
+            if isinstance(sparse, EmbserveError):
+                raise sparse
+            owed = door.responses.reserve(self._peer, door.response_bytes(sparse))
             timeout = self._context.time_remaining()
             if request.timeout_ms:
                 timeout = request.timeout_ms / 1e3 if timeout is None else min(timeout, request.timeout_ms / 1e3)
             try:
-                future = servicer.batcher.enqueue(sparse, timeout=timeout)
+                future = door.backend.enqueue(sparse, timeout=timeout)
             except EmbserveError:
-                self._budget.release(self._peer, nbytes)
+                owed.release()
                 raise
         except EmbserveError as err:
             self._reply_error(request_id, err, start)
             return
         self._in_progress += 1
-        servicer.inflight.enter()
-        self._futures.add(future)
-        future.add_done_callback(functools.partial(self._answered, request_id, start, nbytes))
+        door.inflight.enter()
+        self._owed[future] = owed
+        future.add_done_callback(functools.partial(self._answered, request_id, start))
 
-    def _decode(self, raw: bytes) -> tuple[pb.LookupRequest, SparseRequest | EmbserveError]:
-        servicer = self._servicer
-        request = servicer.parse(raw)
-        try:
-            return request, decode_lookup(request, servicer.schema, servicer.key_orders)
-        except EmbserveError as err:
-            return request, err
-
-    def _answered(self, request_id: str, start: float, nbytes: int, future: asyncio.Future[BatchOutput]) -> None:
-        self._futures.discard(future)
+    def _answered(self, request_id: str, start: float, future: asyncio.Future[BatchOutput]) -> None:
+        owed = self._owed.pop(future)
         self._in_progress -= 1
-        self._servicer.inflight.exit()
+        door = self._door
+        door.inflight.exit()
         if future.cancelled():
-            self._budget.release(self._peer, nbytes)
-            self._servicer.count_stream_message(grpc.StatusCode.CANCELLED, start)
+            owed.release()
+            door.count(METHOD, grpc.StatusCode.CANCELLED, start)
             return
         error = future.exception()
-        if error is not None:  # no answer to hold: an error reply is counted at 0 bytes
-            self._budget.release(self._peer, nbytes)
+        if error is not None:
+            owed.release()  # no answer to hold: the error reply is owed nothing
             if not isinstance(error, EmbserveError):
                 logger.error("stream message failed unexpectedly", exc_info=error)
                 error = BatchFailed(f"{type(error).__name__}: {error}")
             self._reply_error(request_id, error, start)
             return
         out = future.result()
-        self._servicer.count_examples(out.batch_size)
-        self._servicer.count_stream_message(grpc.StatusCode.OK, start)
-        self._replies.put_nowait((out.response, nbytes))
+        door.metrics.examples.inc(out.batch_size)
+        door.count(METHOD, grpc.StatusCode.OK, start)
+        owed.mark_computed()  # released once written
+        self._replies.put_nowait((out.response, owed))
 
     def _reply_error(self, request_id: str, error: BaseException, start: float) -> None:
         code = status_code_of(error)
         if code is grpc.StatusCode.INTERNAL:
             logger.error("stream message failed: %s", error)
-        self._servicer.count_stream_message(code, start)
-        self._replies.put_nowait((error_reply(request_id, error), 0))
+        self._door.count(METHOD, code, start)
+        self._replies.put_nowait((error_reply(request_id, error), None))

@@ -28,8 +28,8 @@ from typing import Any
 
 from embserve.embeddings import ServingModel
 
-from .admission import worker_config
 from .app import load_model, run_on_event_loop, serve_until_signal
+from .bounds import Bounds
 from .config import ServerConfig
 
 __all__ = ["run_workers"]
@@ -50,9 +50,9 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _worker_config(config: ServerConfig, index: int, workers: int, port: int) -> ServerConfig:
+def _worker_config(config: ServerConfig, index: int, port: int) -> ServerConfig:
     metrics = config.metrics_port
-    return worker_config(config, workers).model_copy(
+    return config.model_copy(
         update={"port": port, "metrics_port": metrics + index if metrics else metrics, "torch_threads": None}
     )
 
@@ -69,7 +69,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _fork_worker(
-    config: ServerConfig, model: ServingModel, index: int, threads: int, inherited: Iterable[int]
+    config: ServerConfig, bounds: Bounds, model: ServingModel, index: int, threads: int, inherited: Iterable[int]
 ) -> tuple[int, int]:
     """Forks one worker; returns (pid, fd that becomes readable when it serves). The worker closes the
     supervisor's descriptors listed in `inherited`."""
@@ -88,7 +88,9 @@ def _fork_worker(
 
             torch.set_num_threads(threads)
             run_on_event_loop(
-                serve_until_signal(config, model=model, worker=index, on_ready=lambda: os.write(write_fd, b"1")),
+                serve_until_signal(
+                    config, model=model, bounds=bounds, worker=index, on_ready=lambda: os.write(write_fd, b"1")
+                ),
                 config.event_loop,
             )
         except BaseException:
@@ -105,9 +107,17 @@ class _Generation:
     it is closed when the worker reports ready, when it dies, or when the generation is abandoned."""
 
     def __init__(
-        self, config: ServerConfig, model: ServingModel, count: int, threads: int, port: int, listener: int
+        self,
+        config: ServerConfig,
+        bounds: Bounds,
+        model: ServingModel,
+        count: int,
+        threads: int,
+        port: int,
+        listener: int,
     ) -> None:
         self.config, self.model, self.threads, self.port, self.listener = config, model, threads, port, listener
+        self.bounds = bounds
         self.count = count
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.pending: dict[int, int] = {}  # ready fd -> pid
@@ -115,8 +125,8 @@ class _Generation:
             self.spawn(index)
 
     def spawn(self, index: int) -> None:
-        config = _worker_config(self.config, index, self.count, self.port)
-        pid, fd = _fork_worker(config, self.model, index, self.threads, [self.listener, *self.pending])
+        config = _worker_config(self.config, index, self.port)
+        pid, fd = _fork_worker(config, self.bounds, self.model, index, self.threads, [self.listener, *self.pending])
         self.pids[pid] = index
         self.pending[fd] = pid
 
@@ -178,14 +188,26 @@ def run_workers(config: ServerConfig, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, on_signal)
     listener = reserved.fileno()
-    current = _Generation(config, model, workers, threads, port, listener)
+    # Each worker holds its share of the server's byte bounds, so that together they hold what one process would.
+    bounds = Bounds.of(config).share(workers)
+    current = _Generation(config, bounds, model, workers, threads, port, listener)
     if not current.wait_ready(_READY_TIMEOUT_S):
-        logger.error("workers did not start", extra={"missing": sorted(current.pids[p] for p in current.pending.values())})
+        logger.error(
+            "workers did not start", extra={"missing": sorted(current.pids[p] for p in current.pending.values())}
+        )
         current.close()
         current.signal_all(signal.SIGKILL)
         return EXIT_GAVE_UP
-    logger.info("workers serving", extra={"address": f"{config.host}:{port}", "workers": workers, "pid": os.getpid(),
-                                          "version": model.version, "torch_threads_per_worker": threads})
+    logger.info(
+        "workers serving",
+        extra={
+            "address": f"{config.host}:{port}",
+            "workers": workers,
+            "pid": os.getpid(),
+            "version": model.version,
+            "torch_threads_per_worker": threads,
+        },
+    )
     retiring: list[_Generation] = []
     restarts: list[float] = []
     gave_up = False
@@ -204,8 +226,13 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             if index is not None and not flags["stop"]:
                 restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
                 if len(restarts) > config.max_worker_restarts_per_minute:
-                    logger.error("workers keep dying; giving up", extra={
-                        "status": status, "max_worker_restarts_per_minute": config.max_worker_restarts_per_minute})
+                    logger.error(
+                        "workers keep dying; giving up",
+                        extra={
+                            "status": status,
+                            "max_worker_restarts_per_minute": config.max_worker_restarts_per_minute,
+                        },
+                    )
                     flags["stop"] = gave_up = True
                     break
                 logger.error("worker exited; replacing it", extra={"worker": index, "pid": pid, "status": status})
@@ -219,10 +246,12 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             try:
                 new_model = load_model(config.model_copy(update={"torch_threads": None, "model_version": None}))
             except Exception as err:
-                logger.error("reload failed; still serving the old version",
-                             extra={"version": current.model.version, "error": f"{type(err).__name__}: {err}"})
+                logger.error(
+                    "reload failed; still serving the old version",
+                    extra={"version": current.model.version, "error": f"{type(err).__name__}: {err}"},
+                )
                 continue
-            fresh = _Generation(config, new_model, workers, threads, port, listener)
+            fresh = _Generation(config, bounds, new_model, workers, threads, port, listener)
             if not fresh.wait_ready(_READY_TIMEOUT_S):
                 logger.error("new workers did not start; keeping the old ones")
                 fresh.close()

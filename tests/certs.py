@@ -17,11 +17,20 @@ def _key() -> ec.EllipticCurvePrivateKey:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool, server: bool = False) -> x509.Certificate:
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: x509.Certificate | None,
+    issuer_key: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    server: bool = False,
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
@@ -54,7 +63,9 @@ def make_pki(folder: Path) -> dict[str, Path]:
     files = {
         "ca.pem": ca.public_bytes(serialization.Encoding.PEM),
         "other-ca.pem": other.public_bytes(serialization.Encoding.PEM),
-        "server.pem": _cert("localhost", server_key, ca, ca_key, ca=False, server=True).public_bytes(serialization.Encoding.PEM),
+        "server.pem": _cert("localhost", server_key, ca, ca_key, ca=False, server=True).public_bytes(
+            serialization.Encoding.PEM
+        ),
         "server.key": _pem_key(server_key),
         "client.pem": _cert("ranker", client_key, ca, ca_key, ca=False).public_bytes(serialization.Encoding.PEM),
         "client.key": _pem_key(client_key),

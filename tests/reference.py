@@ -53,7 +53,8 @@ def random_features(
     lengths = rng.integers(0, max_len + 1, size=(len(keys), batch)).astype(np.int32)
     lengths[rng.random(lengths.shape) < 0.2] = 0
     values = np.concatenate(
-        [rng.integers(0, rows[k], size=int(lengths[i].sum())) for i, k in enumerate(keys)] or [np.zeros(0)]
+        [rng.integers(0, rows[k], size=int(lengths[i].sum())) for i, k in enumerate(keys)]
+        or [np.zeros(0, dtype=np.int64)]
     ).astype(np.int64)
     w = rng.uniform(0.1, 2.0, size=values.size).astype(np.float32) if weighted else None
     return keys, lengths, values, w

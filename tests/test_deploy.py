@@ -55,7 +55,11 @@ def test_dockerfile_installs_with_the_makefile_steps_in_order() -> None:
     positions = [text.find(s) for s in steps]
     assert all(p >= 0 for p in positions), dict(zip(steps, positions))
     assert positions == sorted(positions)
-    for make_step in ('"torch==$(TORCH_VERSION)"', '"$(FBGEMM)==$(FBGEMM_VERSION)"', '--no-deps "torchrec==$(TORCHREC_VERSION)"'):
+    for make_step in (
+        '"torch==$(TORCH_VERSION)"',
+        '"$(FBGEMM)==$(FBGEMM_VERSION)"',
+        '--no-deps "torchrec==$(TORCHREC_VERSION)"',
+    ):
         assert make_step in makefile, f"the Makefile no longer has {make_step}: update the Dockerfile and this test"
 
 
@@ -94,12 +98,17 @@ def test_validator_rejects_what_kubernetes_would() -> None:
     deployment = _kind("Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate({**deployment, "spec": {**deployment["spec"], "replica": 2}}, KUBERNETES_VERSION, strict=True)
+        kubernetes_validate.validate(
+            {**deployment, "spec": {**deployment["spec"], "replica": 2}}, KUBERNETES_VERSION, strict=True
+        )
     bad = {**container, "readinessProbe": {"grpc": {"port": "grpc"}}}  # gRPC probes take a number, not a name
     spec = {**deployment["spec"]["template"]["spec"], "containers": [bad]}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(
-            {**deployment, "spec": {**deployment["spec"], "template": {**deployment["spec"]["template"], "spec": spec}}},
+            {
+                **deployment,
+                "spec": {**deployment["spec"], "template": {**deployment["spec"]["template"], "spec": spec}},
+            },
             KUBERNETES_VERSION,
             strict=True,
         )
@@ -156,7 +165,11 @@ def test_service_autoscaler_budget_and_scrape_select_the_deployment() -> None:
     assert {p["name"]: p["targetPort"] for p in service["ports"]}["grpc"] == "grpc"
     assert _kind("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
     hpa = _kind("HorizontalPodAutoscaler")["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     assert 0 < hpa["minReplicas"] <= hpa["maxReplicas"]
     scrape = yaml.safe_load(_kind("ConfigMap")["data"]["prometheus.yml"])["scrape_configs"][0]
     keeps = {tuple(r["source_labels"]): r["regex"] for r in scrape["relabel_configs"] if r.get("action") == "keep"}

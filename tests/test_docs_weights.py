@@ -23,13 +23,13 @@ import pytest
 from embserve.benchmarks.procs import ServerProcess
 from embserve.client import Client
 from embserve.embeddings import LargeEmbeddings, init_weights, save_checkpoint
-from tests.conftest import make_config, write_model_config
+from tests.support import make_config, write_model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "weights.md"
 BIN = Path(sys.executable).parent / "embserve"
 LANGUAGES = ("bash", "python", "yaml", "text")
-PRELUDE = '''
+PRELUDE = """
 import torch
 from embserve.embeddings import LargeEmbeddings, init_weights, load_model_config
 
@@ -43,7 +43,7 @@ class TrainedModel(torch.nn.Module):
 
 
 model = dmp_model = TrainedModel()
-'''
+"""
 WROTE = re.compile(r"^wrote (\S+) \(version (\S+)\)", re.MULTILINE)
 DIGEST = re.compile(r"[0-9a-f]{12}")
 
@@ -121,9 +121,7 @@ def test_the_page_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                 if argv[1] == "serve":
                     _serve(argv, versions, where)
                     continue
-                proc = subprocess.run(
-                    [str(BIN), *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300
-                )
+                proc = subprocess.run([str(BIN), *argv[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
                 assert proc.returncode == 0, f"{where}: {command}\n{proc.stderr}"
                 last_output += proc.stdout
                 versions.update(dict(WROTE.findall(proc.stdout)))

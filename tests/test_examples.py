@@ -17,8 +17,8 @@ import pytest
 
 from embserve.embeddings import ServingModel
 from tests.certs import make_pki
-from tests.conftest import ServerHandle
 from tests.reference import assert_pooled_close, pool
+from tests.support import ServerHandle
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL_MODEL_FLAGS = ["--id-feature", "user", "--weighted-feature", "hashtags"]
@@ -43,7 +43,12 @@ def _check(record: dict[str, Any], tables: dict[str, np.ndarray], serving: Servi
     lengths = np.array([[len(ids) for ids in features[k]] for k in keys], dtype=np.int32).reshape(len(keys), batch)
     values = np.array([i for k in keys for ids in features[k] for i in ids], dtype=np.int64)
     w = np.array(
-        [x for k in keys for b, ids in enumerate(features[k]) for x in (weights[k][b] if k in weights else [1.0] * len(ids))],
+        [
+            x
+            for k in keys
+            for b, ids in enumerate(features[k])
+            for x in (weights[k][b] if k in weights else [1.0] * len(ids))
+        ],
         dtype=np.float32,
     )
     assert record["keys"] == list(serving.keys)
@@ -102,7 +107,15 @@ def test_tls_and_token(
         auth={"tokens_file": str(tmp_path / "tokens.txt")},
     )
     port = server.address.rsplit(":", 1)[1]
-    args = [f"localhost:{port}", "--ca", str(pki["ca.pem"]), "--token-file", str(tmp_path / "token"), "--feature", "user"]
+    args = [
+        f"localhost:{port}",
+        "--ca",
+        str(pki["ca.pem"]),
+        "--token-file",
+        str(tmp_path / "token"),
+        "--feature",
+        "user",
+    ]
     (record,) = _run("tls_token.py", *args)
     _check(record, small_tables, small_serving)
 
@@ -119,7 +132,9 @@ def test_tls_and_token(
 
 @pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("[!_]*.py")))
 def test_every_example_has_help(script: str) -> None:
-    proc = subprocess.run([sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0 and "python examples/" in proc.stdout, proc.stderr
 
 

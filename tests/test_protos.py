@@ -13,14 +13,14 @@ from embserve.server.decode import decode_lookup
 from embserve.server.framing import ResponseEncoder
 from embserve.server.request import ModelSchema
 from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import OutputDType
 
 ROOT = Path(__file__).resolve().parents[1]
 OIP_PROTO = "embserve/oip/grpc_predict_v2.proto"
 OIP_DESCRIPTORS = "embserve/oip/grpc_predict_v2.binpb"
-GENERATED = [
-    f"embserve/v1/{name}" for name in ("embserve_pb2.py", "embserve_pb2.pyi", "embserve_pb2_grpc.py")
-] + [
-    f"embserve/oip/{name}" for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py")
+GENERATED = [f"embserve/v1/{name}" for name in ("embserve_pb2.py", "embserve_pb2.pyi", "embserve_pb2_grpc.py")] + [
+    f"embserve/oip/{name}"
+    for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py")
 ]
 
 
@@ -30,8 +30,11 @@ def _protoc(*args: str) -> None:
 
 def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
     _protoc(
-        f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}",
-        str(ROOT / "protos/embserve/v1/embserve.proto"), str(ROOT / "protos" / OIP_PROTO),
+        f"--python_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+        str(ROOT / "protos/embserve/v1/embserve.proto"),
+        str(ROOT / "protos" / OIP_PROTO),
     )
     _protoc(f"--descriptor_set_out={tmp_path / OIP_DESCRIPTORS}", str(ROOT / "protos" / OIP_PROTO))
     for name in GENERATED:
@@ -39,7 +42,9 @@ def test_generated_stubs_are_up_to_date(tmp_path: Path) -> None:
         committed = (ROOT / "protos" / name).read_text()
         assert fresh == committed, f"protos/{name} is stale: run `make protos`"
     fresh_set = (tmp_path / OIP_DESCRIPTORS).read_bytes()
-    assert fresh_set == (ROOT / "protos" / OIP_DESCRIPTORS).read_bytes(), f"protos/{OIP_DESCRIPTORS} is stale: run `make protos`"
+    assert fresh_set == (ROOT / "protos" / OIP_DESCRIPTORS).read_bytes(), (
+        f"protos/{OIP_DESCRIPTORS} is stale: run `make protos`"
+    )
 
 
 def _schema() -> ModelSchema:
@@ -77,7 +82,7 @@ def test_response_round_trip_every_dtype() -> None:
     encoder = ResponseEncoder(keys=["a", "b"], dims=[3, 1], offsets=[0, 3, 4], model_name="m", model_version="v7")
     for dtype, payload in payloads.items():
         for request_id in ("", "req-\u00e9" * 40):
-            raw = encoder.encode(payload, batch_size=3, output_dtype=dtype, request_id=request_id)
+            raw = encoder.encode(payload, batch_size=3, output_dtype=OutputDType(dtype), request_id=request_id)
             msg = pb.LookupResponse.FromString(raw)
             assert msg.request_id == request_id and list(msg.shape) == [3, 4]
             assert list(msg.dims) == [3, 1] and list(msg.offsets) == [0, 3, 4]

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from embserve.embeddings import build_serving_model, load_model_config
-from tests.conftest import ServerHandle, make_config, start_server
+from tests.support import ServerHandle, make_config, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 WALKTHROUGHS = {"docs/weights.md"}  # run block by block, in order, by their own tests
@@ -114,9 +114,7 @@ def test_python_block_runs(page: str, code: str, servers: Callable[[str], Server
 
 
 @pytest.mark.parametrize(("page", "code"), _params("bash"))
-def test_embserve_query_lines_run(
-    page: str, code: str, servers: Callable[[str], ServerHandle], tmp_path: Path
-) -> None:
+def test_embserve_query_lines_run(page: str, code: str, servers: Callable[[str], ServerHandle], tmp_path: Path) -> None:
     server = servers(MODEL_OF_PAGE.get(page, "default"))
     for line in code.splitlines():
         if "embserve query" not in line:

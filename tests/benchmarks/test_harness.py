@@ -17,12 +17,21 @@ from embserve.benchmarks.workloads import WORKLOADS
 @pytest.mark.slow
 def test_small_suite_writes_json_markdown_and_png(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    code = main(["--workloads", "small", "--duration", "0.4", "--warmup", "0.1", "--max-points", "1", "--out", str(out)])
+    code = main(
+        ["--workloads", "small", "--duration", "0.4", "--warmup", "0.1", "--max-points", "1", "--out", str(out)]
+    )
     assert code == 0
     data = json.loads((out / "results.json").read_text())
     assert data["hardware"]["cores"] >= 1 and "cpu" in data["hardware"]
     by_target = {r["target"]: r for r in data["records"] if r["mode"] != "open"}
-    served = {"embserve", "embserve-stream", "embserve-oip", "unbatched", "transport-ceiling", "transport-ceiling-stream"}
+    served = {
+        "embserve",
+        "embserve-stream",
+        "embserve-oip",
+        "unbatched",
+        "transport-ceiling",
+        "transport-ceiling-stream",
+    }
     assert set(by_target) == served | {"compute-ceiling"}
     for target in served:
         r = by_target[target]
@@ -55,9 +64,24 @@ def test_workloads_are_deterministic_and_shaped_as_specified() -> None:
 
 def _rec(**kw: object) -> Record:
     base: dict[str, object] = dict(
-        workload="small", target="embserve", mode="closed", concurrency=64, rate=None, output_dtype="float32",
-        duration_s=1.0, requests=1, examples=1, rps=1.0, eps=1.0, p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, p999_ms=1.0,
-        errors={}, wrong=0, checked=0,
+        workload="small",
+        target="embserve",
+        mode="closed",
+        concurrency=64,
+        rate=None,
+        output_dtype="float32",
+        duration_s=1.0,
+        requests=1,
+        examples=1,
+        rps=1.0,
+        eps=1.0,
+        p50_ms=1.0,
+        p90_ms=1.0,
+        p99_ms=1.0,
+        p999_ms=1.0,
+        errors={},
+        wrong=0,
+        checked=0,
     )
     base.update(kw)
     return Record(**base)  # type: ignore[arg-type]
@@ -65,12 +89,15 @@ def _rec(**kw: object) -> Record:
 
 def test_targets_are_judged_from_the_records() -> None:
     records = [
-        _rec(rps=700.0), _rec(concurrency=128, rps=650.0),  # peak 700
+        _rec(rps=700.0),
+        _rec(concurrency=128, rps=650.0),  # peak 700
         _rec(target="transport-ceiling", rps=1000.0),
-        _rec(target="embserve-stream", rps=1600.0), _rec(target="transport-ceiling-stream", rps=2500.0),
-        _rec(workload="large", eps=84.0), _rec(workload="large", target="transport-ceiling", eps=100.0),
-        _rec(mode="open", load_fraction=0.5, p99_ms=3.0), _rec(mode="open", target="embserve-stream",
-                                                               load_fraction=0.5, p99_ms=2.0, checked=4),
+        _rec(target="embserve-stream", rps=1600.0),
+        _rec(target="transport-ceiling-stream", rps=2500.0),
+        _rec(workload="large", eps=84.0),
+        _rec(workload="large", target="transport-ceiling", eps=100.0),
+        _rec(mode="open", load_fraction=0.5, p99_ms=3.0),
+        _rec(mode="open", target="embserve-stream", load_fraction=0.5, p99_ms=2.0, checked=4),
     ]
     verdicts = {desc: met for desc, met, _ in targets(records, 1.0)}
     assert verdicts["small, unary: req/s >= 0.7 x unary no-op"] is True
@@ -87,8 +114,17 @@ def test_reply_parser_reads_id_and_status_as_protobuf_does() -> None:
     from embserve.benchmarks.loadgen import reply_id_and_code
     from embserve.v1 import embserve_pb2 as pb
 
-    ok = pb.LookupResponse(dtype=pb.DTYPE_FLOAT32, shape=[2, 3], embeddings=bytes(24), keys=["a", "b"], dims=[1, 2],
-                           offsets=[0, 1, 3], model_name="m", model_version="v", request_id="r-17")
+    ok = pb.LookupResponse(
+        dtype=pb.DTYPE_FLOAT32,
+        shape=[2, 3],
+        embeddings=bytes(24),
+        keys=["a", "b"],
+        dims=[1, 2],
+        offsets=[0, 1, 3],
+        model_name="m",
+        model_version="v",
+        request_id="r-17",
+    )
     assert reply_id_and_code(ok.SerializeToString()) == (b"r-17", 0)
     failed = pb.LookupResponse(request_id="x" * 300, status=pb.Status(code=8, message="queue full"))
     assert reply_id_and_code(failed.SerializeToString()) == (b"x" * 300, 8)

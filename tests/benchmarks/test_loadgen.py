@@ -24,9 +24,11 @@ def test_open_loop_latency_counts_from_the_scheduled_send(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(loadgen, "_unary", lambda method: slow_send)  # every unary callable sends slowly
     total_s = 0.1
-    result = asyncio.run(asyncio.wait_for(
-        loadgen.open_loop("127.0.0.1:1", [b"req"], [1], [1], rate=1000.0, duration_s=total_s, warmup_s=0.0), 60
-    ))
+    result = asyncio.run(
+        asyncio.wait_for(
+            loadgen.open_loop("127.0.0.1:1", [b"req"], [1], [1], rate=1000.0, duration_s=total_s, warmup_s=0.0), 60
+        )
+    )
     assert result.ok == len(calls) > 50
     # Every call was scheduled within `total_s` of the start, which is no later than the first send; the n-th
     # answer came after n blocking sends, so its latency from the schedule is at least (answered - first - total).

@@ -13,8 +13,8 @@ import pytest
 from embserve.client import AsyncClient, DeadlineExceeded, InvalidRequest, LookupResult, RetryPolicy, Unavailable
 from embserve.embeddings import ModelConfig, ServingModel
 from tests.client.test_client import FEATURES, TRANSPORTS, WEIGHTS, _assert_result, _kjt_form, _numpy_form, calls
-from tests.conftest import ServerHandle
 from tests.server.helpers import wrapped
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 T = TypeVar("T")
@@ -27,7 +27,11 @@ async def within(call: Awaitable[T]) -> T:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_every_input_form_gives_identical_correct_results(
-    transport: str, server_factory: Factory, small_serving: ServingModel, small_config: ModelConfig, small_tables: dict[str, np.ndarray]
+    transport: str,
+    server_factory: Factory,
+    small_serving: ServingModel,
+    small_config: ModelConfig,
+    small_tables: dict[str, np.ndarray],
 ) -> None:
     handle = server_factory(small_serving)
     async with AsyncClient(handle.address, transport=transport) as client:
@@ -43,14 +47,20 @@ async def test_every_input_form_gives_identical_correct_results(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_oversized_request_is_chunked_and_joined_in_order(
-    transport: str, server_factory: Factory, small_serving: ServingModel, small_config: ModelConfig, small_tables: dict[str, np.ndarray]
+    transport: str,
+    server_factory: Factory,
+    small_serving: ServingModel,
+    small_config: ModelConfig,
+    small_tables: dict[str, np.ndarray],
 ) -> None:
     handle = server_factory(small_serving, limits={"max_request_examples": 16}, batching={"max_batch_size": 16})
     rng = np.random.default_rng(0)
     n = 100
     lengths = {"user": rng.integers(0, 4, n), "hashtags": rng.integers(0, 3, n)}
-    ids = {"user": rng.integers(0, 1000, int(lengths["user"].sum())),
-           "hashtags": rng.integers(0, 300, int(lengths["hashtags"].sum()))}
+    ids = {
+        "user": rng.integers(0, 1000, int(lengths["user"].sum())),
+        "hashtags": rng.integers(0, 300, int(lengths["hashtags"].sum())),
+    }
     w = rng.uniform(0.5, 2, int(lengths["hashtags"].sum()))
     arrays = {"user": (lengths["user"], ids["user"]), "hashtags": (lengths["hashtags"], ids["hashtags"], w)}
     async with AsyncClient(handle.address, transport=transport) as client:
@@ -62,8 +72,15 @@ async def test_oversized_request_is_chunked_and_joined_in_order(
 
     keys = ["user", "hashtags"]
     all_weights = np.concatenate([np.ones(ids["user"].size), w])
-    expected = pool(small_tables, keys, np.stack([lengths[k] for k in keys]), np.concatenate([ids[k] for k in keys]),
-                    all_weights, list(whole.keys), weighted_keys={"hashtags"})
+    expected = pool(
+        small_tables,
+        keys,
+        np.stack([lengths[k] for k in keys]),
+        np.concatenate([ids[k] for k in keys]),
+        all_weights,
+        list(whole.keys),
+        weighted_keys={"hashtags"},
+    )
     dims = {t.name: t.embedding_dim for t in small_config.tables}
     assert_pooled_close(dims, {"author"}, list(whole.keys), whole.embeddings, expected)
     assert calls(handle, "OK") == 7
@@ -83,7 +100,7 @@ async def test_retries_stop_at_the_bound_and_can_be_switched_off(
     transport: str, server_factory: Factory, small_serving: ServingModel
 ) -> None:
     handle = server_factory(small_serving)
-    handle.server.servicer.accepting = False  # every Lookup answers UNAVAILABLE
+    handle.server.door.accepting = False  # every Lookup answers UNAVAILABLE
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
     async with AsyncClient(handle.address, retry=policy, transport=transport) as client:
         await within(client.metadata())
@@ -111,7 +128,9 @@ async def test_round_robin_spreads_calls_over_replicas(
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_errors_map_to_sdk_exceptions(transport: str, server_factory: Factory, small_serving: ServingModel) -> None:
+async def test_errors_map_to_sdk_exceptions(
+    transport: str, server_factory: Factory, small_serving: ServingModel
+) -> None:
     handle = server_factory(wrapped(small_serving, delay_s=0.3))
     async with AsyncClient(handle.address, transport=transport) as client:
         with pytest.raises(InvalidRequest, match="unknown key 'nope'") as info:
@@ -126,7 +145,9 @@ async def test_errors_map_to_sdk_exceptions(transport: str, server_factory: Fact
             await within(client.metadata())
 
 
-async def test_empty_features_with_batch_size_are_zero_rows(server_factory: Factory, small_serving: ServingModel) -> None:
+async def test_empty_features_with_batch_size_are_zero_rows(
+    server_factory: Factory, small_serving: ServingModel
+) -> None:
     handle = server_factory(small_serving)
     async with AsyncClient(handle.address) as client:
         result: LookupResult = await within(client.lookup({}, batch_size=4))

@@ -21,9 +21,9 @@ from embserve.client import (
     Unavailable,
 )
 from embserve.embeddings import ModelConfig, ServingModel
-from tests.conftest import ServerHandle
 from tests.reference import assert_pooled_close, pool
 from tests.server.helpers import wrapped
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 TRANSPORTS = ["unary", "stream"]
@@ -31,25 +31,44 @@ TRANSPORTS = ["unary", "stream"]
 
 def calls(handle: ServerHandle, code: str) -> float:
     """Lookups the server answered with `code`, over either transport (a stream message counts as one)."""
-    return sum(handle.metric("embserve_requests_total", {"method": m, "code": code}) for m in ("Lookup", "LookupStream"))
+    return sum(
+        handle.metric("embserve_requests_total", {"method": m, "code": code}) for m in ("Lookup", "LookupStream")
+    )
+
 
 FEATURES = {"hashtags": [[1, 2, 3], [], [299]], "user": [[10], [11, 12], []], "author": [[], [5], [6, 7]]}
 WEIGHTS = {"hashtags": [[0.5, 1.5, 2.0], [], [3.0]]}
 
 
-def _expected(config: ModelConfig, tables: dict[str, np.ndarray], keys: list[str],
-              features: dict[str, list[list[int]]], weights: dict[str, list[list[float]]] | None) -> np.ndarray:
+def _expected(
+    config: ModelConfig,
+    tables: dict[str, np.ndarray],
+    keys: list[str],
+    features: dict[str, list[list[int]]],
+    weights: dict[str, list[list[float]]] | None,
+) -> np.ndarray:
     lengths = np.array([[len(b) for b in features[k]] for k in features], dtype=np.int32)
     values = np.array([i for k in features for b in features[k] for i in b], dtype=np.int64)
     w = None
     if weights:
-        w = np.array([x for k in features for j, b in enumerate(features[k])
-                      for x in (weights[k][j] if k in weights else [1.0] * len(b))], dtype=np.float64)
+        w = np.array(
+            [
+                x
+                for k in features
+                for j, b in enumerate(features[k])
+                for x in (weights[k][j] if k in weights else [1.0] * len(b))
+            ],
+            dtype=np.float64,
+        )
     return pool(tables, list(features), lengths, values, w, keys, weighted_keys={"hashtags"})
 
 
-def _assert_result(config: ModelConfig, tables: dict[str, np.ndarray], result: LookupResult,
-                   weights: dict[str, list[list[float]]] | None = WEIGHTS) -> None:
+def _assert_result(
+    config: ModelConfig,
+    tables: dict[str, np.ndarray],
+    result: LookupResult,
+    weights: dict[str, list[list[float]]] | None = WEIGHTS,
+) -> None:
     expected = _expected(config, tables, list(result.keys), FEATURES, weights)
     dims = {t.name: t.embedding_dim for t in config.tables}
     assert_pooled_close(dims, {"author"}, list(result.keys), result.embeddings, expected)
@@ -76,7 +95,12 @@ def _kjt_form() -> KeyedJaggedTensor:
     lengths = torch.tensor([len(b) for k in keys for b in FEATURES[k]], dtype=torch.int32)
     values = torch.tensor([i for k in keys for b in FEATURES[k] for i in b])
     weights = torch.tensor(
-        [x for k in keys for j, b in enumerate(FEATURES[k]) for x in (WEIGHTS[k][j] if k in WEIGHTS else [1.0] * len(b))]
+        [
+            x
+            for k in keys
+            for j, b in enumerate(FEATURES[k])
+            for x in (WEIGHTS[k][j] if k in WEIGHTS else [1.0] * len(b))
+        ]
     )
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, weights=weights)
 
@@ -120,8 +144,7 @@ def test_async_client_matches_sync(
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_oversized_request_is_chunked_and_joined_in_order(
-    transport: str,
-    server_factory: Factory, small_serving: ServingModel
+    transport: str, server_factory: Factory, small_serving: ServingModel
 ) -> None:
     handle = server_factory(small_serving, limits={"max_request_examples": 16}, batching={"max_batch_size": 16})
     rng = np.random.default_rng(0)
@@ -130,7 +153,7 @@ def test_oversized_request_is_chunked_and_joined_in_order(
         "user": (rng.integers(0, 4, n), None),
         "hashtags": (rng.integers(0, 3, n), None),
     }
-    arrays = {}
+    arrays: dict[str, tuple[np.ndarray, ...]] = {}
     for k, (lengths, _) in features.items():
         rows = 1000 if k == "user" else 300
         arrays[k] = (lengths, rng.integers(0, rows, int(lengths.sum())), rng.uniform(0.5, 2, int(lengths.sum())))
@@ -158,7 +181,7 @@ def test_retries_stop_at_the_bound_and_can_be_switched_off(
     transport: str, server_factory: Factory, small_serving: ServingModel
 ) -> None:
     handle = server_factory(small_serving)
-    handle.server.servicer.accepting = False  # every Lookup answers UNAVAILABLE
+    handle.server.door.accepting = False  # every Lookup answers UNAVAILABLE
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
     with Client(handle.address, retry=policy, transport=transport) as client:
         client.metadata()

@@ -14,7 +14,7 @@ import pytest
 
 from embserve.client import Client
 from embserve.embeddings import ServingModel
-from tests.conftest import ServerHandle
+from tests.support import ServerHandle
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,9 @@ def test_client_installs_and_works_without_torch(
     assert "torch" not in freeze.lower() and "grpcio" in freeze.lower()
 
     handle = server_factory(small_serving)
-    out = subprocess.run([str(py), "-c", SCRIPT, handle.address], check=True, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(py), "-c", SCRIPT, handle.address], check=True, capture_output=True, text=True, timeout=60
+    )
     got = json.loads(out.stdout)
     with Client(handle.address) as client:
         expected = client.lookup({"user": [[1, 2], [3]], "hashtags": [[4], []]}, weights={"hashtags": [[0.5], []]})
@@ -56,7 +58,9 @@ def test_client_installs_and_works_without_torch(
 
     query = subprocess.run(
         [str(env_dir / "bin" / "embserve"), "query", "--address", handle.address, "--feature", "user=1,2|3"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert query.returncode == 0, query.stderr
     assert "model small" in query.stdout and "2 x 40 float32" in query.stdout

@@ -12,7 +12,7 @@ import pytest
 
 from embserve.client.cli import add_query_args, main
 from embserve.embeddings import ServingModel
-from tests.conftest import ServerHandle
+from tests.support import ServerHandle
 
 
 def test_every_flag_says_its_default() -> None:
@@ -67,9 +67,13 @@ def test_metadata_prints_the_limits_as_text_and_json(
     )
     assert main(["query", "--address", server.address, "--metadata"]) == 0
     text = capsys.readouterr().out
-    for line in ("max_batch_size", "512"), ("max_request_examples", "1,234"), ("max_request_ids", "56,789"), (
-        "max_stream_outstanding", "17"
-    ), ("max_message_bytes", ""):
+    for line in (
+        ("max_batch_size", "512"),
+        ("max_request_examples", "1,234"),
+        ("max_request_ids", "56,789"),
+        ("max_stream_outstanding", "17"),
+        ("max_message_bytes", ""),
+    ):
         assert any(line[0] in x and line[1] in x for x in text.splitlines()), (line, text)
     assert "hashtags" in text
 
@@ -84,9 +88,15 @@ def test_metadata_prints_the_limits_as_text_and_json(
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5,2"], ["'hashtags' has 1 examples, its --feature has 2"]),
+        (
+            ["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5,2"],
+            ["'hashtags' has 1 examples, its --feature has 2"],
+        ),
         (["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5|1"], ["'hashtags', example 0: 1 weights for 2 ids"]),
-        (["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5,2|x"], ["'hashtags', example 1: weight 0 ('x') is not a number"]),
+        (
+            ["--feature", "hashtags=1,2|3", "--weight", "hashtags=0.5,2|x"],
+            ["'hashtags', example 1: weight 0 ('x') is not a number"],
+        ),
         (["--feature", "hashtags=1", "--weight", "topics=1"], ["key 'topics' has no --feature"]),
         (["--feature", "hashtags=1", "--weight", "hashtags=1", "--weight", "hashtags=2"], ["'hashtags' given twice"]),
         (["--feature", "hashtags=1", "--weight", "hashtags"], ["is not KEY=WEIGHTS"]),
@@ -110,7 +120,16 @@ def test_weights_from_the_command_line_and_keys_left_out_are_zero_columns(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     server = server_factory(small_serving)
-    args = ["query", "--address", server.address, "--json", "--feature", "hashtags=1,2||3", "--weight", "hashtags=0.5,2||-1.5"]
+    args = [
+        "query",
+        "--address",
+        server.address,
+        "--json",
+        "--feature",
+        "hashtags=1,2||3",
+        "--weight",
+        "hashtags=0.5,2||-1.5",
+    ]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     table = small_tables["hashtags"].astype(np.float64)

@@ -87,7 +87,10 @@ def save_sharded(rank: int, world_size: int, rendezvous: str, out_dir: str, seed
                 sharder=sharder,
             )
         dmp = DistributedModelParallel(
-            trainer, device=torch.device("cpu"), plan=ShardingPlan(plan), sharders=[sharder]  # type: ignore[arg-type]
+            trainer,
+            device=torch.device("cpu"),
+            plan=ShardingPlan(plan),
+            sharders=[sharder],
         )
         tables = full_tables(seed)
         # Fill each rank's own shards from the full tables, through the module's live parameters.

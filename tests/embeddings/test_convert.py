@@ -16,8 +16,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from embserve.client.cli import main
 from embserve.embeddings import (
     LargeEmbeddings,
+    LargeEmbeddingsConfig,
     ModelConfig,
     build_serving_model,
     canonical_keys,
@@ -30,10 +32,9 @@ from embserve.embeddings import (
 )
 from embserve.embeddings.convert import ConvertError, convert, read_dcp_metadata
 from embserve.embeddings.weights import checkpoint_digest, checkpoint_version
-from embserve.client.cli import main
-from tests.conftest import make_config, write_model_config
 from tests.embeddings import _dcp_writer
 from tests.reference import pool, random_features
+from tests.support import make_config, write_model_config
 
 RNG_TABLES = {"user": (60, 8, np.float32), "author": (30, 4, np.float16), "topics": (25, 6, np.float32)}
 
@@ -89,7 +90,10 @@ def test_seed_model_with_weighted_tables_and_dense_layers(tmp_path: Path) -> Non
     source = tmp_path / "train_state.pt"
     torch.save({"model_state": state, "step": 1200}, source)
 
-    with pytest.raises(ConvertError, match=r"2 keys are not embedding-table weights.*'model_state.model.mlp.weight'.*--ignore-other-keys"):
+    with pytest.raises(
+        ConvertError,
+        match=r"2 keys are not embedding-table weights.*'model_state.model.mlp.weight'.*--ignore-other-keys",
+    ):
         convert(source, tmp_path / "x.safetensors")
 
     inferred = convert(source, tmp_path / "out.safetensors", ignore_other_keys=True).config
@@ -134,12 +138,26 @@ def test_model_config_sets_order_and_serving_fields_and_is_checked(tmp_path: Pat
         np.testing.assert_array_equal(loaded[name], weight)
 
     wrong_rows = model_config_from_dict(
-        {"tables": [{"name": n, "num_embeddings": 61 if n == "user" else r, "embedding_dim": d} for n, (r, d, _) in RNG_TABLES.items()]}
+        {
+            "tables": [
+                {"name": n, "num_embeddings": 61 if n == "user" else r, "embedding_dim": d}
+                for n, (r, d, _) in RNG_TABLES.items()
+            ]
+        }
     )
     with pytest.raises(ConvertError, match=r"table 'user': weights are 60 x 8, the model config says 61 x 8"):
         convert(source, tmp_path / "y.safetensors", model=wrong_rows)
-    fewer = model_config_from_dict({"tables": [{"name": "user", "num_embeddings": 60, "embedding_dim": 8}, {"name": "video", "num_embeddings": 5, "embedding_dim": 2}]})
-    with pytest.raises(ConvertError, match=r"missing from the weights: \['video'\]; not in the model config: \['author', 'topics'\]"):
+    fewer = model_config_from_dict(
+        {
+            "tables": [
+                {"name": "user", "num_embeddings": 60, "embedding_dim": 8},
+                {"name": "video", "num_embeddings": 5, "embedding_dim": 2},
+            ]
+        }
+    )
+    with pytest.raises(
+        ConvertError, match=r"missing from the weights: \['video'\]; not in the model config: \['author', 'topics'\]"
+    ):
         convert(source, tmp_path / "y.safetensors", model=fewer)
     assert not (tmp_path / "y.safetensors").exists()
 
@@ -148,15 +166,27 @@ def test_model_config_sets_order_and_serving_fields_and_is_checked(tmp_path: Pat
     ("state", "message"),
     [
         ({"dense.weight": torch.ones(2, 2)}, r"no embedding tables found.*'dense.weight'"),
-        ({"embedding_bags.user.weight": torch.ones(10)}, r"table 'user' \('embedding_bags.user.weight'\) has shape \[10\], not \[rows, dim\]"),
-        ({"embedding_bags.user.weight": torch.ones(4, 2, dtype=torch.int64)}, r"table 'user'.*dtype torch.int64; expected float32"),
+        (
+            {"embedding_bags.user.weight": torch.ones(10)},
+            r"table 'user' \('embedding_bags.user.weight'\) has shape \[10\], not \[rows, dim\]",
+        ),
+        (
+            {"embedding_bags.user.weight": torch.ones(4, 2, dtype=torch.int64)},
+            r"table 'user'.*dtype torch.int64; expected float32",
+        ),
         ({"embedding_bags.user.weight": torch.ones(4, 2, dtype=torch.float64)}, r"dtype torch.float64"),
         (
-            {"a.ebc.embedding_bags.user.weight": torch.ones(4, 2), "b.ebc.embedding_bags.user.weight": torch.ones(4, 2)},
+            {
+                "a.ebc.embedding_bags.user.weight": torch.ones(4, 2),
+                "b.ebc.embedding_bags.user.weight": torch.ones(4, 2),
+            },
             r"table 'user' appears twice, at 'a.ebc.embedding_bags.user.weight' and 'b.ebc.embedding_bags.user.weight'",
         ),
         ({"embedding_bags.user.weight": torch.tensor([[1.0, float("nan")]])}, r"table 'user'.*non-finite weights"),
-        ({"embedding_bags.user.weight": torch.ones(4, 2), "embedding_bags.user.bias": torch.ones(2)}, r"1 keys are not embedding-table weights \('embedding_bags.user.bias'\)"),
+        (
+            {"embedding_bags.user.weight": torch.ones(4, 2), "embedding_bags.user.bias": torch.ones(2)},
+            r"1 keys are not embedding-table weights \('embedding_bags.user.bias'\)",
+        ),
     ],
     ids=["no-tables", "1-d", "int", "float64", "duplicate", "nan", "unknown-key"],
 )
@@ -181,7 +211,9 @@ def test_pickled_code_is_never_run(tmp_path: Path) -> None:
     dcp_dir = tmp_path / "evil_dcp"
     dcp_dir.mkdir()
     (dcp_dir / ".metadata").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(ConvertError, match=r"cannot read DCP metadata: UnpicklingError: refusing to load pathlib.Path.touch"):
+    with pytest.raises(
+        ConvertError, match=r"cannot read DCP metadata: UnpicklingError: refusing to load pathlib.Path.touch"
+    ):
         convert(dcp_dir, tmp_path / "out.safetensors")
     assert not marker.exists()
 
@@ -201,9 +233,14 @@ def test_dcp_with_shards_that_do_not_tile_the_table(tmp_path: Path) -> None:
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
     entry = metadata.state_dict_metadata["embedding_bags.user.weight"]
-    entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([6, 4])), ChunkStorageMetadata(torch.Size([5, 0]), torch.Size([5, 4]))]
+    entry.chunks = [
+        ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([6, 4])),
+        ChunkStorageMetadata(torch.Size([5, 0]), torch.Size([5, 4])),
+    ]
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(ConvertError, match=r"'embedding_bags.user.weight': shards at offsets \[0, 0\] and \[5, 0\] overlap"):
+    with pytest.raises(
+        ConvertError, match=r"'embedding_bags.user.weight': shards at offsets \[0, 0\] and \[5, 0\] overlap"
+    ):
         convert(ckpt, tmp_path / "out.safetensors")
     entry.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([6, 4]))]
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
@@ -229,12 +266,19 @@ def _trained_module(seed: int = 4) -> LargeEmbeddings:
     return module
 
 
-def _probe(config: ModelConfig) -> KeyedJaggedTensor:
+def _probe(config: LargeEmbeddingsConfig) -> KeyedJaggedTensor:
     keys, lengths, values, weights = random_features(
-        np.random.default_rng(1), {t.name: t.num_embeddings for t in config.tables}, 7, keys=canonical_keys(config), weighted=True
+        np.random.default_rng(1),
+        {t.name: t.num_embeddings for t in config.tables},
+        7,
+        keys=canonical_keys(config),
+        weighted=True,
     )
     return KeyedJaggedTensor(
-        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.reshape(-1)), weights=torch.from_numpy(weights)  # type: ignore[arg-type]
+        keys=keys,
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths.reshape(-1)),
+        weights=torch.from_numpy(weights),
     )
 
 
@@ -274,17 +318,28 @@ def _state(names: list[str]) -> dict[str, torch.Tensor]:
     return {f"ebc.embedding_bags.{n}.weight": tables[n] for n in names}
 
 
-def test_an_order_that_cannot_be_known_is_refused_until_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_order_that_cannot_be_known_is_refused_until_given(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from safetensors.torch import save_file
     from torch.distributed.checkpoint import DefaultSavePlanner
 
-    sources = {"safetensors": tmp_path / "trained.safetensors", "sorted": tmp_path / "sorted.pt", "dcp": tmp_path / "dcp"}
+    sources = {
+        "safetensors": tmp_path / "trained.safetensors",
+        "sorted": tmp_path / "sorted.pt",
+        "dcp": tmp_path / "dcp",
+    }
     save_file(_state(["user", "author"]), str(sources["safetensors"]))
     torch.save(_state(["author", "user"]), sources["sorted"])
     with pytest.warns(UserWarning, match="torch.distributed is disabled"):
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(_state(["user", "author"]), checkpoint_id=str(sources["dcp"]), planner=DefaultSavePlanner(flatten_state_dict=False), no_dist=True)
+        dcp.save(
+            _state(["user", "author"]),
+            checkpoint_id=str(sources["dcp"]),
+            planner=DefaultSavePlanner(flatten_state_dict=False),
+            no_dist=True,
+        )
     reasons = {
         "safetensors": "a safetensors file keeps no key order",
         "sorted": "its table keys are in sorted order, which is what torchrec's DistributedModelParallel.state_dict() gives",
@@ -303,11 +358,18 @@ def test_an_order_that_cannot_be_known_is_refused_until_given(tmp_path: Path, ca
         for name in ("user", "author"):
             np.testing.assert_array_equal(loaded[name], _state([name])[f"ebc.embedding_bags.{name}.weight"].numpy())
 
-    with pytest.raises(ConvertError, match=r"must name every table once: missing \['author'\]; not in the weights \['video'\]"):
+    with pytest.raises(
+        ConvertError, match=r"must name every table once: missing \['author'\]; not in the weights \['video'\]"
+    ):
         convert(sources["sorted"], tmp_path / "x.safetensors", order=["user", "video"])
     with pytest.raises(ConvertError, match=r"named twice \['user'\]"):
         convert(sources["sorted"], tmp_path / "x.safetensors", order=["user", "author", "user"])
-    model = make_config([{"name": "user", "num_embeddings": 4, "embedding_dim": 2}, {"name": "author", "num_embeddings": 5, "embedding_dim": 2}])
+    model = make_config(
+        [
+            {"name": "user", "num_embeddings": 4, "embedding_dim": 2},
+            {"name": "author", "num_embeddings": 5, "embedding_dim": 2},
+        ]
+    )
     with pytest.raises(ConvertError, match=r"from the model config or from --order, not both"):
         convert(sources["sorted"], tmp_path / "x.safetensors", model=model, order=["user", "author"])
     assert convert(sources["safetensors"], tmp_path / "x.safetensors", model=model).order_from == "the model config"
@@ -368,7 +430,9 @@ def _break_truncated_metadata(ckpt: Path) -> str:
 )
 def test_a_damaged_dcp_directory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: Any) -> None:
     ckpt = tmp_path / "ckpt"
-    _single_process_dcp(ckpt, {"embedding_bags.user.weight": torch.ones(10, 4), "embedding_bags.author.weight": torch.ones(6, 2)})
+    _single_process_dcp(
+        ckpt, {"embedding_bags.user.weight": torch.ones(10, 4), "embedding_bags.author.weight": torch.ones(6, 2)}
+    )
     needle = damage(ckpt)
     out = tmp_path / "out.safetensors"
     with pytest.raises(ConvertError) as caught:  # a ValueError, never DCP's CheckpointException (a BaseException)
@@ -385,21 +449,44 @@ def test_an_output_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: py
     torch.save(_state(["user"]), source)
     missing = tmp_path / "no" / "such" / "folder"
     for output in (missing / "out.safetensors", missing / "out.pt"):
-        with pytest.raises(ConvertError, match=f"{re.escape(str(output))}: cannot write: folder '{re.escape(str(missing))}' does not exist"):
+        with pytest.raises(
+            ConvertError,
+            match=f"{re.escape(str(output))}: cannot write: folder '{re.escape(str(missing))}' does not exist",
+        ):
             convert(source, output)
         assert main(["convert", str(source), "-o", str(output)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{output}: cannot write" in err
-    assert main(["convert", str(source), "-o", str(tmp_path / "ok.safetensors"), "--model-out", str(missing / "m.yaml")]) == 2
+    assert (
+        main(["convert", str(source), "-o", str(tmp_path / "ok.safetensors"), "--model-out", str(missing / "m.yaml")])
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{missing / 'm.yaml'}: cannot write" in err and not (tmp_path / "ok.safetensors").exists()
+    assert (
+        err.count("\n") == 1
+        and f"{missing / 'm.yaml'}: cannot write" in err
+        and not (tmp_path / "ok.safetensors").exists()
+    )
 
     model_path = write_model_config(make_config(), tmp_path / "small.yaml")
     for output in (missing / "out.safetensors", missing / "out.pt"):
         assert main(["export", "--model", str(model_path), "-o", str(output)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "embserve export: error: cannot write checkpoint" in err and str(missing) in err
-    assert main(["export", "--model", str(model_path), "-o", str(tmp_path / "e.safetensors"), "--model-out", str(missing / "m.yaml")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(model_path),
+                "-o",
+                str(tmp_path / "e.safetensors"),
+                "--model-out",
+                str(missing / "m.yaml"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{missing / 'm.yaml'}: cannot write" in err
 
@@ -411,14 +498,22 @@ def test_a_data_type_change_is_asked_for_and_reported(tmp_path: Path, capsys: py
     tables = _tables()  # user fp32, author fp16, topics fp32
     source = tmp_path / "trained.pt"
     torch.save({f"embedding_bags.{n}.weight": torch.from_numpy(w) for n, w in tables.items()}, source)
-    as_trained = [{"name": n, "num_embeddings": r, "embedding_dim": d, "data_type": "fp16" if t is np.float16 else "fp32"} for n, (r, d, t) in RNG_TABLES.items()]
+    as_trained = [
+        {"name": n, "num_embeddings": r, "embedding_dim": d, "data_type": "fp16" if t is np.float16 else "fp32"}
+        for n, (r, d, t) in RNG_TABLES.items()
+    ]
     narrowed = make_config([{**t, "data_type": "fp16"} if t["name"] == "user" else t for t in as_trained])
     widened = make_config([{**t, "data_type": "fp32"} if t["name"] == "author" else t for t in as_trained])
     out = tmp_path / "out.safetensors"
 
-    with pytest.raises(ConvertError, match=r"table 'user': the weights are fp32 but the model config says fp16; pass --cast user=fp16"):
+    with pytest.raises(
+        ConvertError, match=r"table 'user': the weights are fp32 but the model config says fp16; pass --cast user=fp16"
+    ):
         convert(source, out, model=narrowed)
-    with pytest.raises(ConvertError, match=r"table 'author': the weights are fp16 but the model config says fp32; pass --cast author=fp32"):
+    with pytest.raises(
+        ConvertError,
+        match=r"table 'author': the weights are fp16 but the model config says fp32; pass --cast author=fp32",
+    ):
         convert(source, out, model=widened)
     with pytest.raises(ConvertError, match=r"table 'user': --cast asks for fp32, the model config says fp16"):
         convert(source, out, model=narrowed, cast={"user": "fp32"})
@@ -443,7 +538,10 @@ def test_a_data_type_change_is_asked_for_and_reported(tmp_path: Path, capsys: py
     assert main(["convert", str(source), "-o", str(out), "--model", str(model_path), "--cast"]) == 0
     assert "user 60x8 fp16 (cast from fp32), author 30x4 fp16, topics 25x6 fp32" in capsys.readouterr().out
     assert main(["convert", str(source), "-o", str(out), "--cast", "author=fp32,topics=fp16"]) == 0
-    assert "user 60x8 fp32, author 30x4 fp32 (cast from fp16), topics 25x6 fp16 (cast from fp32)" in capsys.readouterr().out
+    assert (
+        "user 60x8 fp32, author 30x4 fp32 (cast from fp16), topics 25x6 fp16 (cast from fp32)"
+        in capsys.readouterr().out
+    )
     assert main(["convert", str(source), "-o", str(out), "--cast"]) == 2
     assert "a bare --cast stores each table in its --model data type" in capsys.readouterr().err
     assert main(["convert", str(source), "-o", str(out), "--cast", "user"]) == 2
@@ -458,7 +556,7 @@ SHARDED_SEED = 11
 @pytest.fixture(scope="module")
 def sharded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("dcp")
-    mp.spawn(
+    mp.spawn(  # type: ignore[no-untyped-call]
         _dcp_writer.save_sharded,
         args=(2, str(folder / "rendezvous"), str(folder / "ckpt"), SHARDED_SEED),
         nprocs=2,
@@ -475,7 +573,9 @@ def test_sharded_save_has_table_wise_and_row_wise_shards(sharded_checkpoint: Pat
     for index, info in metadata.storage_data.items():
         files.setdefault(index.fqn, set()).add(info.relative_path.split("_")[2])  # __<rank>_<n>.distcp
     layout = {
-        key.split(".")[-2]: [(list(c.offsets), list(c.sizes)) for c in sorted(meta.chunks, key=lambda c: list(c.offsets))]
+        key.split(".")[-2]: [
+            (list(c.offsets), list(c.sizes)) for c in sorted(meta.chunks, key=lambda c: list(c.offsets))
+        ]
         for key, meta in metadata.state_dict_metadata.items()
         if "embedding_bags" in key
     }
@@ -501,14 +601,24 @@ def test_sharded_dcp_converts_value_for_value_and_serves(
     assert "keys are not embedding-table weights ('model.mlp.bias', 'model.mlp.weight')" in capsys.readouterr().err
 
     # DistributedModelParallel.state_dict() sorts its keys, so the checkpoint cannot say the training order.
-    assert list(read_dcp_metadata(sharded_checkpoint).planner_data) == sorted(read_dcp_metadata(sharded_checkpoint).planner_data)
+    assert list(read_dcp_metadata(sharded_checkpoint).planner_data) == sorted(
+        read_dcp_metadata(sharded_checkpoint).planner_data
+    )
     assert main(["convert", str(sharded_checkpoint), "-o", str(out), "--ignore-other-keys"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot tell the training order of its 4 tables" in err
     assert "DistributedModelParallel.state_dict()" in err and "--order" in err and not out.exists()
 
     training_order = [t[0] for t in _dcp_writer.TABLES]
-    args = ["convert", str(sharded_checkpoint), "-o", str(out), "--ignore-other-keys", "--order", ",".join(training_order)]
+    args = [
+        "convert",
+        str(sharded_checkpoint),
+        "-o",
+        str(out),
+        "--ignore-other-keys",
+        "--order",
+        ",".join(training_order),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert f"serve with --model {model_yaml} --checkpoint {out}" in printed
@@ -527,10 +637,17 @@ def test_sharded_dcp_converts_value_for_value_and_serves(
     serving = build_serving_model(config, checkpoint=out, engine="fused")
     assert list(serving.keys) == canonical_keys(model_config_from_dict(_dcp_writer.model_dict()))
     keys, lengths, values, weights = random_features(
-        np.random.default_rng(0), {t.name: t.num_embeddings for t in config.tables}, 9, keys=canonical_keys(config), weighted=True
+        np.random.default_rng(0),
+        {t.name: t.num_embeddings for t in config.tables},
+        9,
+        keys=canonical_keys(config),
+        weighted=True,
     )
     kjt = KeyedJaggedTensor(
-        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.reshape(-1)), weights=torch.from_numpy(weights)  # type: ignore[arg-type]
+        keys=keys,
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths.reshape(-1)),
+        weights=torch.from_numpy(weights),
     )
     np.testing.assert_allclose(serving.forward(kjt).numpy(), _trained_forward(full, kjt), rtol=1e-5, atol=1e-5)
     expected = pool(full, keys, lengths, values, weights, list(serving.keys), weighted_keys={"hashtags"})
@@ -543,7 +660,8 @@ def _trained_forward(tables: dict[str, np.ndarray], kjt: KeyedJaggedTensor) -> n
     with torch.no_grad():
         for name, param in table_weights(module).items():
             param.copy_(torch.from_numpy(tables[name]))
-        return module(kjt).values().numpy()
+        out: np.ndarray = module(kjt).values().numpy()
+        return out
 
 
 @pytest.mark.slow
@@ -564,7 +682,9 @@ def test_export_from_seed_and_re_save(tmp_path: Path, capsys: pytest.CaptureFixt
     config = make_config()
     model_path = write_model_config(config, tmp_path / "small.yaml")
     out, model_out = tmp_path / "init7.safetensors", tmp_path / "exported.yaml"
-    assert main(["export", "--model", str(model_path), "--seed", "7", "-o", str(out), "--model-out", str(model_out)]) == 0
+    assert (
+        main(["export", "--model", str(model_path), "--seed", "7", "-o", str(out), "--model-out", str(model_out)]) == 0
+    )
     assert load_model_config(model_out) == config
     reference = LargeEmbeddings(config)
     init_weights(reference, 7)
@@ -585,7 +705,20 @@ def test_export_from_seed_and_re_save(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_export_and_convert_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     model_path = write_model_config(make_config(), tmp_path / "small.yaml")
-    assert main(["export", "--model", str(model_path), "--checkpoint", str(tmp_path / "nope.pt"), "-o", str(tmp_path / "o.safetensors")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(model_path),
+                "--checkpoint",
+                str(tmp_path / "nope.pt"),
+                "-o",
+                str(tmp_path / "o.safetensors"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "embserve export: error: checkpoint" in err and "nope.pt' does not exist" in err
     assert main(["export", "--model", str(tmp_path / "missing.yaml"), "-o", str(tmp_path / "o.safetensors")]) == 2

@@ -24,8 +24,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embserve.embeddings import ModelConfig, build_serving_model
-from tests.conftest import float_tables, make_config
 from tests.reference import pool, random_features
+from tests.support import float_tables, make_config
 
 U32 = 2.0**-24
 U16 = 2.0**-11
@@ -39,8 +39,14 @@ CASES = [
 
 def _config(data_type: str, weighted: bool, serving: str) -> ModelConfig:
     tables = [
-        {"name": "t", "num_embeddings": 60, "embedding_dim": 8, "data_type": data_type, "weighted": weighted,
-         "serving_dtype": serving},
+        {
+            "name": "t",
+            "num_embeddings": 60,
+            "embedding_dim": 8,
+            "data_type": data_type,
+            "weighted": weighted,
+            "serving_dtype": serving,
+        },
         {"name": "plain", "num_embeddings": 40, "embedding_dim": 4},
     ]
     if weighted:
@@ -54,13 +60,13 @@ def _bound(engine: str, data_type: str, serving: str, table: np.ndarray, ids: np
     s = (np.abs(rows) * np.abs(w)[:, None]).sum(axis=0)
     n = len(ids)
     if engine == "eager":
-        return (n + 3) * U16 * s if data_type == "fp16" else (n + 2) * U32 * s
+        return np.asarray((n + 3) * U16 * s if data_type == "fp16" else (n + 2) * U32 * s)
     if serving == "int8":
         step = (rows.max(axis=1) - rows.min(axis=1)) / 255 if n else np.zeros(0)
-        return (np.abs(w) * step).sum() + (n + 2) * U32 * s
+        return np.asarray((np.abs(w) * step).sum() + (n + 2) * U32 * s)
     if serving == "fp16" and data_type == "fp32":
-        return (U16 + (n + 2) * U32) * s
-    return (n + 2) * U32 * s
+        return np.asarray((U16 + (n + 2) * U32) * s)
+    return np.asarray((n + 2) * U32 * s)
 
 
 @pytest.mark.parametrize(("engine", "data_type", "weighted", "serving"), CASES)

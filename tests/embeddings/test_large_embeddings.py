@@ -8,8 +8,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embserve.embeddings import LargeEmbeddings, ModelConfig, build_serving_model, canonical_keys, init_weights
-from tests.conftest import make_config
 from tests.reference import assert_pooled_close, pool, random_features
+from tests.support import make_config
 
 
 def _kjt(keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None) -> KeyedJaggedTensor:
@@ -39,6 +39,7 @@ def test_seed_structure_and_state_dict_keys(small_config: ModelConfig) -> None:
     model = LargeEmbeddings(unweighted_only)
     assert isinstance(model.surgery_cut_point, torch.nn.Identity)
     assert sorted(model.state_dict()) == sorted(f"ebc.embedding_bags.{t.name}.weight" for t in unweighted_only.tables)
+    assert model.ebc is not None
     configs = model.ebc.embedding_bag_configs()
     assert [c.feature_names for c in configs] == [[t.name] for t in unweighted_only.tables]
     assert all(c.pooling.name == "SUM" for c in configs)

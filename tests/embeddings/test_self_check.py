@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from embserve.embeddings import SelfCheckFailed, ServingModel, build_serving_model
-from tests.conftest import make_config
+from tests.support import make_config
 
 WEIGHTED_FP16 = [
     {"name": "user", "num_embeddings": 50, "embedding_dim": 8},
@@ -22,7 +24,8 @@ def test_self_check_passes_for_a_model_that_computes(engine: str) -> None:
 def _break_tags(model: ServingModel) -> None:
     """Undoes the eager engine's cast of the weights for the fp16 weighted table: every forward touching it fails,
     as it did before that fix."""
-    bag = model.module.weighted_ebc.embedding_bags["tags"]
+    module: Any = model.module
+    bag = module.weighted_ebc.embedding_bags["tags"]
     assert bag._forward_pre_hooks, "the eager fp16 weighted table should cast its weights"
     bag._forward_pre_hooks.clear()
 
@@ -44,7 +47,7 @@ def test_self_check_touches_every_table_with_weights(monkeypatch: pytest.MonkeyP
 
     def spy(self: ServingModel, features: object) -> object:
         seen.append(features)
-        return forward(self, features)  # type: ignore[arg-type]
+        return forward(self, features)
 
     monkeypatch.setattr(ServingModel, "forward", spy)
     model.self_check()
@@ -63,7 +66,7 @@ def test_self_check_finds_the_table_whose_ids_fail_on_the_fused_engine(monkeypat
     def broken(self: ServingModel, features: object) -> object:
         if features["topics"].values().numel():  # type: ignore[index]
             raise RuntimeError("row out of bounds\nC++ context")
-        return forward(self, features)  # type: ignore[arg-type]
+        return forward(self, features)
 
     monkeypatch.setattr(ServingModel, "forward", broken)
     with pytest.raises(SelfCheckFailed) as info:

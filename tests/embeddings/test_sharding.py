@@ -11,8 +11,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from embserve.embeddings import ConfigError, build_serving_model
-from tests.conftest import ServerHandle, make_config
 from tests.reference import random_features
+from tests.support import ServerHandle, make_config
 
 TABLES = [
     {"name": "user", "num_embeddings": 1000, "embedding_dim": 16, "serving_dtype": "int8"},
@@ -29,10 +29,12 @@ def test_sharded_forward_equals_unsharded(sharding: str) -> None:
     sharded = build_serving_model(config, shard_devices=2, sharding=sharding)
     assert sharded.keys == plain.keys and sharded.weight_bytes == plain.weight_bytes
     rng = np.random.default_rng(1)
-    rows = {t["name"]: int(t["num_embeddings"]) for t in TABLES}  # type: ignore[call-overload]
+    rows = {t.name: t.num_embeddings for t in config.tables}
     keys, lengths, values, weights = random_features(rng, rows, 37, keys=list(plain.keys), weighted=True)
     kjt = KeyedJaggedTensor(
-        keys=keys, values=torch.from_numpy(values), lengths=torch.from_numpy(lengths.reshape(-1)),
+        keys=keys,
+        values=torch.from_numpy(values),
+        lengths=torch.from_numpy(lengths.reshape(-1)),
         weights=torch.from_numpy(weights) if weights is not None else None,
     )
     got, want = sharded.forward(kjt).numpy(), plain.forward(kjt).numpy()
@@ -53,7 +55,7 @@ def test_sharding_needs_quantized_tables_and_the_fused_engine() -> None:
 
 def test_server_serves_a_sharded_model(tmp_path: Path, server_factory: Callable[..., ServerHandle]) -> None:
     from embserve.client import Client
-    from tests.conftest import write_model_config
+    from tests.support import write_model_config
 
     config = make_config(TABLES)
     path = write_model_config(config, tmp_path / "sharded.yaml")
@@ -62,5 +64,6 @@ def test_server_serves_a_sharded_model(tmp_path: Path, server_factory: Callable[
     features = {"hashtags": [[1, 2], []], "user": [[3], [4, 999]], "topics": [[299], [5]]}
     weights = {"hashtags": [[0.5, 2.0], []]}
     with Client(plain.address) as a, Client(sharded.address) as b:
-        np.testing.assert_array_equal(a.lookup(features, weights=weights).embeddings,
-                                      b.lookup(features, weights=weights).embeddings)
+        np.testing.assert_array_equal(
+            a.lookup(features, weights=weights).embeddings, b.lookup(features, weights=weights).embeddings
+        )

@@ -17,7 +17,7 @@ from embserve.embeddings import (
     save_checkpoint,
     table_weights,
 )
-from tests.conftest import SMALL_TABLES, float_tables, make_config
+from tests.support import SMALL_TABLES, float_tables, make_config
 
 
 def _weights(model: LargeEmbeddings) -> dict[str, np.ndarray]:
@@ -72,8 +72,14 @@ def test_mismatches_name_the_table(tmp_path: Path) -> None:
     config = make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 4}])
     model = LargeEmbeddings(config)
     cases = {
-        "shape.pt": ({"ebc.embedding_bags.user.weight": torch.zeros(49, 4)}, r"table 'user': checkpoint shape \(49, 4\)"),
-        "missing.pt": ({"ebc.embedding_bags.other.weight": torch.zeros(50, 4)}, r"tables the model does not: \['other'\]"),
+        "shape.pt": (
+            {"ebc.embedding_bags.user.weight": torch.zeros(49, 4)},
+            r"table 'user': checkpoint shape \(49, 4\)",
+        ),
+        "missing.pt": (
+            {"ebc.embedding_bags.other.weight": torch.zeros(50, 4)},
+            r"tables the model does not: \['other'\]",
+        ),
         "empty.pt": ({}, "no weights for table 'user'"),
         "nan.pt": ({"ebc.embedding_bags.user.weight": torch.full((50, 4), float("nan"))}, "non-finite"),
         "int.pt": ({"ebc.embedding_bags.user.weight": torch.zeros(50, 4, dtype=torch.int64)}, "not a float type"),
@@ -88,13 +94,17 @@ def test_mismatches_name_the_table(tmp_path: Path) -> None:
     for name in ("shape.pt", "missing.pt", "empty.pt"):
         with pytest.raises(CheckpointError, match=cases[name][1]):
             check_checkpoint(config, tmp_path / name)
-        assert str(tmp_path / name) in str(pytest.raises(CheckpointError, check_checkpoint, config, tmp_path / name).value)
+        assert str(tmp_path / name) in str(
+            pytest.raises(CheckpointError, check_checkpoint, config, tmp_path / name).value
+        )
     torch.save({"ebc.embedding_bags.user.weight": torch.zeros(50, 4)}, tmp_path / "ok.pt")
     check_checkpoint(config, tmp_path / "ok.pt")
     save_checkpoint(model, tmp_path / "ok.safetensors")
     check_checkpoint(config, tmp_path / "ok.safetensors")
     with pytest.raises(CheckpointError, match=r"table 'user': checkpoint shape \(50, 4\)"):
-        check_checkpoint(make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 8}]), tmp_path / "ok.safetensors")
+        check_checkpoint(
+            make_config([{"name": "user", "num_embeddings": 50, "embedding_dim": 8}]), tmp_path / "ok.safetensors"
+        )
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         check_checkpoint(config, tmp_path / "junk.safetensors")

@@ -16,7 +16,11 @@ from embserve.v1 import embserve_pb2_grpc as pb_grpc
 
 
 def lookup_request(
-    keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None, dtype: int = 0
+    keys: list[str],
+    lengths: np.ndarray,
+    values: np.ndarray,
+    weights: np.ndarray | None = None,
+    dtype: pb.DType = pb.DTYPE_UNSPECIFIED,
 ) -> pb.LookupRequest:
     return pb.LookupRequest(
         features=pb.SparseFeatures(
@@ -37,7 +41,7 @@ def embeddings_of(response: pb.LookupResponse) -> np.ndarray:
 
 def stub(address: str) -> tuple[grpc.Channel, pb_grpc.EmbeddingServiceStub]:
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)])
-    return channel, pb_grpc.EmbeddingServiceStub(channel)
+    return channel, pb_grpc.EmbeddingServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 class _Wrapped(torch.nn.Module):

@@ -207,8 +207,13 @@ async def test_queue_bytes_bound_refuses_at_once_and_frees_as_batches_run() -> N
     run = Recorder()
     # Each item "holds" item x 100 bytes; 1,000 bytes may wait. Item 0 runs alone with the executor held.
     b: DynamicBatcher[int, int] = DynamicBatcher(
-        run, size_of=lambda i: 1, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64,
-        bytes_of=lambda i: i * 100, max_queue_bytes=1000,
+        run,
+        size_of=lambda i: 1,
+        max_batch_size=8,
+        max_queue_delay_s=0,
+        max_queue_size=64,
+        bytes_of=lambda i: i * 100,
+        max_queue_bytes=1000,
     )
     blocker = await hold(run, b)
     queued = [asyncio.ensure_future(b.submit(i)) for i in (4, 5)]  # 900 bytes wait
@@ -224,8 +229,13 @@ async def test_queue_bytes_bound_refuses_at_once_and_frees_as_batches_run() -> N
 async def test_an_item_larger_than_the_bytes_bound_runs_when_the_queue_is_empty() -> None:
     run = Recorder()
     b: DynamicBatcher[int, int] = DynamicBatcher(
-        run, size_of=lambda i: 1, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64,
-        bytes_of=lambda i: i * 100, max_queue_bytes=1000,
+        run,
+        size_of=lambda i: 1,
+        max_batch_size=8,
+        max_queue_delay_s=0,
+        max_queue_size=64,
+        bytes_of=lambda i: i * 100,
+        max_queue_bytes=1000,
     )
     b.start()
     assert await asyncio.wait_for(b.submit(30), 5) == 300  # 3,000 bytes alone: taken, as a big request is
@@ -236,8 +246,14 @@ async def test_batch_bytes_bound_splits_batches() -> None:
     run = Recorder()
     # Items hold item x 100 bytes; a batch takes at most 1,000 unless one item alone is larger.
     b: DynamicBatcher[int, int] = DynamicBatcher(
-        run, size_of=lambda i: 1, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64,
-        bytes_of=lambda i: i * 100, max_queue_bytes=100_000, max_batch_bytes=1000,
+        run,
+        size_of=lambda i: 1,
+        max_batch_size=8,
+        max_queue_delay_s=0,
+        max_queue_size=64,
+        bytes_of=lambda i: i * 100,
+        max_queue_bytes=100_000,
+        max_batch_bytes=1000,
     )
     blocker = await hold(run, b)
     queued = [asyncio.ensure_future(b.submit(i)) for i in (4, 5, 2, 30, 1)]

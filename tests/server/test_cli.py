@@ -22,15 +22,18 @@ BIN = Path(sys.executable).parent / "embserve"
 def test_serve_query_and_sigterm_under_load(tmp_path: Path) -> None:
     config = tmp_path / "server.yaml"
     config.write_text("model: twhin_local\nport: 0\nmetrics_port: 0\nbatching:\n  max_batch_size: 512\n")
-    with ServerProcess([str(BIN), "serve", "--config", str(config), "--grace-period", "20", "--seed", "3"],
-                       "embserve") as server:
+    with ServerProcess(
+        [str(BIN), "serve", "--config", str(config), "--grace-period", "20", "--seed", "3"], "embserve"
+    ) as server:
         serving = server.wait_ready(120)
         address = server.address
         assert serving["model"] == "twhin_local" and serving["version"] == "init-3"
 
         query = subprocess.run(
             [str(BIN), "query", "--address", address, "--feature", "user=1,2|3", "--feature", "tweet=4|"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert query.returncode == 0, query.stderr
         assert "model twhin_local version init-3: 2 x 8 float32" in query.stdout
@@ -104,8 +107,22 @@ def test_sighup_reloads_the_checkpoint_file(tmp_path: Path) -> None:
 
     write(1)
     # The standard library's event loop here; the other tests run on the default, uvloop.
-    with ServerProcess([str(BIN), "serve", "--model", "twhin_local", "--checkpoint", str(path), "--port", "0",
-                        "--no-metrics", "--event-loop", "asyncio"], "embserve") as server:
+    with ServerProcess(
+        [
+            str(BIN),
+            "serve",
+            "--model",
+            "twhin_local",
+            "--checkpoint",
+            str(path),
+            "--port",
+            "0",
+            "--no-metrics",
+            "--event-loop",
+            "asyncio",
+        ],
+        "embserve",
+    ) as server:
         server.wait_ready(120)
         assert server.log is not None and server.proc is not None
         with Client(server.address) as client:

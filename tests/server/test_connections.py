@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from embserve.embeddings import ServingModel
 from embserve.server.config import ConnectionsConfig
 from embserve.server.connections import FD_RESERVE, grpc_options, max_connections, raise_fd_limit
-from tests.conftest import ServerHandle
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 
@@ -140,7 +140,9 @@ def test_concurrent_streams_per_connection_are_capped(server_factory: Factory, s
         while handle.metric("embserve_tokenless_health_watches") != 1:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )
         watches[1].cancel()
     finally:
         channel.close()

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from embserve.server.decode import ECHO_CHARS, KeyOrders, decode_lookup
-from embserve.server.request import ModelSchema
 from embserve.server.errors import InvalidRequest
+from embserve.server.request import ModelSchema
 from embserve.v1 import embserve_pb2 as pb
 
 SCHEMA = ModelSchema(
@@ -41,18 +41,27 @@ def request(
 
 
 INVALID = [
-    (request(["nope"], 1, [1], [1]), r"unknown key 'nope' at keys\[0\]; the model's keys are \['user', 'hashtags', 'topics'\]"),
+    (
+        request(["nope"], 1, [1], [1]),
+        r"unknown key 'nope' at keys\[0\]; the model's keys are \['user', 'hashtags', 'topics'\]",
+    ),
     (request(["user", "user"], 1, [1, 1], [1, 2]), "duplicate key 'user'"),
     (request(["user"], 2, [1], [1]), r"lengths has 1 entries, expected len\(keys\) x batch_size = 1 x 2 = 2"),
     (request(["user"], 2, [1, 1], [1]), r"sum\(lengths\) = 2 but features.values has 1 ids"),
     (request(["user"], 2, [2, -1], [1]), r"negative length -1 at lengths\[1\] \(key 'user'\)"),
     (request(["user"], 1, [1], [-5]), r"negative id -5 at values\[0\] \(key 'user'\)"),
-    (request(["user"], 1, [2], [3, 100]), r"id 100 at values\[1\] is out of range for key 'user' \(num_embeddings 100\)"),
+    (
+        request(["user"], 1, [2], [3, 100]),
+        r"id 100 at values\[1\] is out of range for key 'user' \(num_embeddings 100\)",
+    ),
     (request(["hashtags"], 1, [2], [1, 2], [1.0]), "features.weights has 1 entries but features.values has 2"),
     (request(["hashtags"], 1, [1], [1], [float("nan")]), r"non-finite weight nan at weights\[0\]"),
     (request(["hashtags"], 1, [1], [1], [float("inf")]), r"non-finite weight inf at weights\[0\]"),
     (request(["user", "hashtags"], 1, [1, 1], [1, 2], [0.5, 2.0]), "weight 0.5 at weights.0. is for key 'user'"),
-    (request(["user"], 1, [1], [1], raw={"lengths": b"\x01\x00\x00"}), "features.lengths has 3 bytes, not a multiple of 4"),
+    (
+        request(["user"], 1, [1], [1], raw={"lengths": b"\x01\x00\x00"}),
+        "features.lengths has 3 bytes, not a multiple of 4",
+    ),
     (request(["user"], 1, [1], [1], raw={"values": b"\x01" * 9}), "features.values has 9 bytes, not a multiple of 8"),
     (request(["hashtags"], 1, [1], [1], raw={"weights": b"\x01\x00"}), "features.weights has 2 bytes"),
     (request(["user"], 0, [], []), "batch_size must be > 0, got 0"),

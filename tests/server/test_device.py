@@ -10,9 +10,9 @@ import torch
 
 from embserve.embeddings import ModelConfig, build_serving_model
 from embserve.server.app import load_model
-from embserve.server.request import SparseRequest
 from embserve.server.config import ServerConfig
 from embserve.server.executor import BatchExecutor
+from embserve.server.request import SparseRequest
 from embserve.v1 import embserve_pb2 as pb
 
 
@@ -21,9 +21,16 @@ def _requests() -> list[SparseRequest]:
     out = []
     for batch in (3, 1, 5):
         lengths = rng.integers(0, 4, size=(2, batch)).astype(np.int32)
-        out.append(SparseRequest(batch_size=batch, key_index=np.array([0, 1]), lengths=lengths,
-                                 values=rng.integers(0, 100, int(lengths.sum())), weights=None,
-                                 ids_per_key=lengths.sum(axis=1, dtype=np.int64)))
+        out.append(
+            SparseRequest(
+                batch_size=batch,
+                key_index=np.array([0, 1]),
+                lengths=lengths,
+                values=rng.integers(0, 100, int(lengths.sum())),
+                weights=None,
+                ids_per_key=lengths.sum(axis=1, dtype=np.int64),
+            )
+        )
     return out
 
 

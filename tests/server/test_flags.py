@@ -22,7 +22,9 @@ def _parse(*argv: str) -> ServerConfig:
 
 def test_readme_settings_table_is_the_generated_one() -> None:
     text = README.read_text()
-    assert settings_table() in text, "docs/server.md settings table differs: regenerate it with python -m embserve.server.flags"
+    assert settings_table() in text, (
+        "docs/server.md settings table differs: regenerate it with python -m embserve.server.flags"
+    )
 
 
 def test_every_config_field_has_a_flag() -> None:
@@ -38,8 +40,22 @@ def test_every_config_field_has_a_flag() -> None:
 
 def test_flags_set_their_keys_with_typed_values() -> None:
     config = _parse(
-        "--engine", "eager", "--sharding", "row_wise", "--batch-policy", "wait", "--max-batch-size", "64",
-        "--max-queue-wait-ms", "12.5", "--no-batching", "--no-metrics", "--port", "0", "--workers", "3",
+        "--engine",
+        "eager",
+        "--sharding",
+        "row_wise",
+        "--batch-policy",
+        "wait",
+        "--max-batch-size",
+        "64",
+        "--max-queue-wait-ms",
+        "12.5",
+        "--no-batching",
+        "--no-metrics",
+        "--port",
+        "0",
+        "--workers",
+        "3",
     )
     assert config.engine is Engine.EAGER and config.sharding is ShardingType.ROW_WISE
     assert config.batching.policy is BatchPolicy.WAIT and config.batching.max_batch_size == 64

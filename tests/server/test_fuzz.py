@@ -13,14 +13,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from embserve.client import Client
-from embserve.server.decode import decode_lookup, parse_message
-from embserve.server.config import ServerConfig
-from embserve.server.errors import InvalidRequest
-from embserve.server.servicer import model_schema
 from embserve.embeddings import ServingModel
+from embserve.server.config import ServerConfig
+from embserve.server.decode import decode_lookup, parse_message
+from embserve.server.errors import InvalidRequest
+from embserve.server.request import ModelSchema
 from embserve.v1 import embserve_pb2 as pb
-from tests.conftest import SMALL_TABLES, ServerHandle, float_tables, make_config, start_server
 from tests.reference import assert_pooled_close, pool
+from tests.support import SMALL_TABLES, ServerHandle, float_tables, make_config, start_server
 
 KNOWN = [t["name"] for t in SMALL_TABLES]
 EXTREME_IDS = [0, 1, 199, 200, 299, 300, 999, 1000, -1, 2**63 - 1, -(2**63), 2**31, 2**32 + 5]
@@ -36,17 +36,26 @@ def requests(draw: st.DrawFn) -> bytes:
     batch = draw(st.one_of(st.integers(-3, 6), st.sampled_from([0, 2**31 - 1, -(2**31), 100_000])))
     coherent = draw(st.booleans())
     n_len = len(keys) * max(batch, 0) if coherent and abs(batch) < 1000 else draw(st.integers(0, 20))
-    lengths = draw(st.lists(st.one_of(st.integers(-2, 5), st.sampled_from([2**31 - 1, -(2**31)])), min_size=n_len, max_size=n_len))
+    lengths = draw(
+        st.lists(st.one_of(st.integers(-2, 5), st.sampled_from([2**31 - 1, -(2**31)])), min_size=n_len, max_size=n_len)
+    )
     total = sum(lengths) if coherent and all(0 <= x < 100 for x in lengths) else draw(st.integers(0, 30))
-    values = draw(st.lists(st.one_of(st.integers(0, 1200), st.sampled_from(EXTREME_IDS)), min_size=total, max_size=total))
-    weights = draw(st.one_of(
-        st.just(None),
-        st.lists(st.one_of(st.floats(width=32), st.just(1.0)), min_size=total, max_size=total),
-        st.lists(st.floats(width=32, allow_nan=True), max_size=8),
-    ))
+    values = draw(
+        st.lists(st.one_of(st.integers(0, 1200), st.sampled_from(EXTREME_IDS)), min_size=total, max_size=total)
+    )
+    weights = draw(
+        st.one_of(
+            st.just(None),
+            st.lists(st.one_of(st.floats(width=32), st.just(1.0)), min_size=total, max_size=total),
+            st.lists(st.floats(width=32, allow_nan=True), max_size=8),
+        )
+    )
     req = pb.LookupRequest(
         features=pb.SparseFeatures(
-            keys=keys, batch_size=batch, lengths=_i32(lengths), values=np.array(values, dtype="<i8").tobytes(),
+            keys=keys,
+            batch_size=batch,
+            lengths=_i32(lengths),
+            values=np.array(values, dtype="<i8").tobytes(),
             weights=b"" if weights is None else np.array(weights, dtype="<f4").tobytes(),
         ),
         output_dtype=draw(st.sampled_from([0, 1, 2, 3, 7])),
@@ -68,7 +77,10 @@ def schema_model() -> ServingModel:
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(raw=st.one_of(requests(), st.binary(max_size=200)))
 def test_decode_answers_only_invalid_request(raw: bytes, schema_model: ServingModel) -> None:
-    schema = model_schema(schema_model, ServerConfig())
+    limits = ServerConfig().limits
+    schema = ModelSchema.of(
+        schema_model, max_request_examples=limits.max_request_examples, max_request_ids=limits.max_request_ids
+    )
     try:
         decoded = decode_lookup(parse_message(pb.LookupRequest, raw), schema)
     except InvalidRequest as err:
@@ -112,15 +124,16 @@ def _assert_accepted_call_is_correct(raw: bytes, response: pb.LookupResponse, ta
     shape = tuple(response.shape)
     if response.dtype == pb.DTYPE_FLOAT32:
         dims = {t.name: t.embedding_dim for t in config.tables}
-        assert_pooled_close(dims, {"author"}, list(response.keys), np.frombuffer(response.embeddings, "<f4").reshape(shape),
-                            expected)
+        assert_pooled_close(
+            dims, {"author"}, list(response.keys), np.frombuffer(response.embeddings, "<f4").reshape(shape), expected
+        )
     elif response.dtype == pb.DTYPE_FLOAT16:
         out = np.frombuffer(response.embeddings, "<f2").reshape(shape).astype(np.float64)
         np.testing.assert_allclose(out, expected, rtol=2**-10, atol=2e-3)
     else:
         assert response.dtype == pb.DTYPE_BFLOAT16
-        out = (np.frombuffer(response.embeddings, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
-        np.testing.assert_allclose(out, expected, rtol=2**-7, atol=2e-3)
+        bf16 = (np.frombuffer(response.embeddings, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        np.testing.assert_allclose(bf16, expected, rtol=2**-7, atol=2e-3)
 
 
 @pytest.mark.slow
@@ -141,7 +154,9 @@ def test_server_gives_every_garbage_call_a_defined_status(
 
 
 @pytest.mark.slow
-def test_valid_callers_stay_correct_during_fuzzing(live_server: ServerHandle, fuzz_tables: dict[str, np.ndarray]) -> None:
+def test_valid_callers_stay_correct_during_fuzzing(
+    live_server: ServerHandle, fuzz_tables: dict[str, np.ndarray]
+) -> None:
     tables = fuzz_tables
     features = {"user": [[1, 2], [999]], "hashtags": [[3], [4, 5]]}
     weights = {"hashtags": [[0.5], [2.0, 1.0]]}
@@ -157,7 +172,9 @@ def test_valid_callers_stay_correct_during_fuzzing(live_server: ServerHandle, fu
             while not done.is_set():
                 r = client.lookup(features, weights=weights)
                 answered.append(r.batch_size)
-                expected = pool(tables, ["user", "hashtags"], lengths, values, w, list(r.keys), weighted_keys={"hashtags"})
+                expected = pool(
+                    tables, ["user", "hashtags"], lengths, values, w, list(r.keys), weighted_keys={"hashtags"}
+                )
                 if not np.allclose(r.embeddings, expected, atol=2e-3, rtol=1e-3):
                     failures.append("wrong answer")
 

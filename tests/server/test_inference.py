@@ -22,12 +22,12 @@ from tritonclient.utils import InferenceServerException
 
 from embserve.embeddings import ModelConfig, ServingModel
 from embserve.oip import wire as oip
+from embserve.server.decode_oip import check_infer_wire
 from embserve.server.errors import InvalidRequest
-from embserve.server.inference import check_infer_wire
 from embserve.v1 import embserve_pb2 as pb
-from tests.conftest import ServerHandle
 from tests.reference import random_features
 from tests.server.helpers import lookup_request, stub, wrapped
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 Features = tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]
@@ -46,9 +46,9 @@ def client(served: ServerHandle) -> Iterator[triton.InferenceServerClient]:
         yield c
 
 
-def _per_key(keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None) -> Iterator[
-    tuple[str, np.ndarray, np.ndarray, np.ndarray | None]
-]:
+def _per_key(
+    keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None
+) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
     """(key, lengths, values, weights or None) of each key of KJT-layout features; weights only for weighted keys."""
     starts = np.concatenate([[0], np.cumsum(lengths.sum(axis=1))]).astype(np.int64)
     for k, key in enumerate(keys):
@@ -57,11 +57,15 @@ def _per_key(keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: 
         yield key, lengths[k], values[s:e], w
 
 
-def triton_inputs(keys: list[str], lengths: np.ndarray, values: np.ndarray,
-                  weights: np.ndarray | None = None) -> list[triton.InferInput]:
+def triton_inputs(
+    keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None
+) -> list[triton.InferInput]:
     inputs = []
     for key, key_lengths, key_values, key_weights in _per_key(keys, lengths, values, weights):
-        arrays = [("lengths", key_lengths.astype(np.int32), "INT32"), ("values", key_values.astype(np.int64), "INT64")]
+        arrays: list[tuple[str, np.ndarray, str]] = [
+            ("lengths", key_lengths.astype(np.int32), "INT32"),
+            ("values", key_values.astype(np.int64), "INT64"),
+        ]
         if key_weights is not None:
             arrays.append(("weights", key_weights.astype(np.float32), "FP32"))
         for kind, array, datatype in arrays:
@@ -71,8 +75,9 @@ def triton_inputs(keys: list[str], lengths: np.ndarray, values: np.ndarray,
     return inputs
 
 
-def typed_request(keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None,
-                  **fields: Any) -> service_pb2.ModelInferRequest:
+def typed_request(
+    keys: list[str], lengths: np.ndarray, values: np.ndarray, weights: np.ndarray | None, **fields: Any
+) -> service_pb2.ModelInferRequest:
     """A request with the typed `contents` fields instead of raw bytes, built with Triton's own messages."""
     request = service_pb2.ModelInferRequest(model_name="small", **fields)
     for key, key_lengths, key_values, key_weights in _per_key(keys, lengths, values, weights):
@@ -110,10 +115,15 @@ def test_metadata_lists_inputs_and_output(client: triton.InferenceServerClient, 
     assert meta.name == "small" and list(meta.versions) == [small_serving.version] and meta.platform == "torchrec"
     inputs = [(t.name, t.datatype, list(t.shape)) for t in meta.inputs]
     assert inputs == [
-        ("user__lengths", "INT32", [-1]), ("user__values", "INT64", [-1]),
-        ("author__lengths", "INT32", [-1]), ("author__values", "INT64", [-1]),
-        ("topics__lengths", "INT32", [-1]), ("topics__values", "INT64", [-1]),
-        ("hashtags__lengths", "INT32", [-1]), ("hashtags__values", "INT64", [-1]), ("hashtags__weights", "FP32", [-1]),
+        ("user__lengths", "INT32", [-1]),
+        ("user__values", "INT64", [-1]),
+        ("author__lengths", "INT32", [-1]),
+        ("author__values", "INT64", [-1]),
+        ("topics__lengths", "INT32", [-1]),
+        ("topics__values", "INT64", [-1]),
+        ("hashtags__lengths", "INT32", [-1]),
+        ("hashtags__values", "INT64", [-1]),
+        ("hashtags__weights", "FP32", [-1]),
     ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("embeddings", "FP32", [-1, 40])]
     with pytest.raises(InferenceServerException) as info:
@@ -123,8 +133,11 @@ def test_metadata_lists_inputs_and_output(client: triton.InferenceServerClient, 
 
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "BF16"])
 def test_infer_equals_lookup_bit_for_bit(
-    served: ServerHandle, client: triton.InferenceServerClient, small_config: ModelConfig,
-    small_serving: ServingModel, datatype: str,
+    served: ServerHandle,
+    client: triton.InferenceServerClient,
+    small_config: ModelConfig,
+    small_serving: ServingModel,
+    datatype: str,
 ) -> None:
     rng = np.random.default_rng(7)
     calls = [random_request(rng, small_config) for _ in range(24)]
@@ -132,8 +145,10 @@ def test_infer_equals_lookup_bit_for_bit(
     channel, s = stub(served.address)
     with channel, concurrent.futures.ThreadPoolExecutor(8) as pool:  # calls of both APIs share batches
         lookups = [s.Lookup.future(lookup_request(*c, dtype=DTYPES[datatype])) for c in calls]
-        infers = [pool.submit(client.infer, "small", triton_inputs(*c), request_id=f"r{i}", parameters=params)
-                  for i, c in enumerate(calls)]
+        infers = [
+            pool.submit(client.infer, "small", triton_inputs(*c), request_id=f"r{i}", parameters=params)
+            for i, c in enumerate(calls)
+        ]
         for i, (call, lookup, infer) in enumerate(zip(calls, lookups, infers)):
             native, result = lookup.result(timeout=60), infer.result(timeout=60)
             response = result.get_response()
@@ -149,8 +164,9 @@ def test_infer_equals_lookup_bit_for_bit(
         assert half.dtype == np.float16 and np.array_equal(half, exact.astype(np.float16))
 
 
-def test_typed_contents_and_output_parameter(served: ServerHandle, client: triton.InferenceServerClient,
-                                             small_config: ModelConfig) -> None:
+def test_typed_contents_and_output_parameter(
+    served: ServerHandle, client: triton.InferenceServerClient, small_config: ModelConfig
+) -> None:
     rng = np.random.default_rng(3)
     call = random_request(rng, small_config)
     while "hashtags" not in call[0]:
@@ -161,9 +177,14 @@ def test_typed_contents_and_output_parameter(served: ServerHandle, client: trito
         triton_stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         typed = triton_stub.ModelInfer(typed_request(*call), timeout=30)
         assert typed.raw_output_contents == raw.raw_output_contents
-        request = typed_request(*call, outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(
-            name="embeddings", parameters={"datatype": service_pb2.InferParameter(string_param="FP16")}
-        )])
+        request = typed_request(
+            *call,
+            outputs=[
+                service_pb2.ModelInferRequest.InferRequestedOutputTensor(
+                    name="embeddings", parameters={"datatype": service_pb2.InferParameter(string_param="FP16")}
+                )
+            ],
+        )
         half = triton_stub.ModelInfer(request, timeout=30)
     exact = np.frombuffer(raw.raw_output_contents[0], "<f4")
     assert half.outputs[0].datatype == "FP16"
@@ -179,34 +200,62 @@ def _tensor(name: str, datatype: str, array: Any) -> triton.InferInput:
 
 USER = [_tensor("user__lengths", "INT32", [1, 2]), _tensor("user__values", "INT64", [1, 2, 3])]
 BAD_INPUTS: list[tuple[list[triton.InferInput], str]] = [
-    ([_tensor("user__lengths", "INT64", [1, 2]), USER[1]], "input 'user__lengths' has datatype 'INT64', but model "
-                                                           "'small' expects INT32"),
+    (
+        [_tensor("user__lengths", "INT64", [1, 2]), USER[1]],
+        "input 'user__lengths' has datatype 'INT64', but model 'small' expects INT32",
+    ),
     ([_tensor("user__lengths", "INT32", [[1, 2]]), USER[1]], r"input 'user__lengths' has shape \[1, 2\]"),
     ([*USER, _tensor("bogus__values", "INT64", [1])], "unexpected inference input 'bogus__values'"),
     ([*USER, _tensor("user__ids", "INT64", [1])], "unexpected inference input 'user__ids'"),
     ([USER[1]], "input 'user__values' needs the input 'user__lengths'"),
-    ([*USER, _tensor("author__lengths", "INT32", [0, 0, 0])],
-     r"input 'author__lengths' has shape \[3\] but 'user__lengths' has \[2\]"),
-    ([USER[0], _tensor("user__values", "INT64", [1, 2])], r"input 'user__values' has 2 ids but sum\(user__lengths\) = 3"),
-    ([USER[0], _tensor("user__values", "INT64", [1, 1000, 3])],
-     r"id 1000 at user__values\[1\] is out of range for key 'user'"),
-    ([*USER, _tensor("author__lengths", "INT32", [0, 1]), _tensor("author__values", "INT64", [-4])],
-     r"negative id -4 at author__values\[0\]"),
+    (
+        [*USER, _tensor("author__lengths", "INT32", [0, 0, 0])],
+        r"input 'author__lengths' has shape \[3\] but 'user__lengths' has \[2\]",
+    ),
+    (
+        [USER[0], _tensor("user__values", "INT64", [1, 2])],
+        r"input 'user__values' has 2 ids but sum\(user__lengths\) = 3",
+    ),
+    (
+        [USER[0], _tensor("user__values", "INT64", [1, 1000, 3])],
+        r"id 1000 at user__values\[1\] is out of range for key 'user'",
+    ),
+    (
+        [*USER, _tensor("author__lengths", "INT32", [0, 1]), _tensor("author__values", "INT64", [-4])],
+        r"negative id -4 at author__values\[0\]",
+    ),
     ([_tensor("user__lengths", "INT32", [-1, 4]), USER[1]], r"negative length -1 at user__lengths\[0\]"),
     ([*USER, _tensor("user__weights", "FP32", [1, 1, 1])], "table 'user' is not weighted"),
-    ([*USER, _tensor("hashtags__lengths", "INT32", [0, 1]), _tensor("hashtags__values", "INT64", [5]),
-      _tensor("hashtags__weights", "FP32", [np.inf])], r"non-finite weight inf at hashtags__weights\[0\]"),
-    ([*USER, _tensor("hashtags__lengths", "INT32", [0, 1]), _tensor("hashtags__values", "INT64", [5]),
-      _tensor("hashtags__weights", "FP32", [1, 2])], "input 'hashtags__weights' has 2 entries but 'hashtags__values' has 1"),
-    ([_tensor("user__lengths", "INT32", []), _tensor("user__values", "INT64", [])],
-     r"batch size \(the shape of the <key>__lengths inputs\) must be > 0"),
+    (
+        [
+            *USER,
+            _tensor("hashtags__lengths", "INT32", [0, 1]),
+            _tensor("hashtags__values", "INT64", [5]),
+            _tensor("hashtags__weights", "FP32", [np.inf]),
+        ],
+        r"non-finite weight inf at hashtags__weights\[0\]",
+    ),
+    (
+        [
+            *USER,
+            _tensor("hashtags__lengths", "INT32", [0, 1]),
+            _tensor("hashtags__values", "INT64", [5]),
+            _tensor("hashtags__weights", "FP32", [1, 2]),
+        ],
+        "input 'hashtags__weights' has 2 entries but 'hashtags__values' has 1",
+    ),
+    (
+        [_tensor("user__lengths", "INT32", []), _tensor("user__values", "INT64", [])],
+        r"batch size \(the shape of the <key>__lengths inputs\) must be > 0",
+    ),
     ([], "no inputs"),
 ]
 
 
 @pytest.mark.parametrize(("inputs", "message"), BAD_INPUTS)
-def test_bad_inputs_name_the_tensor(served: ServerHandle, client: triton.InferenceServerClient,
-                                    inputs: list[triton.InferInput], message: str) -> None:
+def test_bad_inputs_name_the_tensor(
+    served: ServerHandle, client: triton.InferenceServerClient, inputs: list[triton.InferInput], message: str
+) -> None:
     with pytest.raises(InferenceServerException, match=message) as info:
         client.infer("small", inputs)
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
@@ -217,10 +266,16 @@ def test_bad_requests_outside_the_tensors(served: ServerHandle, client: triton.I
     cases: list[tuple[Callable[[], Any], str, str]] = [
         (lambda: client.infer("other", USER), "NOT_FOUND", "'other' is not found"),
         (lambda: client.infer("small", USER, model_version="v9"), "NOT_FOUND", "version 'v9' is not found"),
-        (lambda: client.infer("small", USER, parameters={"output_datatype": "INT8"}), "INVALID_ARGUMENT",
-         "output datatype 'INT8' is not one of FP32, FP16, BF16"),
-        (lambda: client.infer("small", USER, outputs=[triton.InferRequestedOutput("scores")]), "INVALID_ARGUMENT",
-         "unexpected inference output 'scores'"),
+        (
+            lambda: client.infer("small", USER, parameters={"output_datatype": "INT8"}),
+            "INVALID_ARGUMENT",
+            "output datatype 'INT8' is not one of FP32, FP16, BF16",
+        ),
+        (
+            lambda: client.infer("small", USER, outputs=[triton.InferRequestedOutput("scores")]),
+            "INVALID_ARGUMENT",
+            "unexpected inference output 'scores'",
+        ),
     ]
     for call, code, message in cases:
         with pytest.raises(InferenceServerException) as info:
@@ -240,7 +295,9 @@ def test_bad_requests_outside_the_tensors(served: ServerHandle, client: triton.I
         with pytest.raises(grpc.RpcError) as rpc:
             infer(raw.SerializeToString(), timeout=10)
         assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert "input 'user__lengths' has 4 bytes of raw contents; shape [2] of INT32 is 8 bytes" in str(rpc.value.details())
+        assert "input 'user__lengths' has 4 bytes of raw contents; shape [2] of INT32 is 8 bytes" in str(
+            rpc.value.details()
+        )
 
 
 def test_full_queue_is_unavailable_as_in_triton(server_factory: Factory, small_serving: ServingModel) -> None:
@@ -262,7 +319,9 @@ def test_full_queue_is_unavailable_as_in_triton(server_factory: Factory, small_s
 
 
 def test_deadline_passed_in_the_queue(server_factory: Factory, small_serving: ServingModel) -> None:
-    handle = server_factory(wrapped(small_serving, delay_s=0.6), batching={"max_batch_size": 2, "max_inflight_batches": 1})
+    handle = server_factory(
+        wrapped(small_serving, delay_s=0.6), batching={"max_batch_size": 2, "max_inflight_batches": 1}
+    )
     with triton.InferenceServerClient(handle.address) as c, concurrent.futures.ThreadPoolExecutor(2) as pool:
         first = pool.submit(c.infer, "small", USER)  # holds the executor for 0.6 s
         time.sleep(0.1)
@@ -301,10 +360,10 @@ def test_tokens(tmp_path: Path, server_factory: Factory, small_serving: ServingM
             assert c.get_model_metadata("small", headers=headers).name == "small"
             assert c.infer("small", USER, headers=headers).as_numpy("embeddings").shape == (2, 40)
         cases = [(None, "UNAUTHENTICATED"), ("wrong", "UNAUTHENTICATED"), ("lookup-token", "PERMISSION_DENIED")]
-        for token, code in cases:
-            headers = {"authorization": f"Bearer {token}"} if token else None
+        for refused, code in cases:
+            refused_headers = {"authorization": f"Bearer {refused}"} if refused else None
             with pytest.raises(InferenceServerException) as info:
-                c.infer("small", USER, headers=headers)
+                c.infer("small", USER, headers=refused_headers)
             assert info.value.status() == f"StatusCode.{code}"
         with pytest.raises(InferenceServerException) as info:
             c.get_server_metadata(headers={"authorization": "Bearer infer-token"})
@@ -340,11 +399,14 @@ def test_large_request_fields_are_counted_before_parsing(served: ServerHandle, s
     check_infer_wire(service_pb2.ModelInferRequest(model_name="small", inputs=inputs).SerializeToString(), max_inputs)
     with grpc.insecure_channel(served.address, options=[("grpc.max_send_message_length", -1)]) as channel:
         infer = channel.unary_unary(oip.MODEL_INFER_METHOD)
-        for request, message in ((many_inputs, "inputs"), (many_contents, "raw_input_contents"),
-                                 (huge_map, "an input tensor")):
+        for request, message in (
+            (many_inputs, "inputs"),
+            (many_contents, "raw_input_contents"),
+            (huge_map, "an input tensor"),
+        ):
             body = request.SerializeToString()
             assert 1 << 20 <= len(body) < 8 << 20  # large enough to be walked, within the message limit
             with pytest.raises(grpc.RpcError) as rpc:
                 infer(body, timeout=30)
-            assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-            assert message in str(rpc.value.details())  # type: ignore[attr-defined]
+            assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert message in str(rpc.value.details())

@@ -11,7 +11,7 @@ import pytest
 
 from embserve.embeddings import build_serving_model
 from embserve.server.logs import configure_logging
-from tests.conftest import make_config
+from tests.support import make_config
 
 
 @pytest.fixture

@@ -12,11 +12,18 @@ import numpy as np
 import pytest
 
 from embserve.client import AsyncClient, Client, LookupResult, Overloaded
-from embserve.embeddings import LargeEmbeddings, ModelConfig, ServingModel, build_serving_model, init_weights, save_checkpoint
+from embserve.embeddings import (
+    LargeEmbeddings,
+    ModelConfig,
+    ServingModel,
+    build_serving_model,
+    init_weights,
+    save_checkpoint,
+)
 from embserve.server.app import ReloadFailed
-from tests.conftest import ServerHandle, float_tables, write_model_config
 from tests.reference import assert_pooled_close, pool
 from tests.server.helpers import embeddings_of, lookup_request, stub, wrapped
+from tests.support import ServerHandle, float_tables, write_model_config
 
 Factory = Callable[..., ServerHandle]
 FEATURES = {"user": [[1, 2], [3], [999]], "topics": [[5], [], [250]]}
@@ -82,13 +89,19 @@ def test_hot_reload_under_traffic_fails_no_call(
     assert versions[0] == va and versions[-1] == "a-again"
     vb = next(v for v in versions if v not in (va, "a-again"))
     assert vb.startswith("b-")
-    refs = {va: float_tables(small_config, 1), vb: float_tables(small_config, 2), "a-again": float_tables(small_config, 1)}
+    refs = {
+        va: float_tables(small_config, 1),
+        vb: float_tables(small_config, 2),
+        "a-again": float_tables(small_config, 1),
+    }
     for r in results:  # every response computed wholly by the version it names
         np.testing.assert_allclose(r.embeddings, _expected(refs[r.model_version], list(r.keys)), atol=2e-3, rtol=1e-3)
     assert handle.metric("embserve_model_reloads_total", {"outcome": "ok"}) == 2
 
 
-def test_failed_reload_keeps_the_old_version(tmp_path: Path, server_factory: Factory, small_config: ModelConfig) -> None:
+def test_failed_reload_keeps_the_old_version(
+    tmp_path: Path, server_factory: Factory, small_config: ModelConfig
+) -> None:
     a = _checkpoint(small_config, 1, tmp_path / "a.safetensors")
     config_path = write_model_config(small_config, tmp_path / "small.yaml")
     handle = server_factory(build_serving_model(small_config, checkpoint=a), model=str(config_path), checkpoint=str(a))
@@ -118,7 +131,9 @@ def test_cancel_mid_batch_does_not_disturb_others(
     with channel:
         blocker = s.Lookup.future(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1)))
         time.sleep(0.1)
-        batch = [s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2) + i)) for i in range(6)]
+        batch = [
+            s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2) + i)) for i in range(6)
+        ]
         time.sleep(0.35)  # the six now share one running batch
         batch[2].cancel()
         batch[4].cancel()
@@ -198,7 +213,9 @@ def test_every_computed_request_observes_its_queue_wait(server_factory: Factory,
     before = handle.metric("embserve_queue_wait_seconds_count")
     channel, s = stub(handle.address)
     with channel:
-        futures = [s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2))) for _ in range(25)]
+        futures = [
+            s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2))) for _ in range(25)
+        ]
         for f in futures:
             f.result(timeout=30)
     assert handle.metric("embserve_queue_wait_seconds_count") - before == 25

@@ -17,7 +17,7 @@ from embserve.client import (
 )
 from embserve.embeddings import ServingModel
 from tests.certs import make_pki
-from tests.conftest import ServerHandle
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 FEATURES = {"user": [[1, 2], [3]]}
@@ -29,8 +29,9 @@ def test_tls_and_mutual_tls(tmp_path: Path, server_factory: Factory, small_servi
     tls = server_factory(small_serving, tls={"cert_file": str(pki["server.pem"]), "key_file": str(pki["server.key"])})
     with Client(tls.address, tls=TlsConfig(root_certificates=ca)) as client:
         assert client.lookup(FEATURES).batch_size == 2
-    with Client(tls.address, tls=TlsConfig(root_certificates=pki["other-ca.pem"].read_bytes()), retry=None,
-                timeout=3) as client:
+    with Client(
+        tls.address, tls=TlsConfig(root_certificates=pki["other-ca.pem"].read_bytes()), retry=None, timeout=3
+    ) as client:
         with pytest.raises(Unavailable):  # the server's certificate is not trusted
             client.lookup(FEATURES)
     with Client(tls.address, retry=None, timeout=3) as client:
@@ -39,7 +40,11 @@ def test_tls_and_mutual_tls(tmp_path: Path, server_factory: Factory, small_servi
 
     mtls = server_factory(
         small_serving,
-        tls={"cert_file": str(pki["server.pem"]), "key_file": str(pki["server.key"]), "client_ca_file": str(pki["ca.pem"])},
+        tls={
+            "cert_file": str(pki["server.pem"]),
+            "key_file": str(pki["server.key"]),
+            "client_ca_file": str(pki["ca.pem"]),
+        },
     )
     good = TlsConfig(ca, pki["client.key"].read_bytes(), pki["client.pem"].read_bytes())
     with Client(mtls.address, tls=good) as client:
@@ -76,8 +81,10 @@ def test_bearer_tokens(
             client.lookup(FEATURES)
     with Client(handle.address, token=lookup_only, retry=None) as client:
         assert client.lookup(FEATURES).batch_size == 2  # the SDK does without the limits it may not read
-    denied = [handle.metric("embserve_requests_total", {"method": m, "code": "PERMISSION_DENIED"})
-              for m in ("Lookup", "LookupStream")]
+    denied = [
+        handle.metric("embserve_requests_total", {"method": m, "code": "PERMISSION_DENIED"})
+        for m in ("Lookup", "LookupStream")
+    ]
     assert sum(denied) == 1  # counted under the method the client used (LookupStream by default)
     assert handle.metric("embserve_requests_total", {"method": "GetModelMetadata", "code": "UNAUTHENTICATED"}) == 2
     assert secret not in caplog.text and meta_only not in caplog.text and lookup_only not in caplog.text

@@ -13,7 +13,7 @@ import pytest
 from embserve.embeddings import SelfCheckFailed, ServingModel
 from embserve.server.app import EmbserveServer, ReloadFailed
 from embserve.server.config import ServerConfig
-from tests.conftest import ServerHandle, make_config, write_model_config
+from tests.support import ServerHandle, make_config, write_model_config
 
 Factory = Callable[..., ServerHandle]
 TABLES = [
@@ -61,18 +61,19 @@ def test_reload_to_a_model_that_cannot_compute_keeps_the_old_one(
     init_weights(lm, 1)
     save_checkpoint(lm, ckpt)
     handle = server_factory(model=str(write_model_config(config, tmp_path / "m.yaml")), checkpoint=str(ckpt))
-    before = handle.server.executor.model.version
+    before = handle.server.model.version
     _break_tags(monkeypatch)
     with pytest.raises(ReloadFailed, match="table 'tags'"):
         handle.call(handle.server.reload(str(ckpt), version="next"))
-    assert handle.server.executor.model.version == before
+    assert handle.server.model.version == before
 
 
 def _serve(code: str, args: list[str]) -> tuple[int, list[str]]:
     """Runs `embserve serve`; the exit code and its stderr lines. A server that gets as far as serving is stopped
     at once and fails the test, rather than left to run into a timeout."""
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
     try:
         assert proc.stderr is not None
         lines = []
@@ -90,7 +91,10 @@ def _serve(code: str, args: list[str]) -> tuple[int, list[str]]:
 
 def test_serve_exits_non_zero_with_one_line_naming_the_table(tmp_path: Path) -> None:
     model = write_model_config(make_config(TABLES), tmp_path / "m.yaml")
-    code = BREAK_TAGS + "ServingModel.forward = broken\nfrom embserve.client.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = (
+        BREAK_TAGS
+        + "ServingModel.forward = broken\nfrom embserve.client.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
     args = ["serve", "--model", str(model), "--engine", "eager", "--port", "0", "--no-metrics"]
     code_default, lines = _serve(code, args)
     assert code_default == 1, lines

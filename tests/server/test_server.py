@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.request
@@ -16,15 +17,22 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from embserve.embeddings import ModelConfig, ServingModel
 from embserve.v1 import embserve_pb2 as pb
-from tests.conftest import ServerHandle
 from tests.reference import assert_pooled_close, pool, random_features
 from tests.server.helpers import embeddings_of, lookup_request, stub, wrapped
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 
 
-def _check(config: ModelConfig, tables: dict[str, np.ndarray], keys: list[str], lengths: np.ndarray,
-           values: np.ndarray, weights: np.ndarray | None, response: pb.LookupResponse) -> None:
+def _check(
+    config: ModelConfig,
+    tables: dict[str, np.ndarray],
+    keys: list[str],
+    lengths: np.ndarray,
+    values: np.ndarray,
+    weights: np.ndarray | None,
+    response: pb.LookupResponse,
+) -> None:
     out_keys = list(response.keys)
     dims = {t.name: t.embedding_dim for t in config.tables}
     rows = {t.name: t.num_embeddings for t in config.tables}
@@ -38,7 +46,9 @@ def _check(config: ModelConfig, tables: dict[str, np.ndarray], keys: list[str], 
     assert_pooled_close(dims, fp16, out_keys, embeddings_of(response), expected)
 
 
-def _random_request(rng: np.random.Generator, config: ModelConfig) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+def _random_request(
+    rng: np.random.Generator, config: ModelConfig
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
     rows = {t.name: t.num_embeddings for t in config.tables}
     keys = list(rng.permutation(list(rows))[: rng.integers(1, len(rows) + 1)])
     if "topics" in keys and rng.random() < 0.5:
@@ -131,12 +141,13 @@ def test_invalid_requests_fail_alone_while_valid_callers_succeed(
             futures.append(("invalid", message, s.Lookup.future(bad)))
         for kind, payload, fut in futures:
             if kind == "valid":
-                _check(small_config, small_tables, *payload, fut.result(timeout=60))
+                keys, lengths, values, weights = payload
+                _check(small_config, small_tables, keys, lengths, values, weights, fut.result(timeout=60))
             else:
                 with pytest.raises(grpc.RpcError) as info:
                     fut.result(timeout=60)
                 assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-                assert __import__("re").search(payload, info.value.details()), info.value.details()
+                assert re.search(payload, info.value.details()), info.value.details()
         # Garbage bytes for the method itself: a defined status, and the server keeps serving.
         raw = channel.unary_unary("/embserve.v1.EmbeddingService/Lookup")
         with pytest.raises(grpc.RpcError) as info:
@@ -199,9 +210,11 @@ def test_expired_or_cancelled_calls_are_never_computed(
         assert after.shape[0] == 3
     # Examples computed: the blocker's 2 and the last call's 3, never the victim's 7.
     assert handle.metric("embserve_batch_examples_sum") == 5
-    assert handle.metric("embserve_dropped_total", {"reason": "cancelled"}) + handle.metric(
-        "embserve_dropped_total", {"reason": "deadline"}
-    ) == 1
+    assert (
+        handle.metric("embserve_dropped_total", {"reason": "cancelled"})
+        + handle.metric("embserve_dropped_total", {"reason": "deadline"})
+        == 1
+    )
 
 
 def test_failing_forward_fails_only_its_batch(server_factory: Factory, small_serving: ServingModel) -> None:
@@ -246,9 +259,15 @@ def test_health_reflection_and_metrics_endpoint(server_factory: Factory, small_s
         assert lookup.package == "embserve.v1"
     port = handle.server.metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    for name in ("embserve_requests_total", "embserve_queue_wait_seconds", "embserve_batch_examples",
-                 "embserve_forward_seconds", "embserve_request_seconds", "embserve_queue_examples",
-                 "embserve_model_info"):
+    for name in (
+        "embserve_requests_total",
+        "embserve_queue_wait_seconds",
+        "embserve_batch_examples",
+        "embserve_forward_seconds",
+        "embserve_request_seconds",
+        "embserve_queue_examples",
+        "embserve_model_info",
+    ):
         assert name in text, name
     assert f'version="{small_serving.version}"' in text
 
@@ -262,7 +281,9 @@ def test_drain_refuses_new_calls_and_finishes_accepted_ones(
     channel, s = stub(handle.address)
     health = health_pb2_grpc.HealthStub(channel)
     with channel:
-        accepted = [s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2))) for _ in range(3)]
+        accepted = [
+            s.Lookup.future(lookup_request(["user"], np.ones((1, 2), np.int32), np.arange(2))) for _ in range(3)
+        ]
         time.sleep(0.1)
         stopper = threading.Thread(target=handle.stop, kwargs={"grace": 10.0})
         stopper.start()
@@ -274,6 +295,13 @@ def test_drain_refuses_new_calls_and_finishes_accepted_ones(
             s.Lookup(lookup_request(["user"], np.ones((1, 1), np.int32), np.arange(1)), timeout=5)
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         for f in accepted:  # finished, with the right values
-            _check(small_config, small_tables, ["user"], np.ones((1, 2), np.int32), np.arange(2), None,
-                   f.result(timeout=30))
+            _check(
+                small_config,
+                small_tables,
+                ["user"],
+                np.ones((1, 2), np.int32),
+                np.arange(2),
+                None,
+                f.result(timeout=30),
+            )
         stopper.join(30)

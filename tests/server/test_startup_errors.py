@@ -14,7 +14,7 @@ import torch
 
 from embserve.embeddings import LargeEmbeddings, ServingModel, init_weights, save_checkpoint
 from embserve.server import StartupError
-from tests.conftest import ServerHandle, make_config, write_model_config
+from tests.support import ServerHandle, make_config, write_model_config
 
 TABLES = [{"name": "user", "num_embeddings": 50, "embedding_dim": 4}]
 
@@ -159,3 +159,51 @@ def test_server_bind_failure_names_the_metrics_port(
         server_factory(small_serving, metrics_port=held_port)
     # Nothing of the failed start holds the gRPC port or the model: a server starts normally afterwards.
     assert server_factory(small_serving).server.port > 0
+
+
+_TORCH_PROBE = """
+import sys
+from embserve.client.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exit:
+    code = exit.code
+print("torch" in sys.modules, "torchrec" in sys.modules, code)
+"""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["serve", "--help"],
+        ["serve", "--checkpoint", "missing.safetensors", "--no-metrics"],
+        ["serve", "--model", "no-such-model", "--no-metrics"],
+        ["serve", "--max-batch-size", "0", "--no-metrics"],
+    ],
+)
+def test_help_and_start_up_errors_do_not_import_torch(args: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _TORCH_PROBE, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    torch_loaded, torchrec_loaded, code = proc.stdout.splitlines()[-1].split()
+    assert (torch_loaded, torchrec_loaded) == ("False", "False"), proc.stderr
+    assert code == ("0" if "--help" in args else "2"), proc.stderr
+
+
+def test_a_truncated_checkpoint_is_refused_from_its_header(tmp_path: Path) -> None:
+    config = make_config(TABLES)
+    model = LargeEmbeddings(config)
+    init_weights(model)
+    path = tmp_path / "w.safetensors"
+    save_checkpoint(model, path)
+    path.write_bytes(path.read_bytes()[:-10])
+    _assert_one_line(
+        ["--model", str(write_model_config(config, tmp_path / "m.yaml")), "--checkpoint", str(path)],
+        "is truncated",
+        "w.safetensors",
+    )

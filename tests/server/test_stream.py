@@ -13,12 +13,12 @@ import pytest
 
 from embserve.client import AsyncClient, Client, InvalidRequest
 from embserve.embeddings import ModelConfig, ServingModel
-from embserve.server.servicer import EmbeddingServicer
+from embserve.server.streams import StreamServicer
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
-from tests.conftest import ServerHandle
 from tests.reference import assert_pooled_close, pool
 from tests.server.helpers import embeddings_of, lookup_request, wrapped
+from tests.support import ServerHandle
 
 Factory = Callable[..., ServerHandle]
 CALL_TIMEOUT = 20
@@ -38,8 +38,9 @@ def _bad(request_id: str) -> pb.LookupRequest:
     return request
 
 
-def _check(response: pb.LookupResponse, request: pb.LookupRequest, config: ModelConfig,
-           tables: dict[str, np.ndarray]) -> None:
+def _check(
+    response: pb.LookupResponse, request: pb.LookupRequest, config: ModelConfig, tables: dict[str, np.ndarray]
+) -> None:
     f = request.features
     lengths = np.frombuffer(f.lengths, "<i4").reshape(len(f.keys), f.batch_size)
     expected = pool(tables, list(f.keys), lengths, np.frombuffer(f.values, "<i8"), None, list(response.keys))
@@ -49,8 +50,11 @@ def _check(response: pb.LookupResponse, request: pb.LookupRequest, config: Model
 
 def _stream(address: str) -> tuple[grpc.Channel, grpc.StreamStreamMultiCallable]:
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", -1)])
-    method = channel.stream_stream(method_path("LookupStream"), request_serializer=pb.LookupRequest.SerializeToString,
-                                   response_deserializer=pb.LookupResponse.FromString)
+    method = channel.stream_stream(
+        method_path("LookupStream"),
+        request_serializer=pb.LookupRequest.SerializeToString,
+        response_deserializer=pb.LookupResponse.FromString,
+    )
     return channel, method
 
 
@@ -91,7 +95,10 @@ def test_answers_come_back_as_they_complete(server_factory: Factory, small_servi
 def test_missing_request_id_is_answered_with_a_status(server_factory: Factory, small_serving: ServingModel) -> None:
     server = server_factory(small_serving)
     (reply,) = _exchange(server.address, [_good(np.random.default_rng(2), "")])
-    assert reply.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "request_id is required" in reply.status.message
+    assert (
+        reply.status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        and "request_id is required" in reply.status.message
+    )
 
 
 def test_per_message_timeout(server_factory: Factory, small_serving: ServingModel) -> None:
@@ -107,7 +114,9 @@ def test_per_message_timeout(server_factory: Factory, small_serving: ServingMode
     assert server.metric("embserve_dropped_total", {"reason": "deadline"}) == 1
 
 
-def test_outstanding_cap_answers_resource_exhausted_at_once(server_factory: Factory, small_serving: ServingModel) -> None:
+def test_outstanding_cap_answers_resource_exhausted_at_once(
+    server_factory: Factory, small_serving: ServingModel
+) -> None:
     server = server_factory(wrapped(small_serving, delay_s=0.5), limits={"max_stream_outstanding": 2})
     rng = np.random.default_rng(4)
     replies = _exchange(server.address, [_good(rng, f"m{i}") for i in range(6)])
@@ -146,7 +155,7 @@ def test_cancel_mid_stream_drops_queued_messages_and_serves_others(
     other = _good(rng, "other")
     (reply,) = _exchange(server.address, [other])  # another caller is answered correctly meanwhile
     _check(reply, other, small_config, small_tables)
-    assert slow.module.calls <= 3  # the cancelled stream's queued messages never reached a forward
+    assert getattr(slow.module, "calls") <= 3  # the cancelled stream's queued messages never reached a forward
     assert server.metric("embserve_dropped_total", {"reason": "cancelled"}) >= 2
 
 
@@ -183,10 +192,10 @@ def test_drain_answers_messages_in_flight_then_ends_the_stream(
 @pytest.fixture
 def flaky_first_stream(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """The first LookupStream call reads three messages, answers none, and fails UNAVAILABLE."""
-    original = EmbeddingServicer.LookupStream
+    original = StreamServicer.LookupStream
     state = {"broken": 0, "received": 0}
 
-    async def flaky(self: EmbeddingServicer, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+    async def flaky(self: StreamServicer, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         if state["broken"]:
             return await original(self, requests, context)
         state["broken"] = 1
@@ -195,7 +204,7 @@ def flaky_first_stream(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
             if state["received"] == 3:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream failure")
 
-    monkeypatch.setattr(EmbeddingServicer, "LookupStream", flaky)
+    monkeypatch.setattr(StreamServicer, "LookupStream", flaky)
     return state
 
 
@@ -211,16 +220,25 @@ def _expect(i: int, tables: dict[str, np.ndarray], keys: list[str]) -> np.ndarra
 
 
 def test_sdk_resends_what_a_broken_stream_left_unanswered(
-    flaky_first_stream: dict[str, int], server_factory: Factory, small_serving: ServingModel,
-    small_config: ModelConfig, small_tables: dict[str, np.ndarray],
+    flaky_first_stream: dict[str, int],
+    server_factory: Factory,
+    small_serving: ServingModel,
+    small_config: ModelConfig,
+    small_tables: dict[str, np.ndarray],
 ) -> None:
     server = server_factory(wrapped(small_serving, delay_s=0.05))
     dims = {t.name: t.embedding_dim for t in small_config.tables}
     with Client(server.address, transport="stream", streams=1, timeout=CALL_TIMEOUT) as client:
         client.metadata()
         results: dict[int, np.ndarray] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
-            i, client.lookup(_features(i), request_id=f"call-{i}").embeddings)) for i in range(6)]
+        threads = [
+            threading.Thread(
+                target=lambda i=i: results.__setitem__(
+                    i, client.lookup(_features(i), request_id=f"call-{i}").embeddings
+                )
+            )
+            for i in range(6)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -235,8 +253,11 @@ def test_sdk_resends_what_a_broken_stream_left_unanswered(
 
 
 async def test_async_sdk_resends_what_a_broken_stream_left_unanswered(
-    flaky_first_stream: dict[str, int], server_factory: Factory, small_serving: ServingModel,
-    small_config: ModelConfig, small_tables: dict[str, np.ndarray],
+    flaky_first_stream: dict[str, int],
+    server_factory: Factory,
+    small_serving: ServingModel,
+    small_config: ModelConfig,
+    small_tables: dict[str, np.ndarray],
 ) -> None:
     server = server_factory(wrapped(small_serving, delay_s=0.05))
     dims = {t.name: t.embedding_dim for t in small_config.tables}
@@ -250,18 +271,31 @@ async def test_async_sdk_resends_what_a_broken_stream_left_unanswered(
     assert server.metric("embserve_requests_total", {"method": "LookupStream", "code": "OK"}) == 6
 
 
-def test_response_bytes_bounds_hold_on_streams_and_calls(server_factory: Factory, small_serving: ServingModel) -> None:
-    # 40 float32 columns: 160 bytes per example. One connection may hold 65,536 bytes of answers not yet sent
-    # (the least allowed), and no single answer may exceed 60,000 bytes (375 examples).
-    server = server_factory(wrapped(small_serving, delay_s=0.3), limits={
-        "max_response_bytes": 60_000, "max_pending_response_bytes_per_connection": 65_536, "max_request_examples": 512})
+def test_response_bytes_bounds_hold_on_streams_and_calls(
+    server_factory: Factory,
+    small_serving: ServingModel,
+    small_config: ModelConfig,
+    small_tables: dict[str, np.ndarray],
+) -> None:
+    # 40 float32 columns: 160 bytes per example. One connection may be owed 65,536 bytes of answers (the least
+    # allowed), and no single answer may exceed 60,000 bytes (375 examples).
+    server = server_factory(
+        wrapped(small_serving, delay_s=0.3),
+        limits={
+            "max_response_bytes": 60_000,
+            "max_pending_response_bytes_per_connection": 65_536,
+            "max_request_examples": 512,
+        },
+    )
     rng = np.random.default_rng(7)
     first, second, big = _good(rng, "first", batch=300), _good(rng, "second", batch=300), _good(rng, "big", batch=376)
     replies = {r.request_id: r for r in _exchange(server.address, [first, second, big])}
-    assert not replies["first"].HasField("status")  # 48,000 bytes held while its batch runs ...
-    refused = replies["second"].status  # ... so 96,000 would pass the connection's bound: refused at once
-    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
-    assert "max_pending_response_bytes_per_connection 65536" in refused.message
+    # 48,000 bytes owed while the first batch runs, 96,000 with the second: over the connection's bound, so the
+    # stream stops reading until its client takes answers. It reads them, so nothing is refused.
+    for name, request in (("first", first), ("second", second)):
+        assert not replies[name].HasField("status")
+        _check(replies[name], request, small_config, small_tables)
+    assert server.metric("embserve_requests_total", {"method": "LookupStream", "code": "RESOURCE_EXHAUSTED"}) == 0
     assert replies["big"].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "max_response_bytes 60000" in replies["big"].status.message
     with Client(server.address, transport="unary", retry=None) as client:  # the same bound on a unary call

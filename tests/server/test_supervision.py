@@ -49,8 +49,23 @@ class Supervisor(ServerProcess):
     def __init__(self, tmp_path: Path, *flags: str) -> None:
         model = tmp_path / "tiny.yaml"
         model.write_text(yaml.safe_dump(TINY_MODEL))
-        super().__init__([str(BIN), "serve", "--workers", "2", "--model", str(model), "--port", "0", "--no-metrics",
-                          "--grace-period", "1", *flags], "embserve --workers 2")
+        super().__init__(
+            [
+                str(BIN),
+                "serve",
+                "--workers",
+                "2",
+                "--model",
+                str(model),
+                "--port",
+                "0",
+                "--no-metrics",
+                "--grace-period",
+                "1",
+                *flags,
+            ],
+            "embserve --workers 2",
+        )
         self.start()
         assert self.log is not None and self.proc is not None
         self.address = str(self.log.wait("workers serving")[0]["address"])
@@ -79,10 +94,10 @@ def test_supervisor_that_gives_up_exits_non_zero(tmp_path: Path, supervisor: lis
     sup = Supervisor(tmp_path, "--max-worker-restarts", "1")
     supervisor.append(sup)
     os.kill(sup.workers[0], signal.SIGKILL)  # within the budget: replaced
-    replaced = sup.log.wait("worker replaced")[0]
+    replaced = sup.logs.wait("worker replaced")[0]
     os.kill(sup.workers[1], signal.SIGKILL)  # the second death within a minute is one too many
-    assert sup.proc.wait(timeout=60) == 1
-    assert sup.log.wait("workers keep dying; giving up")
+    assert sup.popen.wait(timeout=60) == 1
+    assert sup.logs.wait("workers keep dying; giving up")
     assert _wait_gone([int(str(replaced["pid"]))]) == []  # the survivors were stopped, not abandoned
 
 
@@ -90,21 +105,21 @@ def test_supervisor_that_gives_up_exits_non_zero(tmp_path: Path, supervisor: lis
 def test_worker_replacements_leak_no_descriptors(tmp_path: Path, supervisor: list[Supervisor]) -> None:
     sup = Supervisor(tmp_path)
     supervisor.append(sup)
-    before = _fd_count(sup.proc.pid)
+    before = _fd_count(sup.popen.pid)
     victim = sup.workers[0]
     for n in range(1, 5):
         os.kill(victim, signal.SIGKILL)
-        victim = int(str(sup.log.wait("worker replaced", n)[-1]["pid"]))
+        victim = int(str(sup.logs.wait("worker replaced", n)[-1]["pid"]))
         sup.workers.append(victim)
-    assert _fd_count(sup.proc.pid) == before
+    assert _fd_count(sup.popen.pid) == before
     channel = grpc.insecure_channel(sup.address)
     try:  # still serving
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         channel.close()
-    sup.proc.send_signal(signal.SIGTERM)
-    assert sup.proc.wait(timeout=60) == 0
+    sup.popen.send_signal(signal.SIGTERM)
+    assert sup.popen.wait(timeout=60) == 0
 
 
 @pytest.mark.slow
@@ -114,8 +129,8 @@ def test_killing_the_supervisor_stops_its_workers_and_frees_the_port(
     sup = Supervisor(tmp_path)
     supervisor.append(sup)
     host, port = sup.address.rsplit(":", 1)
-    sup.proc.kill()
-    sup.proc.wait(30)
+    sup.popen.kill()
+    sup.popen.wait(30)
     assert _wait_gone(sup.workers) == [], "workers outlived their supervisor"
     channel = grpc.insecure_channel(sup.address)
     try:  # nobody serves the port any more

@@ -15,14 +15,16 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from embserve.benchmarks.procs import LogReader, metrics_text, rss_bytes
 from embserve.embeddings import ServingModel
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
-from tests.conftest import ServerHandle
 from tests.server.helpers import lookup_request
 from tests.server.test_supervision import TINY_MODEL
-from embserve.benchmarks.procs import LogReader, metrics_text, rss_bytes
 from tests.server.test_workers import BIN
+from tests.support import ServerHandle
+
+pytestmark = pytest.mark.attack
 
 Factory = Callable[..., ServerHandle]
 SECRET, LOOKUP_ONLY = "s3cr3t-token-ABC", "lookup-only-QRS"
@@ -42,7 +44,8 @@ def _auth(token: str) -> list[tuple[str, str]]:
 def _lookup(channel: grpc.Channel, token: str, key: str = "user") -> pb.LookupResponse:
     request = lookup_request([key], np.array([[1]]), np.array([7]))
     call = channel.unary_unary(LOOKUP, pb.LookupRequest.SerializeToString, pb.LookupResponse.FromString)
-    return call(request, metadata=_auth(token), timeout=10)
+    response: pb.LookupResponse = call(request, metadata=_auth(token), timeout=10)
+    return response
 
 
 def test_made_up_methods_do_not_grow_metrics(
@@ -59,7 +62,7 @@ def test_made_up_methods_do_not_grow_metrics(
             metadata = _auth(LOOKUP_ONLY) if i % 2 else None
             calls.append(channel.unary_unary(method_path(f"Made{i}Up")).future(b"", metadata=metadata, timeout=60))
             if len(calls) >= 200:  # below max_concurrent_streams, so no call is refused for the stream limit
-                codes = {c.exception().code() for c in calls}  # type: ignore[union-attr]
+                codes = {c.exception().code() for c in calls}
                 assert codes == {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
                 calls.clear()
         text = metrics_text(port)
@@ -105,7 +108,9 @@ def test_token_free_health_watches_are_capped(
 
         tokened = _watch(health, LOOKUP_ONLY)  # any valid token: not counted, not capped
         assert next(tokened).status == health_pb2.HealthCheckResponse.SERVING
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        )
         assert _lookup(channel, SECRET).shape[0] == 1
 
         open_watches.pop().cancel()  # a watch that ends frees its place
@@ -140,9 +145,20 @@ def auth_server(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
     model = tmp_path / "tiny.yaml"
     model.write_text(yaml.safe_dump(TINY_MODEL))
     proc = subprocess.Popen(
-        [str(BIN), "serve", "--model", str(model), "--port", "0", "--no-metrics",
-         "--auth-tokens-file", str(_tokens(tmp_path))],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        [
+            str(BIN),
+            "serve",
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            "--no-metrics",
+            "--auth-tokens-file",
+            str(_tokens(tmp_path)),
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert proc.stderr is not None
@@ -174,7 +190,7 @@ def test_refused_call_is_not_read(auth_server: tuple[subprocess.Popen[str], str]
     sampler.start()
     try:
         calls = [c.unary_unary(LOOKUP).future(body, timeout=60) for c in channels]
-        codes = {call.exception().code() for call in calls}  # type: ignore[union-attr]
+        codes = {call.exception().code() for call in calls}
         done.set()
         sampler.join(10)
         assert codes == {grpc.StatusCode.UNAUTHENTICATED}

@@ -34,18 +34,42 @@ def _lookups_ok(port: int) -> float:
 @pytest.mark.slow
 def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> None:
     model = tmp_path / "big.yaml"
-    model.write_text(yaml.safe_dump({"name": "big", "tables": [
-        {"name": "a", "num_embeddings": 1_000_000, "embedding_dim": 64},
-        {"name": "b", "num_embeddings": 500_000, "embedding_dim": 64},
-    ]}))
+    model.write_text(
+        yaml.safe_dump(
+            {
+                "name": "big",
+                "tables": [
+                    {"name": "a", "num_embeddings": 1_000_000, "embedding_dim": 64},
+                    {"name": "b", "num_embeddings": 500_000, "embedding_dim": 64},
+                ],
+            }
+        )
+    )
     from embserve.embeddings import LargeEmbeddings, init_weights, load_model_config, save_checkpoint
 
     ckpt = tmp_path / "weights.safetensors"
     lm = LargeEmbeddings(load_model_config(model))
     init_weights(lm, 5)
     save_checkpoint(lm, ckpt)
-    with ServerProcess([str(BIN), "serve", "--workers", "2", "--model", str(model), "--checkpoint", str(ckpt),
-                        "--port", "0", "--metrics-port", "0", "--grace-period", "5"], "embserve --workers 2") as server:
+    with ServerProcess(
+        [
+            str(BIN),
+            "serve",
+            "--workers",
+            "2",
+            "--model",
+            str(model),
+            "--checkpoint",
+            str(ckpt),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--grace-period",
+            "5",
+        ],
+        "embserve --workers 2",
+    ) as server:
         assert server.log is not None and server.proc is not None
         log = server.log
         workers = log.wait("serving", 2)
@@ -87,8 +111,12 @@ def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_client_round_robin_over_replica_processes() -> None:
-    replicas = [ServerProcess([str(BIN), "serve", "--model", "twhin_local", "--port", "0", "--metrics-port", "0"],
-                              f"replica {i}") for i in range(2)]
+    replicas = [
+        ServerProcess(
+            [str(BIN), "serve", "--model", "twhin_local", "--port", "0", "--metrics-port", "0"], f"replica {i}"
+        )
+        for i in range(2)
+    ]
     try:
         for r in replicas:
             r.start()

@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from embserve.v1.wire import OutputDType
+
 __all__ = [
     "DATATYPES",
+    "DATATYPE_OF",
     "INPUT_SUFFIXES",
     "METHODS",
     "MODEL_INFER_METHOD",
@@ -127,7 +130,12 @@ OUTPUT_NAME = "embeddings"
 # The output datatypes a caller may ask for (request parameter `output_datatype`, or the parameter `datatype` of
 # the requested output), by the embserve output dtype each stands for.
 OUTPUT_DATATYPE_PARAMETER = "output_datatype"
-OUTPUT_DATATYPES: dict[str, str] = {"FP32": "float32", "FP16": "float16", "BF16": "bfloat16"}
+OUTPUT_DATATYPES: dict[str, OutputDType] = {
+    "FP32": OutputDType.FLOAT32,
+    "FP16": OutputDType.FLOAT16,
+    "BF16": OutputDType.BFLOAT16,
+}
+DATATYPE_OF: dict[OutputDType, str] = {v: k for k, v in OUTPUT_DATATYPES.items()}
 
 
 def input_name(key: str, kind: str) -> str:

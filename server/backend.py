@@ -1,0 +1,85 @@
+"""The seam between the front door and what computes: the `Backend` interface, the model facts the front ends
+read (`ModelView`), and what a computed request comes back as (`BatchOutput`).
+
+The front door validates a request once and hands it to a backend; the backend answers with the request's rows,
+framed as a LookupResponse, or an `EmbserveError`. Today's backend batches and runs the model in this process
+(`local_backend.LocalBackend`); a router that fans requests out to shard servers is another. Torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping
+from typing import Protocol
+
+from embserve.embeddings.config import EmbeddingBagConfig, ModelConfig, ServingDType
+
+from .request import SparseRequest
+
+__all__ = ["Backend", "BatchOutput", "ModelView"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchOutput:
+    """One request's answer: its serialized LookupResponse and its number of examples; for front ends that frame
+    the rows in another protocol's message, the rows as a view into `response` (no copy) and the version of the
+    model that computed them."""
+
+    response: bytes
+    batch_size: int
+    rows: memoryview
+    model_version: str
+
+
+class ModelView(Protocol):
+    """The served model as the front ends describe it: tables, key order, output layout, version."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+    @property
+    def dims(self) -> tuple[int, ...]: ...
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+    @property
+    def output_dim(self) -> int: ...
+    @property
+    def weight_bytes(self) -> Mapping[str, int]: ...
+    @property
+    def engine_name(self) -> str: ...
+    @property
+    def device_name(self) -> str: ...
+
+    def table(self, key: str) -> EmbeddingBagConfig: ...
+    def serving_dtype(self, key: str) -> ServingDType: ...
+    def hashes_ids(self, key: str) -> bool: ...
+
+
+class Backend(Protocol):
+    """Computes validated requests.
+
+    `enqueue` takes a request and returns the future of its answer at once, or raises `Overloaded` or
+    `ShuttingDown` at once. The future fails with `DeadlineExpired` when `timeout` seconds pass before the answer
+    is computed (the request is then dropped unrun where it has not started), with another `EmbserveError` when
+    computing it fails; cancelling it abandons the request. The backend's model may change between requests
+    (a reload); each answer names the version that computed it.
+    """
+
+    @property
+    def model(self) -> ModelView: ...
+    @property
+    def max_batch_size(self) -> int: ...
+    @property
+    def max_queue_bytes(self) -> int: ...
+    @property
+    def queued_bytes(self) -> int: ...
+    @property
+    def queued_examples(self) -> int: ...
+
+    def enqueue(self, request: SparseRequest, *, timeout: float | None) -> asyncio.Future[BatchOutput]: ...
+    def start(self) -> None: ...
+    async def close(self) -> None: ...
