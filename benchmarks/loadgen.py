@@ -25,7 +25,7 @@ import numpy as np
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import LENGTH_DELIMITED, LOOKUP_METHOD, method_path, read_varint, varint, wire_fields
 
-__all__ = ["LoadResult", "closed_loop", "open_loop"]
+__all__ = ["LoadResult", "closed_loop", "fixed_calls", "open_loop"]
 
 METHOD = LOOKUP_METHOD
 STREAM_METHOD = method_path("LookupStream")
@@ -235,9 +235,11 @@ async def closed_loop(
     timeout_s: float = 30.0,
     transport: str = "unary",
     method: str = METHOD,
+    connections: int | None = None,
 ) -> LoadResult:
     """`concurrency` callers each send their next request as soon as the previous one answered; `payloads` are
-    serialized requests of `method` (unary transport) or LookupRequests (stream)."""
+    serialized requests of `method` (unary transport) or LookupRequests (stream). The callers share `connections`
+    channels (default: up to 4)."""
     rec = _Recorder(sizes, min_bytes, check, sample)
     start = time.perf_counter()
     measure_from = start + warmup_s
@@ -256,9 +258,35 @@ async def closed_loop(
                 rec.record(index, response, code, t1 - t0)
             index = (index + concurrency) % len(payloads)
 
-    async with _lookup_methods(address, min(4, concurrency), transport, method) as methods:
+    async with _lookup_methods(address, connections or min(4, concurrency), transport, method) as methods:
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
     return rec.result("closed", duration_s, concurrency, None)
+
+
+async def fixed_calls(
+    address: str,
+    payloads: Sequence[bytes],
+    *,
+    concurrency: int,
+    calls_each: int,
+    transport: str = "unary",
+    method: str = METHOD,
+    connections: int = 1,
+    timeout_s: float = 60.0,
+) -> collections.Counter[str]:
+    """`concurrency` callers each make `calls_each` calls back to back; returns how many calls ended with each
+    status code (every call counted, whenever it ends)."""
+    codes: collections.Counter[str] = collections.Counter()
+
+    async def caller(i: int) -> None:
+        call = methods[i % len(methods)]
+        for n in range(calls_each):
+            _, code = await call(payloads[(i + n * concurrency) % len(payloads)], timeout_s)
+            codes[code] += 1
+
+    async with _lookup_methods(address, connections, transport, method) as methods:
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return codes
 
 
 async def open_loop(

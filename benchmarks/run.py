@@ -23,13 +23,13 @@ import yaml
 from embserve.embeddings import ServingModel, build_serving_model
 from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.wire import LOOKUP_METHOD, OutputDType, pack_features
+from embserve.v1.wire import LOOKUP_METHOD, OutputDType
 
 from .ceilings import compute_ceiling
 from .loadgen import LoadResult, closed_loop, open_loop
 from .procs import ServerProcess, embserve_command, noop_command
 from .report import Record, write_report
-from .workloads import WORKLOADS, Request, Workload
+from .workloads import WORKLOADS, Request, Workload, encode_lookups, encode_model_infer
 
 __all__ = ["main", "run_suite"]
 
@@ -48,31 +48,6 @@ TARGETS = {
     "transport-ceiling-stream": ("transport-ceiling", "stream", "v1"),
 }
 OUTPUT_DTYPES_MEASURED = ("float32", "float16")
-
-
-def _encode(requests: Sequence[Request], dtype: str) -> list[bytes]:
-    return [
-        pb.LookupRequest(
-            features=pack_features(r.keys, r.batch_size, r.lengths, r.values), output_dtype=OutputDType(dtype).wire
-        ).SerializeToString()
-        for r in requests
-    ]
-
-
-def _encode_oip(requests: Sequence[Request], model_name: str) -> list[bytes]:
-    """ModelInferRequests with raw contents: per key `<key>__lengths` and `<key>__values`."""
-    payloads = []
-    for r in requests:
-        request = oip.ModelInferRequest(model_name=model_name)
-        ids = np.concatenate([[0], np.cumsum(r.lengths.sum(axis=1))]).astype(np.int64)
-        for k, key in enumerate(r.keys):
-            lengths = r.lengths[k].astype("<i4")
-            values = r.values[ids[k] : ids[k + 1]].astype("<i8")
-            request.inputs.add(name=oip.input_name(key, "lengths"), datatype="INT32", shape=[lengths.size])
-            request.inputs.add(name=oip.input_name(key, "values"), datatype="INT64", shape=[values.size])
-            request.raw_input_contents.extend([lengths.tobytes(), values.tobytes()])
-        payloads.append(request.SerializeToString())
-    return payloads
 
 
 def _as_lookup(raw: bytes) -> bytes:
@@ -158,8 +133,8 @@ def run_workload(workload: Workload, args: argparse.Namespace, tmp: Path, progre
     model_path.write_text(yaml.safe_dump(workload.config.model_dump(mode="json", exclude_none=True)))
     requests = workload.requests(DISTINCT_REQUESTS[workload.name], seed=args.seed)
     sizes = [r.batch_size for r in requests]
-    payloads = {dtype: _encode(requests, dtype) for dtype in OUTPUT_DTYPES_MEASURED}
-    oip_payloads = _encode_oip(requests, workload.config.name)
+    payloads = {dtype: encode_lookups(requests, dtype) for dtype in OUTPUT_DTYPES_MEASURED}
+    oip_payloads = encode_model_infer(requests, workload.config.name)
     out_dim = workload.config.output_dim
     min_bytes = {d: [s * out_dim * OutputDType(d).itemsize for s in sizes] for d in OUTPUT_DTYPES_MEASURED}
     # Closed-loop points measure throughput: a queue budget long enough never to reject a caller of the sweep.

@@ -22,8 +22,7 @@ from .ceilings import compute_ceiling
 from .loadgen import closed_loop
 from .procs import ServerProcess, children, embserve_command, pss_bytes
 from .report import hardware
-from .run import _encode
-from .workloads import WORKLOADS
+from .workloads import WORKLOADS, encode_lookups
 
 __all__ = ["main"]
 
@@ -37,7 +36,7 @@ def workers_rows(counts: list[int], duration: float, concurrency: int) -> list[d
             path.write_text(yaml.safe_dump(wl.config.model_dump(mode="json", exclude_none=True)))
             requests = wl.requests(256 if name == "small" else 32)
             sizes = [r.batch_size for r in requests]
-            payloads = _encode(requests, "float32")
+            payloads = encode_lookups(requests, "float32")
             for n in counts:
                 server = ServerProcess(embserve_command(path, "--workers", str(n), "--no-metrics"), f"{n} workers")
                 server.start()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from embserve.embeddings import ModelConfig, model_config_from_dict
+from embserve.embeddings.config import ModelConfig, model_config_from_dict
+from embserve.oip import wire as oip
+from embserve.v1 import embserve_pb2 as pb
+from embserve.v1.wire import OutputDType, pack_features
 
-__all__ = ["Request", "WORKLOADS", "Workload", "zipf_ids"]
+__all__ = ["Request", "WORKLOADS", "Workload", "encode_lookups", "encode_model_infer", "zipf_ids"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +53,11 @@ def _one_hot(config: ModelConfig, rng: np.random.Generator, batch: int) -> Reque
     return Request(keys, lengths, values)
 
 
-def _small() -> Workload:
+def _small(rows: int = 100_000) -> Workload:
     config = model_config_from_dict(
         {
             "name": "small",
-            "tables": [{"name": f"f{i}", "num_embeddings": 100_000, "embedding_dim": 64} for i in range(26)],
+            "tables": [{"name": f"f{i}", "num_embeddings": rows, "embedding_dim": 64} for i in range(26)],
         }
     )
     return Workload(
@@ -65,8 +68,8 @@ def _small() -> Workload:
     )
 
 
-def _large() -> Workload:
-    config = _small().config.model_copy(update={"name": "large"})
+def _large(rows: int = 100_000) -> Workload:
+    config = _small(rows).config.model_copy(update={"name": "large"})
     return Workload(
         "large",
         "the small model; 512 examples per request (one user x 512 candidates)",
@@ -75,9 +78,9 @@ def _large() -> Workload:
     )
 
 
-def _multihot() -> Workload:
+def _multihot(rows: int = 500_000) -> Workload:
     tables = [
-        {"name": f"m{i}", "num_embeddings": 500_000, "embedding_dim": 128, "data_type": "fp16" if i % 2 else "fp32"}
+        {"name": f"m{i}", "num_embeddings": rows, "embedding_dim": 128, "data_type": "fp16" if i % 2 else "fp32"}
         for i in range(8)
     ]
     config = model_config_from_dict({"name": "multihot", "tables": tables})
@@ -96,4 +99,32 @@ def _multihot() -> Workload:
     )
 
 
-WORKLOADS: dict[str, Callable[[], Workload]] = {"small": _small, "large": _large, "multihot": _multihot}
+# Each takes the rows per table (default: the benchmark's): fewer rows give the same requests and answers, in
+# shape and size, over a model that loads in a moment.
+WORKLOADS: dict[str, Callable[..., Workload]] = {"small": _small, "large": _large, "multihot": _multihot}
+
+
+def encode_lookups(requests: Sequence[Request], dtype: str = "float32") -> list[bytes]:
+    """Serialized LookupRequests."""
+    return [
+        pb.LookupRequest(
+            features=pack_features(r.keys, r.batch_size, r.lengths, r.values), output_dtype=OutputDType(dtype).wire
+        ).SerializeToString()
+        for r in requests
+    ]
+
+
+def encode_model_infer(requests: Sequence[Request], model_name: str) -> list[bytes]:
+    """Serialized ModelInferRequests with raw contents: per key `<key>__lengths` and `<key>__values`."""
+    payloads = []
+    for r in requests:
+        request = oip.ModelInferRequest(model_name=model_name)
+        ids = np.concatenate([[0], np.cumsum(r.lengths.sum(axis=1))]).astype(np.int64)
+        for k, key in enumerate(r.keys):
+            lengths = r.lengths[k].astype("<i4")
+            values = r.values[ids[k] : ids[k + 1]].astype("<i8")
+            request.inputs.add(name=oip.input_name(key, "lengths"), datatype="INT32", shape=[lengths.size])
+            request.inputs.add(name=oip.input_name(key, "values"), datatype="INT64", shape=[values.size])
+            request.raw_input_contents.extend([lengths.tobytes(), values.tobytes()])
+        payloads.append(request.SerializeToString())
+    return payloads

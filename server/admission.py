@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import DeadlineExpired, Overloaded
 
@@ -59,7 +59,13 @@ class ResponseBudget:
     for room before it reads (`wait_for_room`) and holds no request meanwhile.
     """
 
-    def __init__(self, max_total: int, max_per_connection: int, max_held_request_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        max_total: int,
+        max_per_connection: int,
+        max_held_request_bytes: int | None = None,
+        on_hold: Callable[[], None] | None = None,
+    ) -> None:
         self.max_total = max_total
         self.max_per_connection = max_per_connection
         self.max_held_request_bytes = max_held_request_bytes
@@ -69,6 +75,7 @@ class ResponseBudget:
         self._by_peer: dict[str, int] = {}
         self._held_requests: dict[str, int] = {}  # request bytes of the calls held, per connection
         self._room: dict[str, asyncio.Event] = {}  # only for connections with calls held
+        self._on_hold = on_hold  # told each time a call or a stream's read is held
 
     def pending(self, peer: str) -> int:
         """Bytes of answers owed to `peer`."""
@@ -88,6 +95,8 @@ class ResponseBudget:
         answer's size); `DeadlineExpired` when `timeout` seconds pass first."""
         if not self._full(peer, nbytes):
             return
+        if self._on_hold is not None:
+            self._on_hold()
         self.waiting += 1
         try:
             while self._full(peer, nbytes):

@@ -23,6 +23,7 @@ from embserve.v1.wire import SERVICE_NAME
 from .bounds import Bounds
 from .config import EventLoop, ServerConfig
 from .connections import grpc_options as connection_options
+from .connections import max_connections
 from .frontdoor import FrontDoor
 from .inference import InferenceServicer
 from .local_backend import LocalBackend
@@ -31,6 +32,7 @@ from .security import peer_guards, server_credentials
 from .servicer import EmbeddingServicer
 from .startup import StartupError
 from .streams import StreamServicer
+from .unused_connections import PeerActivity, UnusedConnectionReaper
 
 __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", "serve_until_signal"]
 
@@ -115,7 +117,14 @@ class EmbserveServer:
             metrics=self.metrics,
             trim_after_bytes=config.limits.offload_decode_bytes,
         )
-        self.door = FrontDoor(backend=self.backend, bounds=self.bounds, limits=config.limits, metrics=self.metrics)
+        self._cap = max_connections(config.connections)
+        self.door = FrontDoor(
+            backend=self.backend,
+            bounds=self.bounds,
+            limits=config.limits,
+            metrics=self.metrics,
+            activity=PeerActivity(self._cap),
+        )
         self.metrics.track_budgets(self.door.accounting)
         self._front_ends = (EmbeddingServicer(self.door), StreamServicer(self.door))
         self._inference = InferenceServicer(self.door)
@@ -125,6 +134,7 @@ class EmbserveServer:
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_http: Any = None
+        self._reaper: asyncio.Task[None] | None = None
         m = self.backend.model
         self.metrics.set_model(m.config.name, m.version, m.engine.value, str(m.device))
 
@@ -198,6 +208,12 @@ class EmbserveServer:
         await server.start()
         self._server = server
         self.backend.start()
+        grace_ms = self.config.connections.unused_connection_grace_ms
+        if grace_ms and UnusedConnectionReaper.supported() and self.door.activity is not None:
+            reaper = UnusedConnectionReaper(
+                port=self.port, cap=self._cap, grace_s=grace_ms / 1e3, activity=self.door.activity
+            )
+            self._reaper = asyncio.get_running_loop().create_task(reaper.run(), name="embserve-unused-connections")
         for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         m = self.backend.model
@@ -262,6 +278,8 @@ class EmbserveServer:
             logger.warning("grace period over with calls in flight; cancelling them", extra={"grace_s": grace})
         if self._server is not None:
             await self._server.stop(max(0.0, deadline - loop.time()))
+        if self._reaper is not None:
+            self._reaper.cancel()
         await self.backend.close()
         self.door.offload.shutdown()
         if self._metrics_http is not None:

@@ -61,6 +61,7 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 1000
 DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
 DEFAULT_MIN_PING_INTERVAL_MS = 60_000
 DEFAULT_MAX_PING_STRIKES = 2
+DEFAULT_UNUSED_CONNECTION_GRACE_MS = 10_000
 # Descriptors kept for the process itself (model and log files, metrics endpoint, pipes, torch, the listener).
 FD_RESERVE = 256
 DEFAULT_OFFLOAD_DECODE_BYTES = 1 << 20
@@ -225,6 +226,12 @@ class ConnectionsConfig(_Strict):
     )
     max_ping_strikes: int = _field(
         DEFAULT_MAX_PING_STRIKES, "strikes before the connection is closed (GOAWAY); 0: no limit", ge=0
+    )
+    unused_connection_grace_ms: int = _field(
+        DEFAULT_UNUSED_CONNECTION_GRACE_MS,
+        "near max_connections, connections that made no call for this long are closed, oldest first, so that new "
+        "callers get in; 0: never, milliseconds",
+        ge=0,
     )
 
 

@@ -95,6 +95,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("connections.handshake_timeout_ms", "--handshake-timeout-ms"),
     Setting("connections.min_ping_interval_ms", "--min-ping-interval-ms"),
     Setting("connections.max_ping_strikes", "--max-ping-strikes"),
+    Setting("connections.unused_connection_grace_ms", "--unused-connection-grace-ms"),
     Setting("tls.cert_file", "--tls-cert"),
     Setting("tls.key_file", "--tls-key"),
     Setting("tls.client_ca_file", "--tls-client-ca"),

@@ -33,6 +33,7 @@ from .inflight import InFlight
 from .metrics import ServerMetrics
 from .offload import OffloadDecoder
 from .request import ModelSchema, SparseRequest
+from .unused_connections import PeerActivity
 
 __all__ = ["CallContext", "FrontDoor", "Refusal", "write"]
 
@@ -83,8 +84,17 @@ class FrontDoor:
         metrics: calls are counted and timed there by method and status.
     """
 
-    def __init__(self, *, backend: Backend, bounds: Bounds, limits: LimitsConfig, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        *,
+        backend: Backend,
+        bounds: Bounds,
+        limits: LimitsConfig,
+        metrics: ServerMetrics,
+        activity: PeerActivity | None = None,
+    ) -> None:
         self.backend = backend
+        self.activity = activity
         self.bounds = bounds
         self.limits = limits
         self.metrics = metrics
@@ -99,8 +109,9 @@ class FrontDoor:
         self.responses = ResponseBudget(
             bounds.max_pending_response_bytes,
             bounds.max_pending_response_bytes_per_connection,
-            # Calls held on one connection keep their requests: at most a quarter of the receive budget.
-            max_held_request_bytes=bounds.max_receive_bytes // 4,
+            # Calls held on one connection keep their requests: at most half the receive budget.
+            max_held_request_bytes=bounds.max_receive_bytes // 2,
+            on_hold=metrics.flow_control_holds.inc,
         )
         self.receive = ReceiveBudget(bounds.max_receive_bytes)
         self.offload = OffloadDecoder(
@@ -108,6 +119,7 @@ class FrontDoor:
         )
         self.inflight = InFlight()
         self.accepting = True
+        self.streams_open = True  # False once streams are told to end
         self._drain_listeners: set[Callable[[], None]] = set()
         self._seconds = {m: metrics.request_seconds.labels(m) for m in ("Lookup", "LookupStream", "ModelInfer")}
 
@@ -115,6 +127,11 @@ class FrontDoor:
     def model(self) -> ModelView:
         """The model serving now (it changes on reload)."""
         return self.backend.model
+
+    def saw(self, peer: str) -> None:
+        """A call from `peer` (its connection is in use)."""
+        if self.activity is not None:
+            self.activity.saw(peer)
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
@@ -153,6 +170,12 @@ class FrontDoor:
         """New calls and stream messages are answered UNAVAILABLE; open streams end once their messages are
         answered (those with none end now)."""
         self.accepting = False
+        self.end_streams()
+
+    def end_streams(self) -> None:
+        """Open streams answer new messages UNAVAILABLE and end once their messages are answered (those with none
+        end now); unary calls are still served (a process handing its port over to another)."""
+        self.streams_open = False
         for listener in list(self._drain_listeners):
             listener()
 
@@ -216,6 +239,7 @@ class FrontDoor:
         caller abandons it. The answer is owed to the connection until the transport has taken it.
         """
         peer = call.peer()
+        self.saw(peer)
         with self.receive.holding(len(raw)) as held:
             self.check_accepting()
             message, sparse = await self.offload.run(len(raw), functools.partial(decode, raw))

@@ -9,6 +9,7 @@ state. Status codes are Triton's for the same conditions (`errors.oip_status_cod
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from collections.abc import Awaitable, Callable
 
@@ -19,7 +20,7 @@ from embserve.oip import wire as oip
 from .backend import BatchOutput, ModelView
 from .decode import parse_message
 from .decode_oip import check_model
-from .errors import oip_status_code_of
+from .errors import UnknownModel, oip_status_code_of
 from .framing import field_header
 from .frontdoor import FrontDoor, Refusal
 from .request import SparseRequest
@@ -49,7 +50,9 @@ class InferenceServicer:
         self, method: str, work: Awaitable[bytes], context: grpc.aio.ServicerContext, in_flight: bool = False
     ) -> bytes:
         outcome = await self._door.run(method, work, status_of=oip_status_code_of, in_flight=in_flight)
-        if isinstance(outcome, Refusal) and outcome.answered:
+        if isinstance(outcome, Refusal):
+            if not outcome.answered:  # the caller is gone: end quietly, as gRPC ends a cancelled call
+                raise asyncio.CancelledError
             await context.abort(outcome.code, outcome.message)
         assert isinstance(outcome, bytes)
         return outcome
@@ -65,7 +68,13 @@ class InferenceServicer:
 
     def _frame(self, request: oip.ModelInferRequest, sparse: SparseRequest, out: BatchOutput) -> bytes:
         """The ModelInferResponse around the rows of the backend's answer (copied once, here), named by the
-        version that computed them."""
+        version that computed them; `UnknownModel` when the request named another (a reload replaced it while the
+        request waited)."""
+        if request.model_version and request.model_version != out.model_version:
+            raise UnknownModel(
+                f"version {request.model_version!r} of model {request.model_name!r} was replaced by "
+                f"{out.model_version!r} while this request waited; retry"
+            )
         header = oip.ModelInferResponse(
             model_name=self._door.model.config.name,
             model_version=out.model_version,

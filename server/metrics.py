@@ -62,6 +62,11 @@ class ServerMetrics:
             "embserve_tokenless_health_watches", "Health.Watch streams open without a valid token", registry=r
         )
         self.reloads = Counter("embserve_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
+        self.flow_control_holds = Counter(
+            "embserve_flow_control_holds",
+            "Calls and stream reads held because their connection was owed its bound of answers not yet read",
+            registry=r,
+        )
         self.budgets = Gauge(
             "embserve_budget", "What calls in progress hold now, by budget (bytes, or calls)", ["budget"], registry=r
         )

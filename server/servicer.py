@@ -7,6 +7,8 @@ read never lets it do, so the answer stays counted among the answers not yet tak
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from embserve.v1 import embserve_pb2 as pb
@@ -27,7 +29,9 @@ class EmbeddingServicer:
 
     async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
         outcome = await self._door.run("Lookup", self._lookup(request, context), in_flight=True)
-        if isinstance(outcome, Refusal) and outcome.answered:
+        if isinstance(outcome, Refusal):
+            if not outcome.answered:  # the caller is gone: end quietly, as gRPC ends a cancelled call
+                raise asyncio.CancelledError
             await context.abort(outcome.code, outcome.message)
 
     async def _lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
@@ -41,6 +45,7 @@ class EmbeddingServicer:
             door.count("GetModelMetadata", status_code_of(err))
             await context.abort(status_code_of(err), str(err))
         model = door.model
+        door.saw(context.peer())
         door.count("GetModelMetadata", grpc.StatusCode.OK)
         limits, bounds = door.limits, door.bounds
         return pb.ModelMetadata(

@@ -53,7 +53,7 @@ class StreamServicer:
         self._door = door
 
     async def LookupStream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        if not self._door.accepting:
+        if not self._door.streams_open:
             await self._refuse_while_draining(requests, context)
             return
         stream = _Stream(self._door, context)
@@ -95,6 +95,7 @@ class _Stream:
         self._in_progress = 0
         self._reading = True
         self._peer = context.peer()
+        door.saw(self._peer)
 
     def wake(self) -> None:
         """Makes the writer re-check its state (the server started draining)."""
@@ -120,7 +121,7 @@ class _Stream:
                 await reader  # done reading before the request iterator is closed
 
     def _done(self) -> bool:
-        return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._door.accepting)
+        return self._in_progress == 0 and self._replies.empty() and (not self._reading or not self._door.streams_open)
 
     async def _write(self) -> None:
         while not self._done():
@@ -130,8 +131,8 @@ class _Stream:
             if reply is not None:
                 try:
                     await write(self._context, reply[0])
-                except CallGone:
-                    return  # the caller left: nothing more can be sent
+                except CallGone:  # the caller left: end quietly, as gRPC ends a cancelled call
+                    raise asyncio.CancelledError from None
                 finally:
                     if reply[1] is not None:
                         reply[1].release()
@@ -209,7 +210,8 @@ class _Stream:
         request, sparse = decoded
         request_id = request.request_id
         try:
-            door.check_accepting()
+            if not door.streams_open:
+                raise ShuttingDown("server is draining; send this request to another replica")
             if not request_id:
                 raise InvalidRequest("request_id is required on LookupStream: answers are matched to it")
             if self._in_progress >= self._max_outstanding:

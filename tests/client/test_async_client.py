@@ -100,7 +100,7 @@ async def test_retries_stop_at_the_bound_and_can_be_switched_off(
     transport: str, server_factory: Factory, small_serving: ServingModel
 ) -> None:
     handle = server_factory(small_serving)
-    handle.server.door.accepting = False  # every Lookup answers UNAVAILABLE
+    handle.server.door.begin_drain()  # every lookup is answered UNAVAILABLE
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
     async with AsyncClient(handle.address, retry=policy, transport=transport) as client:
         await within(client.metadata())

@@ -73,6 +73,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             str(256 * MiB),
             "--max-queue-bytes",
             str(512 * MiB),
+            "--unused-connection-grace-ms",
+            "1000",
         ),
         "embserve",
     )
@@ -447,8 +449,10 @@ print(closed, flush=True)
 def test_idle_connection_flood_cannot_lock_out_callers(server: ServerProcess) -> None:
     """20,000 idle HTTP/2 connections (set up, no calls) from two processes, against a server whose open-file
     limit is the same 20,000 here: the server takes them up to its cap (its limit, raised to the hard one, less a
-    reserve) and closes the rest at once, so a caller's connection keeps being answered within its deadline meanwhile. Before: the
-    process ran out of descriptors and valid calls were DEADLINE_EXCEEDED until the flood closed."""
+    reserve) and closes the rest at once, so a caller's connection keeps being answered within its deadline
+    meanwhile; near the cap it closes the connections that made no call within the grace (1 s here), oldest first,
+    so that a caller connecting during the flood gets in. Before: the process ran out of descriptors and valid calls
+    were DEADLINE_EXCEEDED until the flood closed; then new callers were refused until the idle limit (5 min)."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the server's too: it inherits this limit
     if hard != resource.RLIM_INFINITY and hard < 10_500:
         pytest.skip(f"the open-file limit ({hard}) cannot hold 10,000 connections per process")
@@ -470,6 +474,15 @@ def test_idle_connection_flood_cannot_lock_out_callers(server: ServerProcess) ->
             before = watch.answers
             time.sleep(2)
             assert watch.answers > before  # still answered while the flood is held open
+            # A new caller, on a new connection, while the flood is held open: unused connections make room.
+            with grpc.insecure_channel(server.address) as channel:
+                call = channel.unary_unary(LOOKUP, pb.LookupRequest.SerializeToString, pb.LookupResponse.FromString)
+                request = lookup_request(["narrow"], np.array([[2]]), np.array([3, 5]))
+                newcomer = embeddings_of(call(request, timeout=10, wait_for_ready=True))
+            expected = pool(
+                float_tables(CONFIG), ["narrow"], np.array([[2]]), np.array([3, 5]), None, ["wide", "narrow"]
+            )
+            np.testing.assert_allclose(newcomer, expected, rtol=1e-6)
             for f in flooders:
                 f.stdin.write("\n")  # type: ignore[union-attr]
                 f.stdin.flush()  # type: ignore[union-attr]
@@ -489,3 +502,17 @@ def test_idle_connection_flood_cannot_lock_out_callers(server: ServerProcess) ->
     watch.check()
     assert _settles(server, watch.start) - watch.start < SETTLED_BUDGET
     _alive(server)  # a new connection is taken once the flood has gone
+
+
+def test_budgets_are_back_at_zero_after_the_attacks(server: ServerProcess) -> None:
+    """Runs last in this module, on the server every attack above used: whatever they did, once their calls end
+    every budget is back at zero."""
+    deadline = time.monotonic() + 30
+    while True:
+        budgets = {k: v for k, v in server.metrics().items() if k.startswith("embserve_budget{")}
+        assert budgets, "the server exports its budgets"
+        if not any(budgets.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not any(budgets.values()), budgets
+    _alive(server)

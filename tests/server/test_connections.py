@@ -146,3 +146,17 @@ def test_concurrent_streams_per_connection_are_capped(server_factory: Factory, s
         watches[1].cancel()
     finally:
         channel.close()
+
+
+def test_kernel_addresses_name_peers_as_grpc_does() -> None:
+    from embserve.server.unused_connections import PeerActivity, _peer_name
+
+    assert _peer_name("0100007F:D036") == "ipv4:127.0.0.1:53302"
+    assert _peer_name("00000000000000000000000001000000:1F90") == "ipv6:[::1]:8080"
+    assert _peer_name("0000000000000000FFFF00000100007F:0050") == "ipv4:127.0.0.1:80"  # IPv4-mapped
+    activity = PeerActivity(max_peers=2)
+    for peer in ("a", "b", "c"):
+        activity.saw(peer)
+    assert "a" not in activity and "b" in activity and "c" in activity  # bounded: the oldest forgotten
+    activity.keep_only({"c"})
+    assert "b" not in activity and "c" in activity

@@ -25,7 +25,7 @@ from embserve.oip import wire as oip
 from embserve.server.decode_oip import check_infer_wire
 from embserve.server.errors import InvalidRequest
 from embserve.v1 import embserve_pb2 as pb
-from tests.reference import random_features
+from tests.reference import pool, random_features
 from tests.server.helpers import lookup_request, stub, wrapped
 from tests.support import ServerHandle
 
@@ -162,6 +162,22 @@ def test_infer_equals_lookup_bit_for_bit(
         exact = client.infer("small", triton_inputs(*calls[0])).as_numpy("embeddings")
         half = client.infer("small", triton_inputs(*calls[0]), parameters=params).as_numpy("embeddings")
         assert half.dtype == np.float16 and np.array_equal(half, exact.astype(np.float16))
+
+
+def test_weights_left_out_are_ones(
+    client: triton.InferenceServerClient, small_serving: ServingModel, small_tables: dict[str, np.ndarray]
+) -> None:
+    # `hashtags` is weighted; a request without `hashtags__weights` pools its ids with weight 1.0.
+    lengths = np.array([[2, 0, 3]], np.int32)
+    values = np.array([4, 9, 9, 1, 250], np.int64)
+    without = client.infer("small", triton_inputs(["hashtags"], lengths, values)).as_numpy("embeddings")
+    ones = np.ones(values.size, np.float32)
+    expected = pool(small_tables, ["hashtags"], lengths, values, ones, small_serving.keys)
+    np.testing.assert_allclose(without, expected, rtol=1e-6, atol=1e-7)
+    explicit = client.infer("small", triton_inputs(["hashtags"], lengths, values, ones)).as_numpy("embeddings")
+    assert np.array_equal(without, explicit)
+    doubled = client.infer("small", triton_inputs(["hashtags"], lengths, values, 2 * ones)).as_numpy("embeddings")
+    assert not np.array_equal(without, doubled)  # the weights are read when they are sent
 
 
 def test_typed_contents_and_output_parameter(

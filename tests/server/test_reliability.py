@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -20,10 +22,11 @@ from embserve.embeddings import (
     init_weights,
     save_checkpoint,
 )
+from embserve.oip import wire as oip
 from embserve.server.app import ReloadFailed
 from tests.reference import assert_pooled_close, pool
 from tests.server.helpers import embeddings_of, lookup_request, stub, wrapped
-from tests.support import ServerHandle, float_tables, write_model_config
+from tests.support import ServerHandle, float_tables, wait_until, write_model_config
 
 Factory = Callable[..., ServerHandle]
 FEATURES = {"user": [[1, 2], [3], [999]], "topics": [[5], [], [250]]}
@@ -220,3 +223,52 @@ def test_every_computed_request_observes_its_queue_wait(server_factory: Factory,
             f.result(timeout=30)
     assert handle.metric("embserve_queue_wait_seconds_count") - before == 25
     assert handle.metric("embserve_queue_wait_seconds_bucket", {"le": "+Inf"}) - before == 25
+
+
+def _model_infer(address: str, model: str, user_ids: list[int], version: str = "") -> tuple[str, np.ndarray]:
+    """A ModelInfer of one `user` id per example; returns the version named and the rows."""
+    request = oip.ModelInferRequest(model_name=model, model_version=version)
+    lengths = np.ones(len(user_ids), "<i4")
+    values = np.array(user_ids, "<i8")
+    request.inputs.add(name=oip.input_name("user", "lengths"), datatype="INT32", shape=[lengths.size])
+    request.inputs.add(name=oip.input_name("user", "values"), datatype="INT64", shape=[values.size])
+    request.raw_input_contents.extend([lengths.tobytes(), values.tobytes()])
+    with grpc.insecure_channel(address) as channel:
+        raw = channel.unary_unary(oip.MODEL_INFER_METHOD)(request.SerializeToString(), timeout=60)
+    response = oip.ModelInferResponse.FromString(raw)
+    rows = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(tuple(response.outputs[0].shape))
+    return response.model_version, rows
+
+
+def test_model_infer_names_the_version_that_computed_it(
+    tmp_path: Path, server_factory: Factory, small_config: ModelConfig
+) -> None:
+    # A ModelInfer decoded while one version serves and computed after a reload is named by the version that
+    # computed its rows: the reload lands while it waits behind a slow batch. One that asked for the old version
+    # by name is refused NOT_FOUND rather than answered by another.
+    a = _checkpoint(small_config, 1, tmp_path / "a.safetensors")
+    b = _checkpoint(small_config, 2, tmp_path / "b.safetensors")
+    slow = wrapped(build_serving_model(small_config, checkpoint=a), delay_s=3.0)
+    config_path = write_model_config(small_config, tmp_path / "small.yaml")
+    handle = server_factory(slow, model=str(config_path), checkpoint=str(a))
+    va = slow.version
+    with concurrent.futures.ThreadPoolExecutor(2) as pool_:
+        ahead = pool_.submit(_model_infer, handle.address, "small", [1])
+        wait_until(lambda: getattr(slow.module, "calls") == 1, what="the slow batch running")
+        queued = pool_.submit(_model_infer, handle.address, "small", [5, 6])
+        named = pool_.submit(_model_infer, handle.address, "small", [5], va)  # names the version serving now
+        time.sleep(0.2)  # decoded and queued behind the slow batch
+        new = handle.call(handle.server.reload(str(b)))
+        assert ahead.result(60)[0] == va
+        version, rows = queued.result(60)
+        with pytest.raises(grpc.RpcError) as refused:
+            named.result(60)
+    assert version == new.version != va
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    assert va in refused.value.details() and new.version in refused.value.details()
+    keys = list(new.keys)
+    ids = np.array([5, 6])
+    expected = pool(float_tables(small_config, 2), ["user"], np.ones((1, 2), np.int32), ids, None, keys)
+    np.testing.assert_allclose(rows, expected, rtol=1e-6)
+    later_version, _ = _model_infer(handle.address, "small", [7])
+    assert later_version == new.version

@@ -11,14 +11,14 @@ import grpc
 import numpy as np
 import pytest
 
-from embserve.client import AsyncClient, Client, InvalidRequest
+from embserve.client import AsyncClient, Client, DeadlineExceeded, InvalidRequest
 from embserve.embeddings import ModelConfig, ServingModel
 from embserve.server.streams import StreamServicer
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
 from tests.reference import assert_pooled_close, pool
 from tests.server.helpers import embeddings_of, lookup_request, wrapped
-from tests.support import ServerHandle
+from tests.support import ServerHandle, wait_until
 
 Factory = Callable[..., ServerHandle]
 CALL_TIMEOUT = 20
@@ -301,3 +301,46 @@ def test_response_bytes_bounds_hold_on_streams_and_calls(
     with Client(server.address, transport="unary", retry=None) as client:  # the same bound on a unary call
         with pytest.raises(InvalidRequest, match="max_response_bytes 60000"):
             client.lookup({"user": [[1]] * 376})
+
+
+@pytest.mark.parametrize("client_kind", ["sync", "async"])
+def test_drain_ends_an_idle_stream_at_once(
+    client_kind: str, server_factory: Factory, small_serving: ServingModel
+) -> None:
+    # An SDK stream with nothing in flight when the drain starts ends at once: the stop returns long before the
+    # 60 s grace period, which a stream held open until the end of the grace would take.
+    server = server_factory(small_serving, grace_period_s=60.0)
+    lookup = {"user": [[3, 4]], "author": [[7]]}
+    if client_kind == "sync":
+        with Client(server.address, transport="stream", streams=1, timeout=CALL_TIMEOUT) as client:
+            client.lookup(lookup)  # the stream is open and idle
+            server.call(server.server.stop(), timeout=20)
+    else:
+
+        async def run() -> None:
+            async with AsyncClient(server.address, transport="stream", streams=1, timeout=CALL_TIMEOUT) as client:
+                await client.lookup(lookup)
+                await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop))
+
+        asyncio.run(asyncio.wait_for(run(), 20))
+    assert server.metric("embserve_requests_total", {"method": "LookupStream", "code": "OK"}) == 1
+
+
+def test_a_lookup_the_sdk_gave_up_on_is_never_computed(server_factory: Factory, small_serving: ServingModel) -> None:
+    # The SDK sends each lookup's remaining deadline as timeout_ms: a lookup queued behind a slow batch whose
+    # caller gave up is dropped by the server when its deadline passes, before any forward runs it.
+    slow = wrapped(small_serving, delay_s=1.0)
+    server = server_factory(slow)
+    with Client(server.address, transport="stream", streams=1, timeout=CALL_TIMEOUT) as client:
+        client.metadata()
+        first = threading.Thread(target=lambda: client.lookup({"user": [[1]]}))
+        first.start()
+        wait_until(lambda: getattr(slow.module, "calls") == 1, what="the first batch running")
+        with pytest.raises(DeadlineExceeded):
+            client.lookup({"user": [[2]]}, timeout=0.2)
+        first.join(CALL_TIMEOUT)
+        wait_until(lambda: server.metric("embserve_dropped_total", {"reason": "deadline"}) == 1, what="the drop")
+        assert getattr(slow.module, "calls") == 1  # the abandoned lookup reached no forward
+        client.lookup({"user": [[3]]})  # the stream goes on
+    assert getattr(slow.module, "calls") == 2
+    assert server.metric("embserve_requests_total", {"method": "LookupStream", "code": "DEADLINE_EXCEEDED"}) == 1

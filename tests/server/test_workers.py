@@ -129,3 +129,54 @@ def test_client_round_robin_over_replica_processes() -> None:
     finally:
         for r in replicas:
             r.stop()
+
+
+@pytest.mark.slow
+def test_each_worker_holds_its_share_of_the_byte_bounds(tmp_path: Path) -> None:
+    from embserve.server.bounds import Bounds
+    from embserve.server.config import ServerConfig
+
+    mib = 1 << 20
+    flags = {
+        "--max-queue-bytes": 96 * mib,
+        "--max-pending-response-bytes": 64 * mib,
+        "--max-pending-response-bytes-per-connection": 48 * mib,
+        "--max-receive-bytes": 40 * mib,
+    }
+    args = [str(BIN), "serve", "--workers", "2", "--model", "twhin_local", "--port", "0", "--no-metrics"]
+    args += [str(x) for item in flags.items() for x in item]
+    expected = Bounds.of(
+        ServerConfig.model_validate(
+            {
+                "batching": {"max_queue_bytes": 96 * mib},
+                "limits": {
+                    "max_pending_response_bytes": 64 * mib,
+                    "max_pending_response_bytes_per_connection": 48 * mib,
+                    "max_receive_bytes": 40 * mib,
+                },
+            }
+        )
+    ).share(2)
+    with ServerProcess(args, "embserve --workers 2") as server:
+        address = str(server.logs.wait("workers serving")[0]["address"])
+        reported = set()
+        for _ in range(8):  # a fresh connection each: the kernel spreads them over both workers
+            with Client(address) as client:
+                info = client.metadata()
+            reported.add(
+                (
+                    info.max_queue_bytes,
+                    info.max_pending_response_bytes,
+                    info.max_pending_response_bytes_per_connection,
+                    info.max_receive_bytes,
+                )
+            )
+    assert reported == {
+        (
+            expected.max_queue_bytes,
+            expected.max_pending_response_bytes,
+            expected.max_pending_response_bytes_per_connection,
+            expected.max_receive_bytes,
+        )
+    }
+    assert expected.max_queue_bytes == 48 * mib and expected.max_pending_response_bytes_per_connection == 32 * mib
