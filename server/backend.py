@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
 from typing import Protocol
 
-from embserve.embeddings.config import EmbeddingBagConfig, ModelConfig, ServingDType
-
-from .request import SparseRequest
+from .request import ModelView, SparseRequest
 
 __all__ = ["Backend", "BatchOutput", "ModelView"]
 
@@ -30,33 +27,6 @@ class BatchOutput:
     batch_size: int
     rows: memoryview
     model_version: str
-
-
-class ModelView(Protocol):
-    """The served model as the front ends describe it: tables, key order, output layout, version."""
-
-    @property
-    def config(self) -> ModelConfig: ...
-    @property
-    def version(self) -> str: ...
-    @property
-    def keys(self) -> tuple[str, ...]: ...
-    @property
-    def dims(self) -> tuple[int, ...]: ...
-    @property
-    def offsets(self) -> tuple[int, ...]: ...
-    @property
-    def output_dim(self) -> int: ...
-    @property
-    def weight_bytes(self) -> Mapping[str, int]: ...
-    @property
-    def engine_name(self) -> str: ...
-    @property
-    def device_name(self) -> str: ...
-
-    def table(self, key: str) -> EmbeddingBagConfig: ...
-    def serving_dtype(self, key: str) -> ServingDType: ...
-    def hashes_ids(self, key: str) -> bool: ...
 
 
 class Backend(Protocol):

@@ -10,77 +10,25 @@ runtime budgets that count against these bounds are in `admission`. Torch-free.
 from __future__ import annotations
 
 import dataclasses
-import os
-from typing import TYPE_CHECKING
 
 from embserve.v1.wire import OutputDType
 
+from .config import ServerConfig
+from .memory_defaults import (
+    BATCH_BYTES_DEFAULT,
+    PENDING_BYTES_DEFAULT,
+    PENDING_PER_CONNECTION_DEFAULT,
+    QUEUE_BYTES_DEFAULT,
+    RECEIVE_BYTES_DEFAULT,
+    RESPONSE_BYTES_DEFAULT,
+    DefaultRule,
+    memory_default,
+)
 from .request import SparseRequest
 
-if TYPE_CHECKING:
-    from .config import ServerConfig
-
-__all__ = [
-    "BATCH_BYTES_DEFAULT",
-    "PENDING_BYTES_DEFAULT",
-    "PENDING_PER_CONNECTION_DEFAULT",
-    "QUEUE_BYTES_DEFAULT",
-    "RECEIVE_BYTES_DEFAULT",
-    "RESPONSE_BYTES_DEFAULT",
-    "Bounds",
-    "DefaultRule",
-    "describe_default",
-    "memory_default",
-    "physical_memory",
-    "request_bytes",
-    "response_bytes",
-]
-
-MiB = 1 << 20
-GiB = 1 << 30
+__all__ = ["Bounds", "request_bytes", "response_bytes"]
 # The smallest share a byte bound gets when split over workers.
 MIN_SHARE = 1 << 16
-
-
-@dataclasses.dataclass(frozen=True)
-class DefaultRule:
-    """A bound's default: `fraction` of physical memory, kept within [floor, cap]."""
-
-    fraction: float
-    floor: int
-    cap: int
-
-    def __str__(self) -> str:
-        def size(n: int) -> str:
-            return f"{n // GiB} GiB" if n % GiB == 0 else f"{n // MiB} MiB"
-
-        return f"1/{round(1 / self.fraction)} of physical memory, {size(self.floor)} to {size(self.cap)}"
-
-
-QUEUE_BYTES_DEFAULT = DefaultRule(1 / 32, 64 * MiB, 512 * MiB)
-RESPONSE_BYTES_DEFAULT = DefaultRule(1 / 64, 16 * MiB, 256 * MiB)
-PENDING_BYTES_DEFAULT = DefaultRule(1 / 64, 64 * MiB, 256 * MiB)
-PENDING_PER_CONNECTION_DEFAULT = DefaultRule(1 / 128, 32 * MiB, 128 * MiB)
-RECEIVE_BYTES_DEFAULT = DefaultRule(1 / 64, 128 * MiB, 512 * MiB)
-BATCH_BYTES_DEFAULT = DefaultRule(1 / 256, 32 * MiB, 128 * MiB)
-
-
-def physical_memory() -> int:
-    """The host's physical memory in bytes (4 GiB where the OS does not say)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return 4 * GiB
-
-
-def memory_default(rule: DefaultRule, memory: int | None = None) -> int:
-    """`rule.fraction x physical memory`, kept within [floor, cap]."""
-    return int(min(rule.cap, max(rule.floor, rule.fraction * (physical_memory() if memory is None else memory))))
-
-
-def describe_default(rule: DefaultRule) -> str:
-    """A default's rule in words, for help texts: `1/32 of physical memory, 64 MiB to 512 MiB`."""
-    return str(rule)
 
 
 def response_bytes(batch_size: int, output_dim: int, output_dtype: OutputDType) -> int:

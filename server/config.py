@@ -17,7 +17,7 @@ import yaml
 from embserve.embeddings.config import Engine, ShardingType
 from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES
 
-from .bounds import (
+from .memory_defaults import (
     BATCH_BYTES_DEFAULT,
     PENDING_BYTES_DEFAULT,
     PENDING_PER_CONNECTION_DEFAULT,

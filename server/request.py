@@ -1,22 +1,49 @@
 """The pipeline's own types: a validated request, and the model facts requests are validated against.
 
 `SparseRequest` is what the batcher queues, the assembler merges and the executor answers; `ModelSchema` is the
-model as validation sees it. Both are plain numpy: no gRPC, no torch.
+model as validation sees it; `ModelView` the model as the front ends describe it (a serving model, or a router's
+view of a sharded one). All are plain numpy and config: no gRPC, no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
+from embserve.embeddings.config import EmbeddingBagConfig, ModelConfig, ServingDType
 from embserve.v1.wire import OutputDType
 
-if TYPE_CHECKING:
-    from .backend import ModelView
+__all__ = ["ModelSchema", "ModelView", "SparseRequest"]
 
-__all__ = ["ModelSchema", "SparseRequest"]
+
+class ModelView(Protocol):
+    """The served model as the front ends describe it: tables, key order, output layout, version."""
+
+    @property
+    def config(self) -> ModelConfig: ...
+    @property
+    def version(self) -> str: ...
+    @property
+    def keys(self) -> tuple[str, ...]: ...
+    @property
+    def dims(self) -> tuple[int, ...]: ...
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+    @property
+    def output_dim(self) -> int: ...
+    @property
+    def weight_bytes(self) -> Mapping[str, int]: ...
+    @property
+    def engine_name(self) -> str: ...
+    @property
+    def device_name(self) -> str: ...
+
+    def table(self, key: str) -> EmbeddingBagConfig: ...
+    def serving_dtype(self, key: str) -> ServingDType: ...
+    def hashes_ids(self, key: str) -> bool: ...
 
 
 @dataclasses.dataclass(frozen=True)
