@@ -174,11 +174,12 @@ def _metadata_dict(info: ModelInfo) -> dict[str, Any]:
 
 def _print_metadata(info: ModelInfo) -> None:
     print(f"model {info.name} version {info.version} on {info.device} ({info.engine}), output dim {info.output_dim}")
-    print(f"{'table':<20} {'rows':>10} {'dim':>5} {'serving':>8} {'MiB':>9} weighted ids")
+    print(f"{'table':<20} {'rows':>10} {'dim':>5} {'serving':>8} {'MiB':>9} weighted ids     storage  resident MiB")
     for t in info.tables:
         print(
             f"{t.name:<20} {t.num_embeddings:>10} {t.embedding_dim:>5} {t.serving_dtype:>8} "
-            f"{t.weight_bytes / 2**20:>9.1f} {str(t.weighted):<8} {t.id_policy}"
+            f"{t.weight_bytes / 2**20:>9.1f} {str(t.weighted):<8} {t.id_policy:<8} {t.storage:<8} "
+            f"{t.resident_bytes / 2**20:>12.1f}"
         )
     print("limits:")
     print(f"  max_batch_size          {info.max_batch_size:>12,}  examples per forward (larger requests run alone)")

@@ -102,6 +102,9 @@ class TableInfo:
     weight_bytes: int
     weighted: bool
     id_policy: str
+    storage: str = "memory"  # memory | mmap | managed
+    disk_bytes: int = 0  # the row file's bytes on disk (0: not served from one)
+    resident_bytes: int = 0  # bytes in memory now (mmap: pages in the page cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +149,9 @@ class ModelInfo:
                     t.weight_bytes,
                     t.weighted,
                     t.id_policy,
+                    t.storage or "memory",
+                    t.disk_bytes,
+                    t.resident_bytes,
                 )
                 for t in m.tables
             ),

@@ -27,6 +27,8 @@ __all__ = [
     "SelfCheckFailed",
     "ServingModel",
     "ShardingType",
+    "Storage",
+    "StorageFailed",
     "build_serving_model",
     "builtin_model_names",
     "canonical_keys",
@@ -64,11 +66,12 @@ if TYPE_CHECKING:
         ModelConfig,
         ServingDType,
         ShardingType,
+        Storage,
         builtin_model_names,
         load_model_config,
         model_config_from_dict,
     )
-    from .errors import CheckpointError, ConfigError, ConvertError, EmbeddingsError, SelfCheckFailed
+    from .errors import CheckpointError, ConfigError, ConvertError, EmbeddingsError, SelfCheckFailed, StorageFailed
     from .large_embeddings import LargeEmbeddings, canonical_keys
     from .serving import ServingModel, build_serving_model
     from .state_keys import check_checkpoint

@@ -27,6 +27,7 @@ __all__ = [
     "ModelConfig",
     "ServingDType",
     "ShardingType",
+    "Storage",
     "builtin_model_names",
     "load_model_config",
     "model_config_from_dict",
@@ -51,6 +52,20 @@ class ServingDType(str, enum.Enum):
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
+
+
+@enum.unique
+class Storage(str, enum.Enum):
+    """Where a table's rows are served from.
+
+    MEMORY: in memory (read whole at start-up). MMAP: its row file, memory-mapped read-only and read in place: only
+    the pages of rows that lookups touch become resident, and the page cache is shared by every process serving it
+    (CPU). MANAGED: fbgemm's managed caching on CUDA: rows in host memory, a cache of the hot ones on the device.
+    """
+
+    MEMORY = "memory"
+    MMAP = "mmap"
+    MANAGED = "managed"
 
 
 @enum.unique
@@ -101,6 +116,7 @@ class EmbeddingBagConfig(_StrictModel):
     weighted: bool = False
     serving_dtype: ServingDType | None = None  # None: the table's data_type
     id_policy: IdPolicy = IdPolicy.REJECT
+    storage: Storage | None = None  # None: the server's default (`--storage`, memory unless set)
 
     @pydantic.field_validator("name")
     @classmethod

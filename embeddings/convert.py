@@ -38,9 +38,10 @@ from typing import Any
 import torch
 import yaml
 
-from .config import DataType, ModelConfig, model_config_from_dict
+from .config import DataType, ModelConfig, Storage, load_model_config, model_config_from_dict
 from .errors import ConfigError, ConvertError
 from .large_embeddings import LargeEmbeddings
+from .row_directory import MODEL_FILE, write_row_directory
 from .weights import CheckpointError, checkpoint_digest, checkpoint_version, save_checkpoint, table_weights
 
 __all__ = [
@@ -61,6 +62,7 @@ _DTYPES: dict[torch.dtype, DataType] = {torch.float32: DataType.FP32, torch.floa
 # bfloat16 widens to float32 exactly; other dtypes are refused rather than silently rounded.
 _WIDENED = {torch.bfloat16: torch.float32}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_TORCH_DTYPES = {DataType.FP32: torch.float32, DataType.FP16: torch.float16}
 _OTHER_KEYS_SHOWN = 5
 _SORTED_ORDER = (
     "its table keys are in sorted order, which is what torchrec's DistributedModelParallel.state_dict() gives "
@@ -502,6 +504,7 @@ def convert(
     name: str | None = None,
     model_yaml: str | Path | None = None,
     ignore_other_keys: bool = False,
+    storage: Storage | str | None = None,
 ) -> Conversion:
     """Converts trained weights into an embserve checkpoint (seed keys) and, optionally, its model YAML.
 
@@ -514,8 +517,11 @@ def convert(
             is known to be the training order (see the module docstring).
         cast: table -> data type (`fp32`, `fp16`) to store the table in, where that is not its weights' type.
         name: the model name when inferred (default: the output file's stem).
-        model_yaml: where to write the model config; None: not written.
+        model_yaml: where to write the model config; None: not written (with `storage`: always written, in the
+            row directory, unless given).
         ignore_other_keys: skip keys that are not table weights instead of failing.
+        storage: write a row directory at `output` instead of a checkpoint file, each table's rows in its serving
+            dtype, and record this storage for every table in the model config it writes there.
 
     Returns:
         What was written: the model config, the version clients will see, where the table order came from, and
@@ -554,6 +560,8 @@ def convert(
         else:
             order_from = "the checkpoint's key order"
         model = _infer_config(tables, {n: casts.get(n, weight_types[n]) for n in tables}, name or output.stem, src)
+    if storage is not None:
+        return _convert_to_rows(model, weights, output, Storage(storage), model_yaml, order_from, tables, src)
     module = LargeEmbeddings(model, device="cpu")
     for table, param in table_weights(module).items():
         param.copy_(weights[table])
@@ -573,4 +581,34 @@ def convert(
         version=version,
         order_from=order_from,
         casts={n: origin[n] for n in model.table_names if origin[n] != stored[n]},
+    )
+
+
+def _convert_to_rows(
+    model: ModelConfig,
+    weights: Mapping[str, torch.Tensor],
+    output: Path,
+    storage: Storage,
+    model_yaml: str | Path | None,
+    order_from: str,
+    tables: Mapping[str, TableSource],
+    source: str,
+) -> Conversion:
+    """A row directory at `output`: each table in its serving dtype, from its weights in the model's data type."""
+    stored = {t.name: t.data_type for t in model.tables}
+    typed = {name: weights[name].to(_TORCH_DTYPES[stored[name]]) for name in model.table_names}
+    try:
+        version = write_row_directory(model, typed, output, source=f"converted from {source}", storage=storage)
+        if model_yaml is not None:
+            write_model_yaml(load_model_config(output / MODEL_FILE), model_yaml)
+    except CheckpointError as err:
+        raise ConvertError(str(err)) from None
+    except OSError as err:
+        raise ConvertError(f"{err.filename or output}: cannot write: {err.strerror or err}") from None
+    origin = {n: _DTYPE_NAMES[t.dtype] for n, t in tables.items()}
+    return Conversion(
+        config=load_model_config(output / MODEL_FILE),
+        version=version,
+        order_from=order_from,
+        casts={n: origin[n] for n in model.table_names if origin[n] != stored[n].value},
     )

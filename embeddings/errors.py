@@ -9,7 +9,7 @@ EmbeddingsError
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "ConvertError", "EmbeddingsError", "SelfCheckFailed"]
+__all__ = ["CheckpointError", "ConfigError", "ConvertError", "EmbeddingsError", "SelfCheckFailed", "StorageFailed"]
 
 
 class EmbeddingsError(Exception):
@@ -30,3 +30,7 @@ class ConvertError(EmbeddingsError, ValueError):
 
 class SelfCheckFailed(EmbeddingsError, RuntimeError):
     """A built model cannot compute; the message names the table and the error."""
+
+
+class StorageFailed(EmbeddingsError, RuntimeError):
+    """A table's row file was truncated or rewritten in place while it was served; the message names the table."""

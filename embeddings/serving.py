@@ -18,10 +18,21 @@ from torch import nn
 from torchrec.inference.modules import quantize_inference_model
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from .config import ConfigError, EmbeddingBagConfig, Engine, IdPolicy, ModelConfig, ServingDType, ShardingType
+from .config import (
+    ConfigError,
+    EmbeddingBagConfig,
+    Engine,
+    IdPolicy,
+    ModelConfig,
+    ServingDType,
+    ShardingType,
+    Storage,
+)
 from .errors import SelfCheckFailed
 from .large_embeddings import LargeEmbeddings, canonical_keys
 from .memory import release_free_memory
+from .row_directory import check_row_directory, is_row_directory, row_directory_version
+from .table_batched import DEFAULT_CACHE_LOAD_FACTOR, TableBatchedEmbeddings, TableStore
 from .weights import checkpoint_version, init_weights, load_checkpoint
 
 __all__ = ["Engine", "SelfCheckFailed", "ServingModel", "build_serving_model"]
@@ -53,6 +64,7 @@ class ServingModel:
     dims: tuple[int, ...]
     offsets: tuple[int, ...]
     weight_bytes: dict[str, int]
+    storage: dict[str, Storage] = dataclasses.field(default_factory=dict)  # each table's; memory when absent
 
     @property
     def output_dim(self) -> int:
@@ -83,6 +95,29 @@ class ServingModel:
         its training `data_type` on the eager one."""
         t = self.table(key)
         return t.effective_serving_dtype if self.engine is Engine.FUSED else ServingDType(t.data_type.value)
+
+    def table_storage(self, key: str) -> Storage:
+        """Where table `key`'s rows are served from."""
+        return self.storage.get(key, Storage.MEMORY)
+
+    def resident_bytes(self, key: str) -> int:
+        """Bytes of table `key` in memory now: all of it, except for an `mmap` table, the pages in the page cache."""
+        store = self._store(key)
+        return store.resident_bytes() if store is not None else self.weight_bytes.get(key, 0)
+
+    def disk_bytes(self, key: str) -> int:
+        """Bytes table `key`'s row file takes on disk (0 when it is not served from one)."""
+        store = self._store(key)
+        return store.disk_bytes() if store is not None else 0
+
+    def check_storage(self) -> None:
+        """`StorageFailed` naming the table when a row file served in place was truncated or rewritten since it was
+        mapped; run before each batch."""
+        if isinstance(self.module, TableBatchedEmbeddings):
+            self.module.check_files()
+
+    def _store(self, key: str) -> TableStore | None:
+        return self.module.stores.get(key) if isinstance(self.module, TableBatchedEmbeddings) else None
 
     def hashes_ids(self, key: str) -> bool:
         """Whether ids of `key` past the table's rows are hashed into range (`id_policy: hash`) rather than rejected."""
@@ -197,6 +232,8 @@ def build_serving_model(
     version: str | None = None,
     shard_devices: int = 1,
     sharding: ShardingType | str = ShardingType.TABLE_WISE,
+    default_storage: Storage | str = Storage.MEMORY,
+    cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
 ) -> ServingModel:
     """Materialises `LargeEmbeddings` on `device`, loads or initialises its weights, and applies serving surgery.
 
@@ -210,9 +247,31 @@ def build_serving_model(
         shard_devices: more than 1 splits the tables over that many devices with torchrec's sharding (fused
             engine, int8/int4 tables): GPUs when `device` is CUDA, else shards on the CPU.
         sharding: `table_wise` or `row_wise`.
+        default_storage: the storage of tables whose config names none. Tables not in `memory` are served from a
+            row directory (`checkpoint` a directory of row files).
+        cache_load_factor: for `managed` tables on CUDA, the share of their rows the device cache holds.
     """
     engine = Engine(engine)
     device = torch.device(device)
+    storage = resolve_storage(config, default_storage)
+    if checkpoint is not None and is_row_directory(checkpoint):
+        return _from_row_directory(
+            config,
+            Path(checkpoint),
+            engine=engine,
+            device=device,
+            version=version,
+            storage=storage,
+            shard_devices=shard_devices,
+            cache_load_factor=cache_load_factor,
+        )
+    not_in_memory = [name for name, kind in storage.items() if kind is not Storage.MEMORY]
+    if not_in_memory:
+        raise ConfigError(
+            f"table {not_in_memory[0]!r} has storage {storage[not_in_memory[0]].value}: its rows are served from a "
+            "row directory; write one with `embserve export --storage mmap` or `embserve convert --storage mmap` "
+            "and pass it as the checkpoint"
+        )
     model = LargeEmbeddings(config, device=device)
     if checkpoint is not None:
         digest = load_checkpoint(model, checkpoint)
@@ -239,13 +298,25 @@ def build_serving_model(
         if any(t.effective_serving_dtype in (ServingDType.INT8, ServingDType.INT4) for t in config.tables):
             logger.warning("eager engine serves every table in its data_type; int8/int4 serving_dtype ignored")
         weight_bytes = _weight_bytes(module, [t.name for t in config.tables])
+    release_free_memory()  # the float tables and conversion temporaries
+    return _serving_model(config, module, engine, device, version, weight_bytes, storage)
+
+
+def _serving_model(
+    config: ModelConfig,
+    module: nn.Module,
+    engine: Engine,
+    device: torch.device,
+    version: str,
+    weight_bytes: dict[str, int],
+    storage: dict[str, Storage],
+) -> ServingModel:
     keys = canonical_keys(config)
     by_name = {t.name: t for t in config.tables}
     dims = [by_name[k].embedding_dim for k in keys]
     offsets = [0]
     for d in dims:
         offsets.append(offsets[-1] + d)
-    release_free_memory()  # the float tables and conversion temporaries
     return ServingModel(
         config=config,
         module=module.eval(),
@@ -256,4 +327,42 @@ def build_serving_model(
         dims=tuple(dims),
         offsets=tuple(offsets),
         weight_bytes=weight_bytes,
+        storage=storage,
     )
+
+
+def resolve_storage(config: ModelConfig, default: Storage | str = Storage.MEMORY) -> dict[str, Storage]:
+    """Each table's storage: its own, or `default`."""
+    default = Storage(default)
+    return {t.name: t.storage or default for t in config.tables}
+
+
+def _from_row_directory(
+    config: ModelConfig,
+    directory: Path,
+    *,
+    engine: Engine,
+    device: torch.device,
+    version: str | None,
+    storage: dict[str, Storage],
+    shard_devices: int,
+    cache_load_factor: float,
+) -> ServingModel:
+    """The fused engine over a row directory: each table read in place or loaded from its row file."""
+    if engine is not Engine.FUSED:
+        raise ConfigError("a row directory is served by the fused engine: its rows are in the fused engine's layout")
+    if shard_devices > 1:
+        raise ConfigError("a row directory is served on one device: --shard-devices needs a checkpoint file")
+    serving_dtypes = {t.name: t.effective_serving_dtype for t in config.tables}
+    check_row_directory(config, directory, serving_dtypes)
+    version = version or row_directory_version(config, directory)
+    module = TableBatchedEmbeddings(
+        config,
+        directory,
+        serving_dtypes=serving_dtypes,
+        storage=storage,
+        device=device,
+        cache_load_factor=cache_load_factor,
+    )
+    weight_bytes = {name: store.data_bytes for name, store in module.stores.items()}
+    return _serving_model(config, module, engine, device, version, weight_bytes, storage)

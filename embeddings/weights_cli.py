@@ -14,9 +14,16 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from .config import ConfigError, ModelConfig, load_model_config
+from .config import ConfigError, ModelConfig, Storage, load_model_config
 from .convert import ConvertError, convert, write_model_yaml
 from .large_embeddings import LargeEmbeddings, canonical_keys
+from .row_directory import (
+    MODEL_FILE,
+    check_row_directory,
+    row_directory_version,
+    verify_row_directory,
+    write_row_directory,
+)
 from .weights import (
     CheckpointError,
     checkpoint_digest,
@@ -24,9 +31,19 @@ from .weights import (
     init_weights,
     load_checkpoint,
     save_checkpoint,
+    table_weights,
 )
 
-__all__ = ["add_convert_args", "add_export_args", "convert_command", "export_command", "run_convert", "run_export"]
+__all__ = [
+    "add_convert_args",
+    "add_export_args",
+    "convert_command",
+    "export_command",
+    "run_convert",
+    "run_export",
+    "run_verify",
+    "verify_command",
+]
 
 DEFAULT_SEED = 0
 
@@ -37,8 +54,24 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=int, default=DEFAULT_SEED, help=f"init seed without --checkpoint (default: {DEFAULT_SEED})"
     )
-    p.add_argument("--output", "-o", required=True, help="checkpoint to write: .safetensors (or a torch file)")
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="checkpoint to write: .safetensors (or a torch file); with --storage, the row directory to write",
+    )
     p.add_argument("--model-out", help="also write the model config as YAML here")
+    _add_storage_arg(p)
+
+
+def _add_storage_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage",
+        choices=[s.value for s in Storage],
+        help="write a row directory instead of a checkpoint file: one row file per table, in its serving dtype and "
+        "the fused engine's layout, to serve in place (mmap) or load at once, with model.yaml naming this storage "
+        "for every table (default: a checkpoint file)",
+    )
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -71,6 +104,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip keys that are not embedding-table weights (dense layers, counters) instead of failing",
     )
+    _add_storage_arg(p)
 
 
 def export_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
@@ -98,15 +132,27 @@ def run_export(args: argparse.Namespace) -> int:
             load_checkpoint(model, args.checkpoint)
         else:
             init_weights(model, args.seed)
-        save_checkpoint(model, args.output)
+        if args.storage:
+            weights = {name: param.detach() for name, param in table_weights(model).items()}
+            source = f"exported from {args.checkpoint or f'init-{args.seed}'}"
+            version = write_row_directory(config, weights, args.output, source=source, storage=Storage(args.storage))
+            config = load_model_config(Path(args.output) / MODEL_FILE)
+        else:
+            save_checkpoint(model, args.output)
+            version = checkpoint_version(args.output, checkpoint_digest(args.output))
         if args.model_out:
             write_model_yaml(config, args.model_out)
     except (ConfigError, CheckpointError) as err:
         return _fail("export", err)
     except OSError as err:
         return _fail("export", ConvertError(f"{err.filename or args.output}: cannot write: {err.strerror or err}"))
-    _report(config, args.output, args.model_out, checkpoint_version(args.output, checkpoint_digest(args.output)))
+    _report(config, args.output, args.model_out or _model_in(args), version)
     return 0
+
+
+def _model_in(args: argparse.Namespace) -> str | None:
+    """The model YAML a row directory carries, when one was written."""
+    return str(Path(args.output) / MODEL_FILE) if args.storage else None
 
 
 def _order(spec: str | None) -> list[str] | None:
@@ -139,7 +185,7 @@ def _casts(specs: list[str] | None, model: ModelConfig | None) -> dict[str, str]
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    model_out = args.model_out or str(Path(args.output).with_suffix(".yaml"))
+    model_out = args.model_out or (None if args.storage else str(Path(args.output).with_suffix(".yaml")))
     try:
         given: ModelConfig | None = load_model_config(args.model) if args.model else None
         result = convert(
@@ -151,10 +197,11 @@ def run_convert(args: argparse.Namespace) -> int:
             name=args.name,
             model_yaml=model_out,
             ignore_other_keys=args.ignore_other_keys,
+            storage=args.storage,
         )
     except (ConfigError, ConvertError) as err:
         return _fail("convert", err)
-    _report(result.config, args.output, model_out, result.version, result.casts)
+    _report(result.config, args.output, model_out or _model_in(args), result.version, result.casts)
     columns = canonical_keys(result.config)
     print(f"response columns: {', '.join(columns)} (table order from {result.order_from})")
     return 0
@@ -172,3 +219,26 @@ def _report(
     print(f"wrote {output} (version {version}): {tables}")
     if model_out:
         print(f"wrote {model_out}: serve with --model {model_out} --checkpoint {output}")
+
+
+def verify_command(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Check a row directory's files against the digests recorded when they were written (reads every row)."""
+    parser.add_argument("directory", help="the row directory (written by export or convert with --storage)")
+    parser.add_argument("--model", help="the model config (default: the directory's model.yaml)")
+    return run_verify
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    directory = Path(args.directory)
+    try:
+        config = load_model_config(args.model or directory / MODEL_FILE)
+        check_row_directory(config, directory, {t.name: t.effective_serving_dtype for t in config.tables})
+        for header in verify_row_directory(config, directory):
+            print(
+                f"{header.table}: {header.num_embeddings} x {header.embedding_dim} {header.serving_dtype.value}, "
+                f"digest {header.digest[:12]} ok"
+            )
+    except (ConfigError, CheckpointError) as err:
+        return _fail("verify", err)
+    print(f"{directory}: version {row_directory_version(config, directory)}, every row matches its digest")
+    return 0

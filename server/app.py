@@ -63,6 +63,8 @@ def load_model(config: ServerConfig) -> ServingModel:
         version=config.model_version,
         shard_devices=config.shard_devices,
         sharding=config.sharding,
+        default_storage=config.storage,
+        cache_load_factor=config.cache_load_factor,
     )
     model.self_check()  # a model that cannot compute never reaches SERVING
     return model
@@ -116,6 +118,7 @@ class EmbserveServer:
             bounds=self.bounds,
             metrics=self.metrics,
             trim_after_bytes=config.limits.offload_decode_bytes,
+            on_storage_failure=self._storage_failed,
         )
         self._cap = max_connections(config.connections)
         self.door = FrontDoor(
@@ -126,10 +129,16 @@ class EmbserveServer:
             activity=PeerActivity(self._cap),
         )
         self.metrics.track_budgets(self.door.accounting)
+        self.metrics.track_tables(
+            self.backend.model.keys,
+            lambda name: self.backend.model.resident_bytes(name),
+            lambda name: self.backend.model.disk_bytes(name),
+        )
         self._front_ends = (EmbeddingServicer(self.door), StreamServicer(self.door))
         self._inference = InferenceServicer(self.door)
         self.health, self._interceptors = peer_guards(config, self.metrics)
         self._reload_lock = asyncio.Lock()
+        self._not_serving = False  # set when a row file fails under the server
         self.port: int = 0
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -142,6 +151,16 @@ class EmbserveServer:
     def model(self) -> ServingModel:
         """The model serving now."""
         return self.backend.model
+
+    def _storage_failed(self, err: Exception) -> None:
+        """A table's row file changed under the server: the batches that touch it fail, and the server reports
+        NOT_SERVING until a reload serves sound files."""
+        if not self._not_serving:
+            self._not_serving = True
+            logger.error("a row file changed while served; NOT_SERVING until a reload", extra={"error": str(err)})
+            loop = asyncio.get_running_loop()
+            for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
+                loop.create_task(self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING))
 
     @property
     def address(self) -> str:
@@ -262,6 +281,10 @@ class EmbserveServer:
                 )
                 raise ReloadFailed(f"{type(err).__name__}: {err}") from None
             self.metrics.reloads.labels("ok").inc()
+            if self._not_serving and self.door.accepting:
+                self._not_serving = False
+                for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
+                    await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
             self.metrics.set_model(model.config.name, model.version, model.engine.value, str(model.device))
             logger.info("reloaded", extra={"old_version": old.version, "version": model.version})
             return model

@@ -8,6 +8,7 @@ setting or file, 1 for anything else); `--log-level debug` adds the traceback.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 import traceback
 from collections.abc import Callable
@@ -71,6 +72,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .workers import run_workers
 
     configure_logging(config.log_level, config.log_format.value)
+    # A fatal signal (SIGBUS when a mapped row file is truncated under the kernel's read) prints every thread's
+    # stack on stderr before the process dies, rather than nothing.
+    faulthandler.enable()
     raise_fd_limit()  # before any connection is accepted; workers inherit it
     serving = False
 

@@ -14,7 +14,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from embserve.embeddings.config import Engine, ShardingType
+from embserve.embeddings.config import Engine, ShardingType, Storage
 from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES
 
 from .memory_defaults import (
@@ -64,6 +64,7 @@ DEFAULT_MAX_PING_STRIKES = 2
 DEFAULT_UNUSED_CONNECTION_GRACE_MS = 10_000
 # Descriptors kept for the process itself (model and log files, metrics endpoint, pipes, torch, the listener).
 FD_RESERVE = 256
+DEFAULT_CACHE_LOAD_FACTOR = 0.2
 DEFAULT_OFFLOAD_DECODE_BYTES = 1 << 20
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_MAX_DECODE_QUEUE = 16
@@ -255,13 +256,26 @@ class ServerConfig(_Strict):
     """Everything `embserve serve` needs; see the README's configuration table."""
 
     model: str = _field("default", "model config: a YAML path or a built-in name (default, twhin_local)")
-    checkpoint: str | None = _field(None, "weights: a .safetensors or torch state-dict file; none: seeded init")
+    checkpoint: str | None = _field(
+        None,
+        "weights: a .safetensors or torch state-dict file, or a row directory (embserve export --storage mmap); "
+        "none: seeded init",
+    )
     seed: int = _field(0, "init seed when there is no checkpoint")
     model_version: str | None = _field(None, "version string reported to clients; none: derived from the weights")
     engine: Engine = _field(Engine.FUSED, "fused: torchrec's quantized inference collection; eager: the plain module")
     device: str = _field("cpu", "cpu, cuda or cuda:N")
     shard_devices: int = _field(1, "above 1: split the tables over that many devices (int8/int4 tables)", ge=1)
     sharding: ShardingType = _field(ShardingType.TABLE_WISE, "how sharded tables are split")
+    storage: Storage = _field(
+        Storage.MEMORY,
+        "where the rows of tables whose config names no storage are served from: memory; mmap (read in place from "
+        "the row directory's files, CPU); managed (fbgemm's managed caching, CUDA). mmap and managed need a row "
+        "directory as --checkpoint",
+    )
+    cache_load_factor: float = _field(
+        DEFAULT_CACHE_LOAD_FACTOR, "managed tables: the share of their rows the device cache holds", gt=0, le=1
+    )
     host: str = _field(DEFAULT_HOST, "address to bind")
     port: int = _field(DEFAULT_PORT, "gRPC port; 0 picks a free one", ge=0, le=65535)
     metrics_port: int | None = _field(DEFAULT_METRICS_PORT, "Prometheus /metrics port", ge=0, le=65535)

@@ -104,6 +104,7 @@ class BatchExecutor:
     def _compute(self, prepared: _Prepared, requests: list[SparseRequest]) -> list[BatchOutput]:
         start = time.perf_counter()
         model = prepared.model
+        model.check_storage()  # a row file truncated under the server fails the batch here, not the process
         if prepared.copied is not None:
             torch.cuda.current_stream(model.device).wait_event(prepared.copied)
         output = model.forward(prepared.features).cpu()

@@ -53,6 +53,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("device", "--device"),
     Setting("shard_devices", "--shard-devices"),
     Setting("sharding", "--sharding"),
+    Setting("storage", "--storage"),
+    Setting("cache_load_factor", "--cache-load-factor"),
     Setting("host", "--host"),
     Setting("port", "--port"),
     Setting("metrics_port", "--metrics-port"),

@@ -8,9 +8,9 @@ the heap's free pages go back to the OS, so a burst of large requests does not l
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from embserve.embeddings import ServingModel
+from embserve.embeddings import ServingModel, StorageFailed
 from embserve.embeddings.memory import release_free_memory
 
 from .backend import BatchOutput
@@ -34,6 +34,7 @@ class LocalBackend:
         metrics: batches, queue depth, drops and forward times are reported there.
         trim_after_bytes: a batch with a request of at least this many bytes of ids makes the backend trim the
             heap once the queue is empty.
+        on_storage_failure: told when a batch fails because a table's row file changed under the server.
     """
 
     def __init__(
@@ -44,6 +45,7 @@ class LocalBackend:
         bounds: Bounds,
         metrics: ServerMetrics,
         trim_after_bytes: int,
+        on_storage_failure: Callable[[StorageFailed], None] | None = None,
     ) -> None:
         b = batching
         inflight = b.max_inflight_batches or (2 if model.device.type == "cuda" else 1)
@@ -65,6 +67,7 @@ class LocalBackend:
         )
         self._trim_after_bytes = trim_after_bytes
         self._large_since_trim = False
+        self._on_storage_failure = on_storage_failure
 
     @property
     def model(self) -> ServingModel:
@@ -102,7 +105,12 @@ class LocalBackend:
         self.executor.shutdown()
 
     async def _run_batch(self, batch: list[SparseRequest]) -> Sequence[BatchOutput]:
-        outputs = await self.executor.run(batch)
+        try:
+            outputs = await self.executor.run(batch)
+        except StorageFailed as err:
+            if self._on_storage_failure is not None:
+                self._on_storage_failure(err)
+            raise
         if any(r.values.nbytes >= self._trim_after_bytes for r in batch):
             self._large_since_trim = True
         if self._large_since_trim and self.batcher.queued_bytes == 0:

@@ -6,11 +6,14 @@ add label sets (each one a permanent series in `/metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from embserve.oip import wire as oip
 from embserve.v1.wire import METHODS
@@ -67,9 +70,29 @@ class ServerMetrics:
             "Calls and stream reads held because their connection was owed its bound of answers not yet read",
             registry=r,
         )
+        self.registry.register(_PageFaults())
         self.budgets = Gauge(
             "embserve_budget", "What calls in progress hold now, by budget (bytes, or calls)", ["budget"], registry=r
         )
+
+    def track_tables(self, tables: Sequence[str], resident: Callable[[str], int], disk: Callable[[str], int]) -> None:
+        """Each table's bytes in memory now and its row file's bytes on disk, read when `/metrics` is scraped (the
+        tables are the model's: a fixed set of labels)."""
+        resident_gauge = Gauge(
+            "embserve_table_resident_bytes",
+            "Bytes of the table in memory now (mmap: its pages in the page cache)",
+            ["table"],
+            registry=self.registry,
+        )
+        disk_gauge = Gauge(
+            "embserve_table_disk_bytes",
+            "Bytes the table's row file takes on disk (0: not served from one)",
+            ["table"],
+            registry=self.registry,
+        )
+        for name in tables:
+            resident_gauge.labels(name).set_function(lambda name=name: resident(name))
+            disk_gauge.labels(name).set_function(lambda name=name: disk(name))
 
     def track_budgets(self, accounting: Callable[[], Mapping[str, int]]) -> None:
         """Exports each entry of `accounting()` (a fixed set of names) as `embserve_budget{budget=...}`, read when
@@ -105,3 +128,18 @@ class ServerMetrics:
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), for tests and the benchmark harness."""
         return self.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+class _PageFaults(Collector):  # type: ignore[misc]
+    """The process's page faults (Linux /proc/self/stat), by kind: major ones read from disk, as an `mmap` table's
+    pages not in the page cache are."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("embserve_page_faults", "Page faults of this process", labels=["kind"])
+        try:
+            fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return
+        family.add_metric(["minor"], float(fields[7]))  # minflt: field 10 of stat, 8 after the command
+        family.add_metric(["major"], float(fields[9]))  # majflt: field 12
+        yield family

@@ -95,4 +95,7 @@ def _table_metadata(model: ModelView, name: str) -> pb.TableMetadata:
         weight_bytes=model.weight_bytes.get(name, 0),
         weighted=table.weighted,
         id_policy=table.id_policy.value,
+        storage=model.table_storage(name).value,
+        disk_bytes=model.disk_bytes(name),
+        resident_bytes=model.resident_bytes(name),
     )

@@ -67,17 +67,38 @@ def check_startup(config: ServerConfig) -> None:
         StartupError: naming the flag and file, port, field or table at fault.
     """
     from embserve.embeddings import CheckpointError, ConfigError, check_checkpoint, load_model_config
+    from embserve.embeddings.config import Storage
+    from embserve.embeddings.row_directory import check_row_directory
 
     try:
         model = load_model_config(config.model)
     except ConfigError as err:
         raise StartupError(f"--model: {one_line(err)}") from None
-    if config.checkpoint is not None:
+    storage = {t.name: t.storage or config.storage for t in model.tables}
+    if config.checkpoint is not None and Path(config.checkpoint).is_dir():
+        serving_dtypes = {t.name: t.effective_serving_dtype for t in model.tables}
+        try:  # headers and sizes only: the time does not grow with the tables
+            check_row_directory(model, config.checkpoint, serving_dtypes)
+        except CheckpointError as err:
+            raise StartupError(f"--checkpoint: {one_line(err)}") from None
+    elif config.checkpoint is not None:
         _check_file(config.checkpoint, "--checkpoint")
         try:
             check_checkpoint(model, config.checkpoint)
         except CheckpointError as err:
             raise StartupError(f"--checkpoint: {one_line(err)}") from None
+    away = [name for name, kind in storage.items() if kind is not Storage.MEMORY]
+    if away and (config.checkpoint is None or not Path(config.checkpoint).is_dir()):
+        raise StartupError(
+            f"table {away[0]!r} has storage {storage[away[0]].value}: serve it from a row directory (--checkpoint "
+            "DIR, written by embserve export or convert with --storage mmap)"
+        )
+    on_cuda = config.device.startswith("cuda")
+    for name, kind in storage.items():
+        if kind is Storage.MMAP and on_cuda:
+            raise StartupError(f"table {name!r}: mmap storage serves from the CPU; on --device cuda use managed")
+        if kind is Storage.MANAGED and not on_cuda:
+            raise StartupError(f"table {name!r}: managed storage needs --device cuda; on the CPU use mmap")
     if config.tls is not None:
         _check_file(config.tls.cert_file, "--tls-cert")
         _check_file(config.tls.key_file, "--tls-key")

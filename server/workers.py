@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from embserve.embeddings import ServingModel
+from embserve.embeddings import ServingModel, StorageFailed
 
 from .app import load_model, run_on_event_loop, serve_until_signal
 from .bounds import Bounds
@@ -168,6 +168,16 @@ class _Generation:
                 pass
 
 
+def _report_bus_error(model: ServingModel, pid: int) -> None:
+    """A worker killed by SIGBUS touched a page of a mapped row file that was no longer there: name the file."""
+    try:
+        model.check_storage()
+    except StorageFailed as err:
+        logger.error("worker died of SIGBUS reading a row file", extra={"pid": pid, "error": str(err)})
+        return
+    logger.error("worker died of SIGBUS; its row files look intact now", extra={"pid": pid})
+
+
 def run_workers(config: ServerConfig, workers: int) -> int:
     """Serves with `workers` processes until SIGTERM/SIGINT; returns the exit code."""
     if workers < 1:
@@ -223,6 +233,8 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             for gen in retiring:
                 gen.forget(pid)
             index = current.forget(pid)
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
+                _report_bus_error(current.model, pid)
             if index is not None and not flags["stop"]:
                 restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
                 if len(restarts) > config.max_worker_restarts_per_minute:

@@ -150,3 +150,14 @@ def test_train_convert_serve() -> None:
     assert checks["bit_for_bit"] == {"author": True, "hashtags": True, "tweet": True}
     assert checks["row_wise_within_rounding"] == {"user": True}
     assert np.abs(served["embeddings"]).sum() > 0
+
+
+@pytest.mark.slow
+def test_a_table_larger_than_memory_is_served_in_place(tmp_path: Path) -> None:
+    (record,) = _run("larger_than_memory.py", "--dir", str(tmp_path), "--calls", "200", timeout=600)
+    assert record["storage"] == "mmap"
+    assert record["table_bytes"] > record["physical_memory"]  # more rows than the machine could hold
+    assert record["disk_bytes"] < 1 << 30  # sparse: only the rows written take disk
+    assert record["lookups_checked"] == 200 * 16 and record["written_rows_hit"] > 0  # every answer checked exact
+    assert record["server_rss_bytes"] < 2 << 30  # bounded by what the traffic touched, not by the table
+    assert not any(tmp_path.iterdir())  # the example removed its files

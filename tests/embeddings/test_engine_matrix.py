@@ -12,28 +12,34 @@ output element, in terms of `S = sum_i |w_i * row_i|` over the bag's ids and `L`
   `(max(row) - min(row)) / 255`, per id (half a step of rounding, plus the scale and bias rounding), times `|w|`.
 
 The eager engine serves every table in its data_type: a serving_dtype is ignored there.
+
+The fused engine also serves from a row directory, each table loaded into memory or read in place from its mapped
+row file (`storage`): those results are bit for bit the ones of the same model converted in memory.
 """
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from embserve.embeddings import ModelConfig, build_serving_model
+from embserve.embeddings import LargeEmbeddings, ModelConfig, build_serving_model, init_weights, table_weights
+from embserve.embeddings.row_directory import write_row_directory
 from tests.reference import pool, random_features
 from tests.support import float_tables, make_config
 
 U32 = 2.0**-24
 U16 = 2.0**-11
 CASES = [
-    (engine, data_type, weighted, serving)
+    (engine, storage, data_type, weighted, serving)
     for engine, data_type, weighted, serving in itertools.product(
         ["fused", "eager"], ["fp32", "fp16"], [False, True], ["fp32", "fp16", "int8"]
     )
+    for storage in (["checkpoint", "memory", "mmap"] if engine == "fused" else ["checkpoint"])
 ]
 
 
@@ -69,11 +75,27 @@ def _bound(engine: str, data_type: str, serving: str, table: np.ndarray, ids: np
     return np.asarray((n + 2) * U32 * s)
 
 
-@pytest.mark.parametrize(("engine", "data_type", "weighted", "serving"), CASES)
-def test_engine_matrix_matches_reference(engine: str, data_type: str, weighted: bool, serving: str) -> None:
+def _row_directory(config: ModelConfig, path: Path) -> Path:
+    module = LargeEmbeddings(config)
+    init_weights(module)  # the same init as float_tables and an initialised server
+    write_row_directory(config, {k: v.detach() for k, v in table_weights(module).items()}, path)
+    return path
+
+
+@pytest.mark.parametrize(("engine", "storage", "data_type", "weighted", "serving"), CASES)
+def test_engine_matrix_matches_reference(
+    engine: str, storage: str, data_type: str, weighted: bool, serving: str, tmp_path: Path
+) -> None:
     config = _config(data_type, weighted, serving)
     tables = float_tables(config)
-    model = build_serving_model(config, engine=engine)
+    in_memory = build_serving_model(config, engine=engine)
+    if storage == "checkpoint":
+        model = in_memory
+    else:
+        model = build_serving_model(
+            config, checkpoint=_row_directory(config, tmp_path / "rows"), default_storage=storage
+        )
+        assert model.table_storage("t").value == storage
     rng = np.random.default_rng(7)
     rows = {t.name: t.num_embeddings for t in config.tables}
     keys, lengths, values, weights = random_features(
@@ -87,6 +109,8 @@ def test_engine_matrix_matches_reference(engine: str, data_type: str, weighted: 
         weights=None if weights is None else torch.from_numpy(weights),
     )
     out = model.forward(kjt).numpy().astype(np.float64)
+    if storage != "checkpoint":  # the same kernel over the same rows: bit for bit
+        assert np.array_equal(out, in_memory.forward(kjt).numpy().astype(np.float64))
     expected = pool(tables, keys, lengths, values, weights, list(model.keys), weighted_keys=weighted_keys)
     assert out.shape == expected.shape
 

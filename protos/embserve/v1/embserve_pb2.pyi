@@ -81,7 +81,7 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableMetadata(_message.Message):
-    __slots__ = ("name", "feature_names", "num_embeddings", "embedding_dim", "data_type", "serving_dtype", "weight_bytes", "weighted", "id_policy")
+    __slots__ = ("name", "feature_names", "num_embeddings", "embedding_dim", "data_type", "serving_dtype", "weight_bytes", "weighted", "id_policy", "storage", "disk_bytes", "resident_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,9 @@ class TableMetadata(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_FIELD_NUMBER: _ClassVar[int]
     ID_POLICY_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     feature_names: _containers.RepeatedScalarFieldContainer[str]
     num_embeddings: int
@@ -100,7 +103,10 @@ class TableMetadata(_message.Message):
     weight_bytes: int
     weighted: bool
     id_policy: str
-    def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ...) -> None: ...
+    storage: str
+    disk_bytes: int
+    resident_bytes: int
+    def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ..., storage: _Optional[str] = ..., disk_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
     __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection", "max_receive_bytes")
