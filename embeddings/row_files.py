@@ -119,18 +119,26 @@ def _header_bytes(header: RowFileHeader) -> bytes:
     return room.to_bytes(8, "little") + body + b" " * (room - len(body))
 
 
-def read_header(path: str | Path) -> RowFileHeader:
+def read_header(path: str | Path, fd: int | None = None) -> RowFileHeader:
     """The header of a row file, after checking that it is one and that the file holds all its rows (size only: the
     digest is `verify_row_file`'s). Torch-free.
+
+    Args:
+        path: the file (for an open one, the name its messages give).
+        fd: an open descriptor of the file, read instead of opening `path`.
 
     Raises:
         CheckpointError: naming the file and what is wrong.
     """
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            prefix = f.read(DATA_OFFSET)
-            size = os.fstat(f.fileno()).st_size
+        if fd is None:
+            with open(path, "rb") as f:
+                prefix = f.read(DATA_OFFSET)
+                size = os.fstat(f.fileno()).st_size
+        else:
+            prefix = os.pread(fd, DATA_OFFSET, 0)
+            size = os.fstat(fd).st_size
     except OSError as err:
         raise CheckpointError(f"row file {str(path)!r}: cannot read it: {err.strerror}") from None
     if len(prefix) < DATA_OFFSET or int.from_bytes(prefix[:8], "little") != DATA_OFFSET - 8:

@@ -31,8 +31,8 @@ from .config import (
 from .errors import SelfCheckFailed
 from .large_embeddings import LargeEmbeddings, canonical_keys
 from .memory import release_free_memory
-from .row_directory import check_row_directory, is_row_directory, row_directory_version
-from .table_batched import DEFAULT_CACHE_LOAD_FACTOR, TableBatchedEmbeddings, TableStore
+from .row_directory import check_row_directory, is_row_directory, row_directory_version, row_file_path
+from .table_batched import DEFAULT_CACHE_LOAD_FACTOR, RowSource, TableBatchedEmbeddings, TableStore
 from .weights import checkpoint_version, init_weights, load_checkpoint
 
 __all__ = ["Engine", "SelfCheckFailed", "ServingModel", "build_serving_model"]
@@ -356,9 +356,10 @@ def _from_row_directory(
     serving_dtypes = {t.name: t.effective_serving_dtype for t in config.tables}
     check_row_directory(config, directory, serving_dtypes)
     version = version or row_directory_version(config, directory)
+    sources: dict[str, RowSource] = {t.name: row_file_path(directory, t.name) for t in config.tables}
     module = TableBatchedEmbeddings(
         config,
-        directory,
+        sources,
         serving_dtypes=serving_dtypes,
         storage=storage,
         device=device,

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from .config import EmbeddingBagConfig, ModelConfig, ServingDType, Storage
 from .errors import CheckpointError, StorageFailed
 from .host_region import HostRegion, page_round
-from .row_directory import row_file_path
 from .row_files import DATA_OFFSET, ROW_ALIGNMENT, RowFileHeader, read_header
 
 __all__ = ["TableBatchedEmbeddings", "TableStore"]
@@ -49,9 +48,10 @@ class TableStore:
     storage: Storage
     header: RowFileHeader
     path: Path
+    fd: int = -1  # the row file, open; kept while it is mapped, to check it
+    mapped: bool = False  # read in place (mmap storage, or memory shared by the supervisor) rather than copied
     region: HostRegion | None = None  # CPU: the collection's host range
     offset: int = 0  # where the table starts in it
-    fd: int = -1  # mmap storage: the mapped file, kept open to check it
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)  # (device, inode, size, mtime_ns) when mapped
 
     @property
@@ -61,12 +61,12 @@ class TableStore:
     def resident_bytes(self) -> int:
         """Bytes of the table in memory now: all of a `memory` table, the pages of an `mmap` table in the page
         cache."""
-        if self.storage is Storage.MMAP and self.region is not None:
+        if self.mapped and self.region is not None:
             return self.region.resident_bytes(self.offset, self.data_bytes)
         return self.data_bytes
 
     def disk_bytes(self) -> int:
-        """Bytes the row file takes on disk (a sparse file's holes take none)."""
+        """Bytes the row file takes on disk (a sparse file's holes take none; a memory file is not on disk)."""
         try:
             return os.stat(self.path).st_blocks * 512
         except OSError:
@@ -74,7 +74,7 @@ class TableStore:
 
     def check(self) -> None:
         """`StorageFailed` when a mapped file is no longer what was mapped."""
-        if self.fd < 0:
+        if self.fd < 0 or not self.mapped:
             return
         st = os.fstat(self.fd)
         now = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -106,21 +106,35 @@ def _sparse_type(dtype: ServingDType) -> object:
     }[dtype]
 
 
+RowSource = Path | int
+"""A row file: its path, or an open descriptor of it (a memory file handed from the supervisor to a worker)."""
+
+
 def _open_table(
-    directory: Path, table: EmbeddingBagConfig, serving_dtype: ServingDType, storage: Storage
+    table: EmbeddingBagConfig, source: RowSource, serving_dtype: ServingDType, storage: Storage, mapped: bool
 ) -> TableStore:
-    path = row_file_path(directory, table.name)
-    if not path.is_file():
-        raise CheckpointError(f"table {table.name!r}: no row file {str(path)!r} in {str(directory)!r}")
-    header = read_header(path)
-    expected = (table.name, table.num_embeddings, table.embedding_dim, serving_dtype)
-    got = (header.table, header.num_embeddings, header.embedding_dim, header.serving_dtype)
-    if got != expected:
-        raise CheckpointError(
-            f"table {table.name!r}: row file {str(path)!r} holds {got[0]!r} {got[1]} x {got[2]} {got[3].value}, the "
-            f"model config says {expected[1]} x {expected[2]} {expected[3].value}"
-        )
-    return TableStore(table.name, storage, header, path)
+    """Opens a table's row file and checks its header against the table."""
+    if isinstance(source, int):
+        path, fd = Path(f"<shared rows of {table.name}>"), os.dup(source)
+    else:
+        path = Path(source)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as err:
+            raise CheckpointError(f"table {table.name!r}: cannot open row file {str(path)!r}: {err.strerror}") from None
+    try:
+        header = read_header(path, fd)
+        expected = (table.name, table.num_embeddings, table.embedding_dim, serving_dtype)
+        got = (header.table, header.num_embeddings, header.embedding_dim, header.serving_dtype)
+        if got != expected:
+            raise CheckpointError(
+                f"table {table.name!r}: row file {str(path)!r} holds {got[0]!r} {got[1]} x {got[2]} {got[3].value}, "
+                f"the model config says {expected[1]} x {expected[2]} {expected[3].value}"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return TableStore(table.name, storage, header, path, fd=fd, mapped=mapped or storage is Storage.MMAP)
 
 
 class TableBatchedEmbeddings(nn.Module):
@@ -129,25 +143,27 @@ class TableBatchedEmbeddings(nn.Module):
 
     Args:
         config: the tables.
-        directory: the row directory (one row file per table).
+        sources: each table's row file (a path, or an open descriptor, which is duplicated).
         serving_dtypes: each table's serving dtype (what its row file must hold).
         storage: each table's storage.
         device: `cpu`, or a CUDA device.
         cache_load_factor: for `managed` tables, the share of their rows the device cache holds.
+        map_memory: map `memory` tables from their sources too, rather than copy them: the sources are memory
+            already (the supervisor's memory files, shared by its workers).
     """
 
     def __init__(
         self,
         config: ModelConfig,
-        directory: str | Path,
+        sources: Mapping[str, RowSource],
         *,
-        serving_dtypes: dict[str, ServingDType],
-        storage: dict[str, Storage],
+        serving_dtypes: Mapping[str, ServingDType],
+        storage: Mapping[str, Storage],
         device: torch.device,
         cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
+        map_memory: bool = False,
     ) -> None:
         super().__init__()
-        directory = Path(directory)
         self.device = device
         self.groups = [[t for t in config.tables if not t.weighted], [t for t in config.tables if t.weighted]]
         self.groups = [g for g in self.groups if g]
@@ -156,8 +172,10 @@ class TableBatchedEmbeddings(nn.Module):
         self.kernels = nn.ModuleList()
         try:
             for group in self.groups:
-                stores = [_open_table(directory, t, serving_dtypes[t.name], storage[t.name]) for t in group]
-                self.stores.update((s.name, s) for s in stores)
+                stores = []
+                for t in group:
+                    stores.append(_open_table(t, sources[t.name], serving_dtypes[t.name], storage[t.name], map_memory))
+                    self.stores[t.name] = stores[-1]
                 if device.type == "cpu":
                     kernel = self._host_kernel(group, stores)
                 else:
@@ -210,17 +228,14 @@ class TableBatchedEmbeddings(nn.Module):
         region = HostRegion(total)
         for s, offset in zip(stores, offsets):
             s.region, s.offset = region, offset
-            if s.storage is Storage.MMAP:
-                s.fd = os.open(s.path, os.O_RDONLY)
+            if s.mapped:
                 st = os.fstat(s.fd)
                 s.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                if st.st_size != s.header.file_bytes:  # replaced since its header was read
-                    raise CheckpointError(f"table {s.name!r}: row file {str(s.path)!r} changed while it was opened")
                 region.map_file(offset, s.data_bytes, s.fd, DATA_OFFSET)
                 region.advise(offset, s.data_bytes, mmap.MADV_RANDOM)  # rows are read one at a time
             else:
-                target = region.map_memory(offset, s.data_bytes)
-                _read_rows(s.path, target)
+                _read_rows(s.fd, s.path, region.map_memory(offset, s.data_bytes))
+                s.close()  # copied: nothing to keep open
         kernel = self._kernel(group, stores, [EmbeddingLocation.HOST] * len(stores))
         # The kernel reads table t at weights_host + weights_offsets[t]: the region, built above, instead of a
         # buffer of its own (which it allocates only when asked to initialize its weights).
@@ -250,7 +265,8 @@ class TableBatchedEmbeddings(nn.Module):
         kernel = self._kernel(group, stores, locations, cache_load_factor=cache_load_factor)
         kernel.initialize_weights()
         for (weights, _, _), s in zip(kernel.split_embedding_weights_with_scale_bias(split_scale_bias_mode=0), stores):
-            _fill_device(s.path, weights)
+            _fill_device(s.fd, weights)
+            s.close()
         if any(s.storage is Storage.MANAGED for s in stores):
             kernel.reset_cache_states()
         return kernel
@@ -283,26 +299,21 @@ class TableBatchedEmbeddings(nn.Module):
         return self.surgery_cut_point(KeyedTensor(keys=self.keys, length_per_key=self.dims, values=values))
 
 
-def _read_rows(path: Path, target: memoryview) -> None:
+def _read_rows(fd: int, path: Path, target: memoryview) -> None:
     """Reads a row file's rows into `target` (sized to them)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(target):
-            n = os.preadv(fd, [target[done : done + (256 << 20)]], DATA_OFFSET + done)
-            if n <= 0:
-                raise CheckpointError(f"row file {str(path)!r} ended before its rows did")
-            done += n
-    finally:
-        os.close(fd)
+    done = 0
+    while done < len(target):
+        n = os.preadv(fd, [target[done : done + (256 << 20)]], DATA_OFFSET + done)
+        if n <= 0:
+            raise CheckpointError(f"row file {str(path)!r} ended before its rows did")
+        done += n
 
 
-def _fill_device(path: Path, weights: torch.Tensor) -> None:
+def _fill_device(fd: int, weights: torch.Tensor) -> None:
     """Copies a row file's rows into a device (or managed) tensor `[rows, row_bytes]`, a slice at a time."""
     rows, width = weights.shape
     step = max(1, _FILL_ROWS_BYTES // max(1, width))
-    with open(path, "rb") as f:
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: torch wants a writable buffer
+    mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # private: torch wants a writable buffer
     try:
         source = torch.frombuffer(mapped, dtype=torch.uint8, offset=DATA_OFFSET, count=rows * width).view(rows, width)
         for start in range(0, rows, step):
