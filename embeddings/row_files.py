@@ -274,7 +274,7 @@ class RowFileWriter:
 
     def __init__(
         self,
-        path: str | Path,
+        path: str | Path | None,
         *,
         table: str,
         num_embeddings: int,
@@ -282,19 +282,30 @@ class RowFileWriter:
         serving_dtype: ServingDType,
         source: str = "",
     ) -> None:
-        self.path = Path(path)
         self._header = RowFileHeader(
             table, num_embeddings, embedding_dim, serving_dtype, row_bytes(embedding_dim, serving_dtype), "", source
         )
-        if not self.path.parent.is_dir():
-            raise CheckpointError(f"cannot write {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist")
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.path = Path(path) if path is not None else Path(f"<memory rows of {table}>")
+        self._tmp: Path | None = None
         try:
-            self._fd = os.open(self._tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
+            if path is None:  # a memory file, handed on open (`fd`) rather than renamed into place
+                self._fd = os.memfd_create(f"embserve-{table}", 0)
+            else:
+                if not self.path.parent.is_dir():
+                    raise CheckpointError(
+                        f"cannot write {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist"
+                    )
+                self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                self._fd = os.open(self._tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o644)
             os.ftruncate(self._fd, self._header.file_bytes)  # sparse: rows never written are holes
         except OSError as err:
             raise CheckpointError(f"cannot write {str(self.path)!r}: {err.strerror}") from None
         self._written: set[int] = set()  # digest chunks that rows were written into
+
+    @property
+    def fd(self) -> int:
+        """The file being written (a memory file stays open after `finish`; its owner closes it)."""
+        return self._fd
 
     @property
     def header(self) -> RowFileHeader:
@@ -320,6 +331,9 @@ class RowFileWriter:
         """Computes the digest, writes the header, syncs and renames the file into place."""
         digest = _file_digest(self._fd, self._header.data_bytes, self._written.__contains__)
         self._header = dataclasses.replace(self._header, digest=digest)
+        if self._tmp is None:  # a memory file: nothing to sync or rename
+            os.pwrite(self._fd, _header_bytes(self._header), 0)
+            return self._header
         try:
             os.pwrite(self._fd, _header_bytes(self._header), 0)
             os.fsync(self._fd)
@@ -341,7 +355,8 @@ class RowFileWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._tmp.unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> RowFileWriter:
         return self

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,7 +35,14 @@ from .row_directory import check_row_directory, is_row_directory, row_directory_
 from .table_batched import DEFAULT_CACHE_LOAD_FACTOR, RowSource, TableBatchedEmbeddings, TableStore
 from .weights import checkpoint_version, init_weights, load_checkpoint
 
-__all__ = ["Engine", "SelfCheckFailed", "ServingModel", "build_serving_model"]
+__all__ = [
+    "Engine",
+    "SelfCheckFailed",
+    "ServingModel",
+    "build_serving_model",
+    "resolve_storage",
+    "serving_model_from_rows",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -353,10 +360,32 @@ def _from_row_directory(
         raise ConfigError("a row directory is served by the fused engine: its rows are in the fused engine's layout")
     if shard_devices > 1:
         raise ConfigError("a row directory is served on one device: --shard-devices needs a checkpoint file")
-    serving_dtypes = {t.name: t.effective_serving_dtype for t in config.tables}
-    check_row_directory(config, directory, serving_dtypes)
-    version = version or row_directory_version(config, directory)
+    check_row_directory(config, directory, {t.name: t.effective_serving_dtype for t in config.tables})
     sources: dict[str, RowSource] = {t.name: row_file_path(directory, t.name) for t in config.tables}
+    return serving_model_from_rows(
+        config,
+        sources,
+        storage=storage,
+        version=version or row_directory_version(config, directory),
+        device=device,
+        cache_load_factor=cache_load_factor,
+    )
+
+
+def serving_model_from_rows(
+    config: ModelConfig,
+    sources: Mapping[str, RowSource],
+    *,
+    storage: Mapping[str, Storage],
+    version: str,
+    device: torch.device | str = "cpu",
+    cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
+    map_memory: bool = False,
+) -> ServingModel:
+    """The fused engine over each table's row file (a path or an open descriptor), each in its storage;
+    `map_memory`: the sources of `memory` tables are memory already, and are mapped rather than copied."""
+    device = torch.device(device)
+    serving_dtypes = {t.name: t.effective_serving_dtype for t in config.tables}
     module = TableBatchedEmbeddings(
         config,
         sources,
@@ -364,6 +393,7 @@ def _from_row_directory(
         storage=storage,
         device=device,
         cache_load_factor=cache_load_factor,
+        map_memory=map_memory,
     )
     weight_bytes = {name: store.data_bytes for name, store in module.stores.items()}
-    return _serving_model(config, module, engine, device, version, weight_bytes, storage)
+    return _serving_model(config, module, Engine.FUSED, device, version, weight_bytes, dict(storage))

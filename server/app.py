@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from .servicer import EmbeddingServicer
 from .startup import StartupError
 from .streams import StreamServicer
 from .unused_connections import PeerActivity, UnusedConnectionReaper
+from .worker_control import WorkerChannel
 
 __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", "serve_until_signal"]
 
@@ -289,6 +291,14 @@ class EmbserveServer:
             logger.info("reloaded", extra={"old_version": old.version, "version": model.version})
             return model
 
+    def swap_in(self, model: ServingModel) -> None:
+        """Serves `model` from the next batch on (a version prepared elsewhere: `--workers` reloads)."""
+        old = self.backend.model
+        self.backend.swap_model(model)
+        self.metrics.reloads.labels("ok").inc()
+        self.metrics.set_model(model.config.name, model.version, model.engine.value, str(model.device))
+        logger.info("reloaded", extra={"old_version": old.version, "version": model.version, "worker": self.worker})
+
     async def stop(self, grace: float | None = None) -> None:
         """Drains: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish within `grace` seconds."""
         grace = self.config.grace_period_s if grace is None else grace
@@ -328,11 +338,15 @@ async def serve_until_signal(
     bounds: Bounds | None = None,
     worker: int | None = None,
     on_ready: Callable[[], object] | None = None,
+    control: socket.socket | None = None,
 ) -> None:
     """Runs a server until SIGTERM/SIGINT, then drains. SIGHUP reloads the checkpoint, except in a worker of
-    `--workers N`, whose parent reloads by replacing its workers."""
+    `--workers N`, whose supervisor reloads it: over `control` (`worker_control`), or by replacing the workers."""
     server = EmbserveServer(config, model=model, bounds=bounds, reuse_port=worker is not None, worker=worker or 0)
     await server.start()
+    channel = WorkerChannel(control, server.swap_in) if control is not None else None
+    if channel is not None:
+        channel.start()
     if on_ready is not None:
         on_ready()
     stop = asyncio.Event()
@@ -355,6 +369,8 @@ async def serve_until_signal(
     loop.add_signal_handler(signal.SIGHUP, on_sighup if worker is None else lambda: None)
     await stop.wait()
     logger.info("signal received; draining", extra={"grace_period_s": config.grace_period_s})
+    if channel is not None:
+        channel.close()
     await server.stop()
 
 

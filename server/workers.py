@@ -23,14 +23,16 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from embserve.embeddings import ServingModel, StorageFailed
+from embserve.embeddings import Engine, ServingModel, StorageFailed, load_model_config
+from embserve.embeddings.shared_rows import SharedRows
 
 from .app import load_model, run_on_event_loop, serve_until_signal
 from .bounds import Bounds
 from .config import ServerConfig
+from .worker_control import SupervisorChannel, channel_pair
 
 __all__ = ["run_workers"]
 
@@ -69,10 +71,17 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _fork_worker(
-    config: ServerConfig, bounds: Bounds, model: ServingModel, index: int, threads: int, inherited: Iterable[int]
+    config: ServerConfig,
+    bounds: Bounds,
+    make_model: Callable[[], ServingModel],
+    index: int,
+    threads: int,
+    inherited: Iterable[int],
+    control: socket.socket | None,
 ) -> tuple[int, int]:
     """Forks one worker; returns (pid, fd that becomes readable when it serves). The worker closes the
-    supervisor's descriptors listed in `inherited`."""
+    supervisor's descriptors listed in `inherited`, builds its model with `make_model`, and listens on `control`
+    for new versions."""
     parent = os.getpid()
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -87,9 +96,15 @@ def _fork_worker(
             import torch
 
             torch.set_num_threads(threads)
+            model = make_model()
             run_on_event_loop(
                 serve_until_signal(
-                    config, model=model, bounds=bounds, worker=index, on_ready=lambda: os.write(write_fd, b"1")
+                    config,
+                    model=model,
+                    bounds=bounds,
+                    worker=index,
+                    on_ready=lambda: os.write(write_fd, b"1"),
+                    control=control,
                 ),
                 config.event_loop,
             )
@@ -103,32 +118,48 @@ def _fork_worker(
 
 
 class _Generation:
-    """The workers serving one model version. Each worker not yet serving has an open ready pipe in `pending`;
-    it is closed when the worker reports ready, when it dies, or when the generation is abandoned."""
+    """The workers serving one model: built by `make_model` in each worker. Each worker not yet serving has an open
+    ready pipe in `pending`; it is closed when the worker reports ready, when it dies, or when the generation is
+    abandoned. With `shared` rows each worker has a control channel, over which new versions reach it."""
 
     def __init__(
         self,
         config: ServerConfig,
         bounds: Bounds,
-        model: ServingModel,
+        make_model: Callable[[], ServingModel],
         count: int,
         threads: int,
         port: int,
         listener: int,
+        *,
+        version: str,
+        shared: SharedRows | None = None,
     ) -> None:
-        self.config, self.model, self.threads, self.port, self.listener = config, model, threads, port, listener
+        self.config, self.threads, self.port, self.listener = config, threads, port, listener
+        self.make_model, self.version, self.shared = make_model, version, shared
         self.bounds = bounds
         self.count = count
         self.pids: dict[int, int] = {}  # pid -> worker index
         self.pending: dict[int, int] = {}  # ready fd -> pid
+        self.channels: dict[int, SupervisorChannel] = {}  # pid -> control channel (shared rows only)
         for index in range(count):
             self.spawn(index)
 
     def spawn(self, index: int) -> None:
         config = _worker_config(self.config, index, self.port)
-        pid, fd = _fork_worker(config, self.bounds, self.model, index, self.threads, [self.listener, *self.pending])
+        ours, theirs = channel_pair() if self.shared is not None else (None, None)
+        inherited = [self.listener, *self.pending, *(c.sock.fileno() for c in self.channels.values())]
+        if ours is not None:
+            inherited.append(ours.fileno())
+        try:
+            pid, fd = _fork_worker(config, self.bounds, self.make_model, index, self.threads, inherited, theirs)
+        finally:
+            if theirs is not None:
+                theirs.close()
         self.pids[pid] = index
         self.pending[fd] = pid
+        if ours is not None:
+            self.channels[pid] = SupervisorChannel(ours)
 
     def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -152,13 +183,47 @@ class _Generation:
             if owner == pid:
                 os.close(fd)
                 del self.pending[fd]
+        channel = self.channels.pop(pid, None)
+        if channel is not None:
+            channel.close()
         return self.pids.pop(pid, None)
 
     def close(self) -> None:
-        """Closes the pipes of workers that never reported ready (the generation is being abandoned)."""
+        """Closes the pipes of workers that never reported ready (the generation is being abandoned) and the
+        control channels."""
         for fd in self.pending:
             os.close(fd)
         self.pending.clear()
+        for channel in self.channels.values():
+            channel.close()
+        self.channels.clear()
+
+    def reload_in_place(self, rows: SharedRows, timeout: float) -> str | None:
+        """Sends a new version to every serving worker and commits it once all have prepared it; returns None, or
+        why the old version keeps serving. Workers still starting are replaced afterwards, with the new rows."""
+        ready = {pid: ch for pid, ch in self.channels.items() if pid not in self.pending.values()}
+        deadline = time.monotonic() + timeout
+        for channel in ready.values():
+            channel.prepare(rows)
+        answers = {pid: channel.receive(deadline) for pid, channel in ready.items()}
+        failed = {pid: a for pid, a in answers.items() if not a or not a.get("ok")}
+        if failed:
+            for channel in ready.values():
+                channel.send("abort")
+            pid, answer = next(iter(failed.items()))
+            return f"worker {self.pids.get(pid)} could not prepare it: {(answer or {}).get('error', 'no answer')}"
+        for channel in ready.values():
+            channel.send("commit")
+        for pid, channel in ready.items():
+            if channel.receive(time.monotonic() + 30) is None:
+                logger.error("worker did not confirm the new version", extra={"pid": pid})
+        old, self.shared, self.version = self.shared, rows, rows.version
+        self.make_model = _shared_model(rows)
+        for pid in list(self.pending.values()):  # started with the old rows: replaced with the new ones
+            os.kill(pid, signal.SIGTERM)
+        if old is not None:
+            old.close()  # the workers keep their own mappings of the old rows until they let the old version go
+        return None
 
     def signal_all(self, sig: int) -> None:
         for pid in list(self.pids):
@@ -168,14 +233,41 @@ class _Generation:
                 pass
 
 
-def _report_bus_error(model: ServingModel, pid: int) -> None:
+def _report_bus_error(generation: _Generation, pid: int) -> None:
     """A worker killed by SIGBUS touched a page of a mapped row file that was no longer there: name the file."""
     try:
-        model.check_storage()
+        if generation.shared is not None:
+            generation.shared.check_files()
     except StorageFailed as err:
         logger.error("worker died of SIGBUS reading a row file", extra={"pid": pid, "error": str(err)})
         return
     logger.error("worker died of SIGBUS; its row files look intact now", extra={"pid": pid})
+
+
+def _shared_model(rows: SharedRows) -> Callable[[], ServingModel]:
+    def make() -> ServingModel:
+        model = rows.serving_model()
+        model.self_check()
+        return model
+
+    return make
+
+
+def _prepare(config: ServerConfig) -> tuple[SharedRows | None, Callable[[], ServingModel], str]:
+    """What the workers will serve: the fused engine on the CPU from shared rows (one copy for every worker, and
+    reloaded in place); any other engine or device as a model the supervisor builds and the workers inherit (a
+    reload then starts new workers)."""
+    if config.engine is Engine.FUSED and config.device == "cpu" and config.shard_devices == 1:
+        rows = SharedRows.prepare(
+            load_model_config(config.model),
+            checkpoint=config.checkpoint,
+            seed=config.seed,
+            default_storage=config.storage,
+            version=config.model_version,
+        )
+        return rows, _shared_model(rows), rows.version
+    model = load_model(config.model_copy(update={"torch_threads": None}))
+    return None, lambda: model, model.version
 
 
 def run_workers(config: ServerConfig, workers: int) -> int:
@@ -189,7 +281,7 @@ def run_workers(config: ServerConfig, workers: int) -> int:
     # GNU OpenMP's thread pool does not survive fork: the parent stays single-threaded until the workers exist.
     torch.set_num_threads(1)
     threads = config.torch_threads or max(1, (os.cpu_count() or 1) // workers)
-    model = load_model(config.model_copy(update={"torch_threads": None}))
+    shared, make_model, version = _prepare(config)
     flags: dict[str, bool] = {"stop": False, "reload": False}
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -200,7 +292,7 @@ def run_workers(config: ServerConfig, workers: int) -> int:
     listener = reserved.fileno()
     # Each worker holds its share of the server's byte bounds, so that together they hold what one process would.
     bounds = Bounds.of(config).share(workers)
-    current = _Generation(config, bounds, model, workers, threads, port, listener)
+    current = _Generation(config, bounds, make_model, workers, threads, port, listener, version=version, shared=shared)
     if not current.wait_ready(_READY_TIMEOUT_S):
         logger.error(
             "workers did not start", extra={"missing": sorted(current.pids[p] for p in current.pending.values())}
@@ -214,8 +306,9 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             "address": f"{config.host}:{port}",
             "workers": workers,
             "pid": os.getpid(),
-            "version": model.version,
+            "version": version,
             "torch_threads_per_worker": threads,
+            "reload": "in place" if shared is not None else "new workers",
         },
     )
     retiring: list[_Generation] = []
@@ -234,7 +327,7 @@ def run_workers(config: ServerConfig, workers: int) -> int:
                 gen.forget(pid)
             index = current.forget(pid)
             if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS:
-                _report_bus_error(current.model, pid)
+                _report_bus_error(current, pid)
             if index is not None and not flags["stop"]:
                 restarts = [t for t in restarts if t > time.monotonic() - 60] + [time.monotonic()]
                 if len(restarts) > config.max_worker_restarts_per_minute:
@@ -255,15 +348,31 @@ def run_workers(config: ServerConfig, workers: int) -> int:
         retiring = [g for g in retiring if g.pids]
         if flags["reload"]:
             flags["reload"] = False
+            fresh_config = config.model_copy(update={"model_version": None})
             try:
-                new_model = load_model(config.model_copy(update={"torch_threads": None, "model_version": None}))
+                new_shared, new_make, new_version = _prepare(fresh_config)
             except Exception as err:
                 logger.error(
                     "reload failed; still serving the old version",
-                    extra={"version": current.model.version, "error": f"{type(err).__name__}: {err}"},
+                    extra={"version": current.version, "error": f"{type(err).__name__}: {err}"},
                 )
                 continue
-            fresh = _Generation(config, bounds, new_model, workers, threads, port, listener)
+            if new_shared is not None and current.shared is not None:
+                old_version = current.version
+                problem = current.reload_in_place(new_shared, _READY_TIMEOUT_S)
+                if problem is not None:
+                    new_shared.close()
+                    logger.error(
+                        "reload failed; still serving the old version", extra={"version": old_version, "error": problem}
+                    )
+                else:
+                    logger.info(
+                        "reloaded", extra={"old_version": old_version, "version": new_version, "in_place": True}
+                    )
+                continue
+            fresh = _Generation(
+                config, bounds, new_make, workers, threads, port, listener, version=new_version, shared=new_shared
+            )
             if not fresh.wait_ready(_READY_TIMEOUT_S):
                 logger.error("new workers did not start; keeping the old ones")
                 fresh.close()
@@ -272,7 +381,7 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             current.close()
             current.signal_all(signal.SIGTERM)  # they drain while the new generation takes new connections
             retiring.append(current)
-            logger.info("reloaded", extra={"old_version": current.model.version, "version": new_model.version})
+            logger.info("reloaded", extra={"old_version": current.version, "version": new_version})
             current = fresh
     for gen in [current, *retiring]:
         gen.signal_all(signal.SIGTERM)
@@ -291,6 +400,8 @@ def run_workers(config: ServerConfig, workers: int) -> int:
         os.kill(pid, signal.SIGKILL)
     for gen in [current, *retiring]:
         gen.close()
+        if gen.shared is not None:
+            gen.shared.close()
     reserved.close()
     logger.info("stopped", extra={"address": f"{config.host}:{port}", "gave_up": gave_up})
     return EXIT_GAVE_UP if gave_up else 0

@@ -180,3 +180,83 @@ def test_each_worker_holds_its_share_of_the_byte_bounds(tmp_path: Path) -> None:
         )
     }
     assert expected.max_queue_bytes == 48 * mib and expected.max_pending_response_bytes_per_connection == 32 * mib
+
+
+@pytest.mark.slow
+def test_reload_never_resets_a_new_connection(tmp_path: Path) -> None:
+    """Four callers open a new connection for every call while the supervisor reloads five times: every call is
+    answered. (The workers take each new version in place: no listener is ever closed, so no connection queued on
+    one is reset.)"""
+    import threading
+
+    import grpc
+
+    from embserve.embeddings import LargeEmbeddings, init_weights, load_model_config, save_checkpoint
+    from embserve.v1 import embserve_pb2 as pb
+    from embserve.v1.wire import method_path
+
+    config = load_model_config("twhin_local")
+    ckpt = tmp_path / "weights.safetensors"
+
+    def write(seed: int) -> None:
+        module = LargeEmbeddings(config)
+        init_weights(module, seed)
+        save_checkpoint(module, tmp_path / "next.safetensors")
+        (tmp_path / "next.safetensors").replace(ckpt)
+
+    write(0)
+    args = [
+        str(BIN),
+        "serve",
+        "--workers",
+        "2",
+        "--model",
+        "twhin_local",
+        "--checkpoint",
+        str(ckpt),
+        "--port",
+        "0",
+        "--no-metrics",
+        "--grace-period",
+        "2",
+    ]
+    request = pb.LookupRequest(
+        features=pb.SparseFeatures(
+            keys=["user"], batch_size=1, lengths=(1).to_bytes(4, "little"), values=(3).to_bytes(8, "little")
+        )
+    )
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+    with ServerProcess(args, "embserve --workers 2") as server:
+        address = str(server.logs.wait("workers serving")[0]["address"])
+
+        def caller() -> None:
+            while not stop.is_set():
+                with grpc.insecure_channel(address) as channel:
+                    call = channel.unary_unary(
+                        method_path("Lookup"), pb.LookupRequest.SerializeToString, pb.LookupResponse.FromString
+                    )
+                    try:
+                        call(request, timeout=10)
+                        answered[0] += 1
+                    except grpc.RpcError as err:
+                        failures.append(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        try:
+            for n in range(1, 6):
+                write(n)
+                server.signal(signal.SIGHUP)
+                reloaded = server.logs.wait("reloaded", n, timeout=120)[-1]
+                assert reloaded.get("in_place") is True
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        with Client(address) as client:
+            assert client.lookup({"user": [[3]]}).model_version == reloaded["version"]
+    assert not failures, failures[:5]
+    assert answered[0] > 100
