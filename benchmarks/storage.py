@@ -33,7 +33,7 @@ from embserve.embeddings.row_directory import MODEL_FILE, row_file_path, write_r
 from embserve.embeddings.row_files import RowFileWriter, encode_rows
 
 from .loadgen import LoadResult, closed_loop
-from .procs import ServerProcess, children, embserve_command, pss_bytes, rss_bytes
+from .procs import ServerProcess, children, embserve_command, pss_bytes
 from .report import hardware
 from .workloads import Request, encode_lookups
 
@@ -100,7 +100,7 @@ def _start(directory: Path, storage: str, *extra: str) -> tuple[ServerProcess, f
     server = ServerProcess(command, f"embserve {storage}")
     start = time.perf_counter()
     server.start()
-    if "--workers" in extra:
+    if "--workers" in extra and extra[extra.index("--workers") + 1] != "1":
         server.address = str(server.logs.wait("workers serving", timeout=600)[0]["address"])
     else:
         server.wait_ready(600)

@@ -15,21 +15,24 @@ process dying of SIGBUS when the kernel touches a page past the file's end.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import mmap
 import os
+import resource
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from .config import EmbeddingBagConfig, ModelConfig, ServingDType, Storage
 from .errors import CheckpointError, StorageFailed
-from .host_region import HostRegion, page_round
+from .host_region import PAGE_SIZE, HostRegion, page_round
 from .row_files import DATA_OFFSET, ROW_ALIGNMENT, RowFileHeader, read_header
 
 __all__ = ["TableBatchedEmbeddings", "TableStore"]
@@ -37,6 +40,8 @@ __all__ = ["TableBatchedEmbeddings", "TableStore"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_LOAD_FACTOR = 0.2
+PREFETCH_THREADS = 16  # pages read from disk at once while mapped tables are cold (16 measured best on this machine)
+COLD_FAULTS = 16  # a batch that took more major page faults than this keeps the read-ahead on
 _FILL_ROWS_BYTES = 64 << 20  # rows copied to a device per step
 
 
@@ -187,6 +192,8 @@ class TableBatchedEmbeddings(nn.Module):
         self.keys = [t.name for group in self.groups for t in group]
         self.dims = [t.embedding_dim for group in self.groups for t in group]
         self.surgery_cut_point = nn.Identity()
+        mapped = [[self.stores[t.name] if self.stores[t.name].mapped else None for t in g] for g in self.groups]
+        self._prefetcher = _Prefetcher(mapped) if device.type == "cpu" and any(any(g) for g in mapped) else None
 
     def _kernel(
         self,
@@ -280,10 +287,14 @@ class TableBatchedEmbeddings(nn.Module):
         """Closes the mapped files (the mappings themselves go with the kernels)."""
         for store in self.stores.values():
             store.close()
+        prefetcher = getattr(self, "_prefetcher", None)
+        if prefetcher is not None:
+            prefetcher.close()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         """Pools every bag; `features` holds every key, unweighted tables first, each collection in config order."""
         parts = features.split([len(g) for g in self.groups]) if len(self.groups) > 1 else [features]
+        faults = self._prefetcher.before(parts) if self._prefetcher is not None else 0
         outputs = []
         for kernel, part, weighted in zip(self.kernels, parts, self.weighted):
             indices = part.values()
@@ -295,8 +306,77 @@ class TableBatchedEmbeddings(nn.Module):
             outputs.append(
                 kernel(indices=indices, offsets=offsets, per_sample_weights=part.weights() if weighted else None)
             )
+        if self._prefetcher is not None:
+            self._prefetcher.after(faults)
         values = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
         return self.surgery_cut_point(KeyedTensor(keys=self.keys, length_per_key=self.dims, values=values))
+
+
+class _Prefetcher:
+    """Reads the pages of a batch's rows of mapped tables on many threads before the kernel does, while those pages
+    are not resident: a page fault that reads the disk blocks its thread, so the kernel, which reads rows one after
+    another, would wait for each; here the disk serves `threads` at once. It runs only while batches take major page
+    faults (read from disk): with the page cache warm it costs two `getrusage` calls per batch.
+
+    Args:
+        groups: per collection, each table's store (None for tables not mapped).
+        threads: pages read at once.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[TableStore | None]], threads: int = PREFETCH_THREADS) -> None:
+        self._groups = groups
+        self._threads = threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._views: dict[int, np.ndarray] = {}  # region id -> numpy view of the region
+        self.cold = True  # the pages are not known to be resident: read ahead until a batch takes no major faults
+
+    def before(self, parts: Sequence[KeyedJaggedTensor]) -> int:
+        if self.cold:
+            self._read_ahead(parts)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+    def after(self, faults_before: int) -> None:
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults_before
+        self.cold = faults > COLD_FAULTS
+
+    def _read_ahead(self, parts: Sequence[KeyedJaggedTensor]) -> None:
+        by_region: dict[int, list[np.ndarray]] = {}
+        regions: dict[int, HostRegion] = {}
+        for stores, part in zip(self._groups, parts):
+            if not any(stores):
+                continue
+            lengths = part.length_per_key()
+            values = part.values().numpy()
+            start = 0
+            for store, n in zip(stores, lengths):
+                if store is not None and store.region is not None and n:
+                    ids = values[start : start + n]
+                    by_region.setdefault(id(store.region), []).append(store.offset + ids * store.header.row_bytes)
+                    regions[id(store.region)] = store.region
+                start += n
+        if not by_region:
+            return
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="embserve-prefetch")
+        jobs = []
+        for key, offsets in by_region.items():
+            view = self._views.get(key)
+            if view is None:
+                view = self._views[key] = np.frombuffer(regions[key].tensor().numpy(), dtype=np.uint8)
+            pages = np.unique(np.concatenate(offsets) // PAGE_SIZE) * PAGE_SIZE
+            for chunk in np.array_split(pages, min(self._threads, max(1, pages.size // 8))):
+                jobs.append(self._pool.submit(_touch, view, chunk))
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
+
+def _touch(view: np.ndarray, offsets: np.ndarray) -> int:
+    """Reads one byte of each page (numpy lets go of the GIL while it gathers, so threads fault at once)."""
+    return int(view[offsets].max()) if offsets.size else 0
 
 
 def _read_rows(fd: int, path: Path, target: memoryview) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import numpy as np
 import pytest
@@ -51,6 +52,42 @@ def test_cuda_executor_matches_cpu(small_config: ModelConfig, pipelined: bool) -
     got = asyncio.run(gpu.run(requests))
     for a, b in zip(want, got):
         assert a.batch_size == b.batch_size
+        rows_a = np.frombuffer(pb.LookupResponse.FromString(a.response).embeddings, "<f4")
+        rows_b = np.frombuffer(pb.LookupResponse.FromString(b.response).embeddings, "<f4")
+        np.testing.assert_allclose(rows_a, rows_b, atol=1e-5)
+
+
+def _fbgemm_cuda() -> bool:
+    if torch.cuda.device_count() == 0:
+        return False
+    try:
+        import fbgemm_gpu  # noqa: F401
+
+        return hasattr(torch.ops.fbgemm, "int_nbit_split_embedding_codegen_lookup_function")
+    except Exception:  # the CPU build, or none
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fbgemm_cuda(), reason="needs a CUDA device and fbgemm-gpu's CUDA build")
+@pytest.mark.parametrize("storage", ["memory", "managed"])
+def test_cuda_storage_matches_cpu(small_config: ModelConfig, storage: str, tmp_path: Any) -> None:
+    """Row files on CUDA: in device memory, or in fbgemm's managed caching (rows in host memory, a cache on the
+    device); the answers match the CPU's."""
+    from embserve.embeddings import LargeEmbeddings, init_weights, table_weights
+    from embserve.embeddings.row_directory import write_row_directory
+
+    module = LargeEmbeddings(small_config)
+    init_weights(module)
+    write_row_directory(small_config, {k: v.detach() for k, v in table_weights(module).items()}, tmp_path / "rows")
+    cpu = BatchExecutor(build_serving_model(small_config), pipelined=False)
+    gpu_model = build_serving_model(
+        small_config, checkpoint=tmp_path / "rows", device="cuda", default_storage=storage, cache_load_factor=0.5
+    )
+    assert gpu_model.table_storage("user").value == storage
+    gpu = BatchExecutor(gpu_model, pipelined=True)
+    requests = _requests()
+    for a, b in zip(asyncio.run(cpu.run(requests)), asyncio.run(gpu.run(requests))):
         rows_a = np.frombuffer(pb.LookupResponse.FromString(a.response).embeddings, "<f4")
         rows_b = np.frombuffer(pb.LookupResponse.FromString(b.response).embeddings, "<f4")
         np.testing.assert_allclose(rows_a, rows_b, atol=1e-5)

@@ -241,7 +241,7 @@ def test_reload_never_resets_a_new_connection(tmp_path: Path) -> None:
                         call(request, timeout=10)
                         answered[0] += 1
                     except grpc.RpcError as err:
-                        failures.append(f"{err.code().name}: {err.details()}")  # type: ignore[attr-defined]
+                        failures.append(f"{err.code().name}: {err.details()}")
 
         threads = [threading.Thread(target=caller) for _ in range(4)]
         for t in threads:
