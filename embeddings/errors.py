@@ -2,14 +2,26 @@
 
 EmbeddingsError
 ├── ConfigError       (ValueError)    a model config is invalid
+│   └── PlanError                     a sharding plan is invalid, or does not fit the model
 ├── CheckpointError   (ValueError)    a weights file cannot be read, or does not fit the model
 ├── ConvertError      (ValueError)    trained weights cannot be converted
-└── SelfCheckFailed   (RuntimeError)  a built model cannot compute
+├── SelfCheckFailed   (RuntimeError)  a built model cannot compute
+├── StorageFailed     (RuntimeError)  a row file changed under the server
+└── UpdateRefused     (ValueError)    a row update does not fit the table (nothing of it applied)
 """
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "ConfigError", "ConvertError", "EmbeddingsError", "SelfCheckFailed", "StorageFailed"]
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ConvertError",
+    "EmbeddingsError",
+    "PlanError",
+    "SelfCheckFailed",
+    "StorageFailed",
+    "UpdateRefused",
+]
 
 
 class EmbeddingsError(Exception):
@@ -18,6 +30,10 @@ class EmbeddingsError(Exception):
 
 class ConfigError(EmbeddingsError, ValueError):
     """A model configuration is invalid; the message names the offending field or table."""
+
+
+class PlanError(ConfigError):
+    """A sharding plan is invalid or does not fit the model; the message names the table or shard."""
 
 
 class CheckpointError(EmbeddingsError, ValueError):
@@ -34,3 +50,8 @@ class SelfCheckFailed(EmbeddingsError, RuntimeError):
 
 class StorageFailed(EmbeddingsError, RuntimeError):
     """A table's row file was truncated or rewritten in place while it was served; the message names the table."""
+
+
+class UpdateRefused(EmbeddingsError, ValueError):
+    """A row update that cannot be applied (unknown table, id out of range, wrong row width, non-finite values, a
+    table that cannot be written); the message names the table and the problem, and nothing of it was applied."""
