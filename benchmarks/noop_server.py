@@ -1,6 +1,6 @@
 """The transport ceiling: a gRPC server with embserve's protocol that parses each request and answers a prebuilt
-response of the right size, computing nothing; over unary Lookup calls and over LookupStream messages (each
-answered at once, in order, with its request id).
+response of the right size, computing nothing; over unary Lookup calls, over LookupStream messages (each
+answered at once, in order, with its request id) and over the Open Inference Protocol's ModelInfer.
 
     python -m embserve.benchmarks.noop_server --port 0 --output-dim 1664
 """
@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, OutputDType
 
@@ -25,6 +26,7 @@ class _Noop:
     def __init__(self, output_dim: int) -> None:
         self.output_dim = output_dim
         self._cache: dict[tuple[int, int], bytes] = {}
+        self._infer_cache: dict[int, bytes] = {}
 
     async def lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return self._answer(pb.LookupRequest.FromString(raw))
@@ -34,6 +36,20 @@ class _Noop:
             request = pb.LookupRequest.FromString(raw)
             rid = pb.LookupResponse(request_id=request.request_id).SerializeToString()
             await context.write(self._answer(request) + rid)  # concatenated serializations parse as one message
+
+    async def model_infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = oip.ModelInferRequest.FromString(raw)
+        batch = next((int(t.shape[0]) for t in request.inputs if t.name.endswith("__lengths")), 0)
+        response = self._infer_cache.get(batch)
+        if response is None:
+            output = oip.ModelInferResponse.InferOutputTensor(
+                name=oip.OUTPUT_NAME, datatype="FP32", shape=[batch, self.output_dim]
+            )
+            response = oip.ModelInferResponse(
+                model_name="noop", outputs=[output], raw_output_contents=[bytes(batch * self.output_dim * 4)]
+            ).SerializeToString()
+            self._infer_cache[batch] = response
+        return response
 
     def _answer(self, request: pb.LookupRequest) -> bytes:
         key = (request.features.batch_size, request.output_dtype)
@@ -59,7 +75,13 @@ async def _serve(port: int, output_dim: int) -> None:
         "Lookup": grpc.unary_unary_rpc_method_handler(noop.lookup),
         "LookupStream": grpc.stream_stream_rpc_method_handler(noop.lookup_stream),
     }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    infer = {"ModelInfer": grpc.unary_unary_rpc_method_handler(noop.model_infer)}
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
+            grpc.method_handlers_generic_handler(oip.SERVICE_NAME, infer),
+        )
+    )
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(json.dumps({"msg": "serving", "address": f"127.0.0.1:{bound}"}), file=sys.stderr, flush=True)

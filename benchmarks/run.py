@@ -1,8 +1,9 @@
 """The standard benchmark suite: each workload against embserve, embserve unbatched, the transport ceiling (a no-op
 server) and the compute ceiling (the forward in process), closed and open loop; embserve and the no-op server
-over unary calls and over streams.
+over unary calls and over streams. Then the server's CPU per 1,000 examples at fixed offered loads (`cpu`), with
+the loads taken from the unary peaks just measured, written to `<out>/cpu`.
 
-    python -m embserve.benchmarks.run                       # the standard suite (about 6 minutes on 2 cores)
+    python -m embserve.benchmarks.run                       # the standard suite (about 12 minutes on 2 cores)
     python -m embserve.benchmarks.run --workloads small --duration 1 --out /tmp/bench
 """
 
@@ -25,6 +26,7 @@ from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import LOOKUP_METHOD, OutputDType
 
+from . import cpu
 from .ceilings import compute_ceiling
 from .loadgen import LoadResult, closed_loop, open_loop
 from .procs import ServerProcess, embserve_command, noop_command
@@ -302,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
     parser.add_argument("--max-points", type=int, default=8, help="concurrency levels per workload (from the lowest)")
     parser.add_argument("--no-open-loop", action="store_true")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU-per-lookup measurements")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -309,6 +312,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     records, paths = run_suite(args)
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if not args.no_cpu:
+        peaks = {
+            name: max((r.rps for r in records if r.workload == name and r.target == "embserve" and r.mode == "closed"))
+            for name in args.workloads
+        }
+        cpu_paths = cpu.run(
+            args.workloads,
+            duration_s=args.duration,
+            warmup_s=args.warmup,
+            out_dir=Path(args.out) / "cpu",
+            command=f"python -m embserve.benchmarks.cpu --duration {args.duration} --warmup {args.warmup} (peaks from "
+            "the suite's unary runs)",
+            peaks=peaks,
+        )
+        print(cpu_paths["markdown"].read_text())
+        print("wrote " + ", ".join(str(p) for p in cpu_paths.values()))
     wrong = sum(r.wrong for r in records)
     return 1 if wrong else 0
 

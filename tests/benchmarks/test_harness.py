@@ -18,7 +18,19 @@ from embserve.benchmarks.workloads import WORKLOADS
 def test_small_suite_writes_json_markdown_and_png(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     code = main(
-        ["--workloads", "small", "--duration", "0.4", "--warmup", "0.1", "--max-points", "1", "--out", str(out)]
+        [
+            "--workloads",
+            "small",
+            "--duration",
+            "0.4",
+            "--warmup",
+            "0.1",
+            "--max-points",
+            "1",
+            "--no-cpu",
+            "--out",
+            str(out),
+        ]
     )
     assert code == 0
     data = json.loads((out / "results.json").read_text())
