@@ -105,6 +105,10 @@ class TableInfo:
     storage: str = "memory"  # memory | mmap | managed
     disk_bytes: int = 0  # the row file's bytes on disk (0: not served from one)
     resident_bytes: int = 0  # bytes in memory now (mmap: pages in the page cache)
+    # A shard server's rows of a table split row-wise: the first (the table's row row_start + i is the shard's id
+    # i) and the table's rows in the whole model; both 0 for a whole table.
+    row_start: int = 0
+    table_rows: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +135,12 @@ class ModelInfo:
     max_pending_response_bytes: int = 0
     max_pending_response_bytes_per_connection: int = 0
     max_receive_bytes: int = 0
+    # Sharded serving: the plan's digest (a shard server or a router; "" otherwise); on a shard server its index,
+    # the plan's number of shards and the whole model's key order (shard_count 0: not a shard server).
+    plan_digest: str = ""
+    shard_index: int = 0
+    shard_count: int = 0
+    model_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, m: pb.ModelMetadata) -> ModelInfo:
@@ -152,6 +162,8 @@ class ModelInfo:
                     t.storage or "memory",
                     t.disk_bytes,
                     t.resident_bytes,
+                    t.row_start,
+                    t.table_rows,
                 )
                 for t in m.tables
             ),
@@ -167,4 +179,8 @@ class ModelInfo:
             max_pending_response_bytes=m.max_pending_response_bytes,
             max_pending_response_bytes_per_connection=m.max_pending_response_bytes_per_connection,
             max_receive_bytes=m.max_receive_bytes,
+            plan_digest=m.plan_digest,
+            shard_index=m.shard_index,
+            shard_count=m.shard_count,
+            model_keys=tuple(m.model_keys),
         )

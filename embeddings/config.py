@@ -29,6 +29,7 @@ __all__ = [
     "ShardingType",
     "Storage",
     "builtin_model_names",
+    "canonical_keys",
     "load_model_config",
     "model_config_from_dict",
 ]
@@ -163,6 +164,12 @@ class ModelConfig(LargeEmbeddingsConfig):
     @property
     def output_dim(self) -> int:
         return sum(t.embedding_dim for t in self.tables)
+
+
+def canonical_keys(config: LargeEmbeddingsConfig) -> list[str]:
+    """The key order `LargeEmbeddings.forward` expects and returns: unweighted tables, then weighted tables,
+    each in config order (the plain config order when no table is weighted)."""
+    return [t.name for t in config.tables if not t.weighted] + [t.name for t in config.tables if t.weighted]
 
 
 def builtin_model_names() -> list[str]:

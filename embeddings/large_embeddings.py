@@ -18,17 +18,11 @@ from torchrec import EmbeddingBagConfig as TorchrecTableConfig
 from torchrec.modules import embedding_configs
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from .config import DataType, EmbeddingBagConfig, LargeEmbeddingsConfig
+from .config import DataType, EmbeddingBagConfig, LargeEmbeddingsConfig, canonical_keys
 
 __all__ = ["LargeEmbeddings", "canonical_keys"]
 
 logger = logging.getLogger(__name__)
-
-
-def canonical_keys(config: LargeEmbeddingsConfig) -> list[str]:
-    """The key order `LargeEmbeddings.forward` expects and returns: unweighted tables, then weighted tables,
-    each in config order (the plain config order when no table is weighted)."""
-    return [t.name for t in config.tables if not t.weighted] + [t.name for t in config.tables if t.weighted]
 
 
 def _torchrec_table(table: EmbeddingBagConfig) -> TorchrecTableConfig:

@@ -33,7 +33,7 @@ from .large_embeddings import LargeEmbeddings, canonical_keys
 from .memory import release_free_memory
 from .row_directory import check_row_directory, is_row_directory, row_directory_version, row_file_path
 from .table_batched import DEFAULT_CACHE_LOAD_FACTOR, RowSource, TableBatchedEmbeddings, TableStore
-from .weights import checkpoint_version, init_weights, load_checkpoint
+from .weights import checkpoint_version, init_weights, load_checkpoint, table_weights
 
 __all__ = [
     "Engine",
@@ -241,6 +241,7 @@ def build_serving_model(
     sharding: ShardingType | str = ShardingType.TABLE_WISE,
     default_storage: Storage | str = Storage.MEMORY,
     cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
+    weights: Mapping[str, torch.Tensor] | None = None,
 ) -> ServingModel:
     """Materialises `LargeEmbeddings` on `device`, loads or initialises its weights, and applies serving surgery.
 
@@ -257,6 +258,8 @@ def build_serving_model(
         default_storage: the storage of tables whose config names none. Tables not in `memory` are served from a
             row directory (`checkpoint` a directory of row files).
         cache_load_factor: for `managed` tables on CUDA, the share of their rows the device cache holds.
+        weights: every table's float weights (`[rows, dim]`, by name), instead of a checkpoint or the init: a
+            shard's slices of a model's weights (`shard_weights`); give `version` with them.
     """
     engine = Engine(engine)
     device = torch.device(device)
@@ -280,7 +283,12 @@ def build_serving_model(
             "and pass it as the checkpoint"
         )
     model = LargeEmbeddings(config, device=device)
-    if checkpoint is not None:
+    if weights is not None:
+        with torch.no_grad():
+            for name, param in table_weights(model).items():
+                param.copy_(weights[name])
+        version = version or "weights"
+    elif checkpoint is not None:
         digest = load_checkpoint(model, checkpoint)
         version = version or checkpoint_version(checkpoint, digest)
     else:

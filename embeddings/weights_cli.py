@@ -61,6 +61,11 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
         help="checkpoint to write: .safetensors (or a torch file); with --storage, the row directory to write",
     )
     p.add_argument("--model-out", help="also write the model config as YAML here")
+    p.add_argument(
+        "--plan",
+        help="sharding plan (embserve plan): write one row directory per shard, OUTPUT/shard-K, each holding that "
+        "shard's tables and rows (needs --storage); serve shard K with --plan and --shard K --checkpoint OUTPUT/shard-K",
+    )
     _add_storage_arg(p)
 
 
@@ -124,7 +129,35 @@ def _fail(command: str, err: Exception) -> int:
     return 2
 
 
+def _export_shards(args: argparse.Namespace) -> int:
+    from .plan import PlanError, load_plan, shard_model_config
+    from .shard_weights import shard_weights
+
+    try:
+        if not args.storage:
+            raise PlanError("--plan writes row directories: give --storage (memory or mmap)")
+        config = load_model_config(args.model)
+        plan = load_plan(args.plan, config)
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        source = f"exported from {args.checkpoint or f'init-{args.seed}'}"
+        for shard in plan.shards:
+            sub = shard_model_config(config, plan, shard.index)
+            weights = shard_weights(config, plan, shard.index, checkpoint=args.checkpoint, seed=args.seed)
+            directory = out / f"shard-{shard.index}"
+            version = write_row_directory(sub, weights, directory, source=source, storage=Storage(args.storage))
+            _report(sub, str(directory), None, version)
+    except (ConfigError, CheckpointError) as err:
+        return _fail("export", err)
+    except OSError as err:
+        return _fail("export", ConvertError(f"{err.filename or args.output}: cannot write: {err.strerror or err}"))
+    print(f"serve shard K with --model {args.model} --plan {args.plan} --shard K --checkpoint {out}/shard-K")
+    return 0
+
+
 def run_export(args: argparse.Namespace) -> int:
+    if getattr(args, "plan", None):
+        return _export_shards(args)
     try:
         config = load_model_config(args.model)
         model = LargeEmbeddings(config, device="cpu")

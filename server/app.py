@@ -29,6 +29,7 @@ from .frontdoor import FrontDoor
 from .inference import InferenceServicer
 from .local_backend import LocalBackend
 from .metrics import ServerMetrics
+from .placement import Placement, shard_placement
 from .security import peer_guards, server_credentials
 from .servicer import EmbeddingServicer
 from .startup import StartupError
@@ -56,6 +57,10 @@ def load_model(config: ServerConfig) -> ServingModel:
         raise RuntimeError(f"device {config.device!r} requested but CUDA is not available on this host")
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
+    if config.plan is not None and config.shard is not None:
+        model = _load_shard_model(config)
+        model.self_check()
+        return model
     model = build_serving_model(
         load_model_config(config.model),
         checkpoint=config.checkpoint,
@@ -70,6 +75,36 @@ def load_model(config: ServerConfig) -> ServingModel:
     )
     model.self_check()  # a model that cannot compute never reaches SERVING
     return model
+
+
+def _load_shard_model(config: ServerConfig) -> ServingModel:
+    """Shard `config.shard` of `config.plan`: its tables and rows of the whole model's weights (or its own row
+    directory)."""
+    from embserve.embeddings.plan import load_plan
+    from embserve.embeddings.shard_weights import build_shard_model
+
+    assert config.plan is not None and config.shard is not None
+    whole = load_model_config(config.model)
+    return build_shard_model(
+        whole,
+        load_plan(config.plan, whole),
+        config.shard,
+        checkpoint=config.checkpoint,
+        seed=config.seed,
+        version=config.model_version,
+        device=config.device,
+        engine=config.engine,
+        shard_devices=config.shard_devices,
+        sharding=config.sharding,
+        default_storage=config.storage,
+        cache_load_factor=config.cache_load_factor,
+    )
+
+
+def _placement(config: ServerConfig) -> Placement | None:
+    if config.plan is None or config.shard is None:
+        return None
+    return shard_placement(load_model_config(config.model), config.plan, config.shard)
 
 
 def _reflection_pool() -> descriptor_pool.DescriptorPool:
@@ -129,6 +164,7 @@ class EmbserveServer:
             limits=config.limits,
             metrics=self.metrics,
             activity=PeerActivity(self._cap),
+            placement=_placement(config),
         )
         self.metrics.track_budgets(self.door.accounting)
         self.metrics.track_tables(

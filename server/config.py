@@ -34,6 +34,7 @@ __all__ = [
     "LimitsConfig",
     "EventLoop",
     "LogFormat",
+    "RouterConfig",
     "ServerConfig",
     "TlsConfig",
     "load_server_config",
@@ -245,6 +246,51 @@ class TlsConfig(_Strict):
     client_ca_file: str | None = _field(None, "PEM CA: require client certificates it signed (mutual TLS)")
 
 
+DEFAULT_SHARD_DEADLINE_MS = 5000.0
+DEFAULT_MAX_ROUTED_REQUESTS = 4096
+DEFAULT_PLAN_CHECK_INTERVAL_MS = 5000.0
+
+
+class RouterConfig(_Strict):
+    """`embserve route`: the shard servers of a sharding plan, and how the router calls them."""
+
+    shards: list[str] = _field(
+        [], "shard addresses K=HOST:PORT, one per flag; several for one shard are replicas, used round-robin"
+    )
+    shard_deadline_ms: float = _field(
+        DEFAULT_SHARD_DEADLINE_MS, "deadline of the shard calls of a request whose caller set none, ms", gt=0
+    )
+    max_routed_requests: int = _field(
+        DEFAULT_MAX_ROUTED_REQUESTS, "requests waiting on shards at once; beyond it RESOURCE_EXHAUSTED at once", gt=0
+    )
+    plan_check_interval_ms: float = _field(
+        DEFAULT_PLAN_CHECK_INTERVAL_MS,
+        "how often each shard's plan digest is read again (and after any call to it fails), ms",
+        gt=0,
+    )
+    shard_token_file: str | None = _field(
+        None, "file holding the bearer token sent to the shards; none: each caller's own token is passed on"
+    )
+    shard_tls_ca: str | None = _field(None, "PEM CA: call the shards over TLS, checking them against it")
+
+    @pydantic.field_validator("shards")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            index, sep, address = entry.partition("=")
+            if not sep or not index.strip().isdigit() or ":" not in address:
+                raise ValueError(f"shard address {entry!r} must be K=HOST:PORT, e.g. 0=10.0.0.5:50051")
+        return value
+
+    def addresses(self) -> dict[int, list[str]]:
+        """The addresses of each shard index, in the order given."""
+        out: dict[int, list[str]] = {}
+        for entry in self.shards:
+            index, _, address = entry.partition("=")
+            out.setdefault(int(index), []).append(address.strip())
+        return out
+
+
 class AuthConfig(_Strict):
     """Bearer-token auth. `tokens_file` lines are `<token> <methods>`, methods a comma list of RPC names
     (`Lookup`, `GetModelMetadata`) or `*`; `#` starts a comment. Health and reflection stay open for probes."""
@@ -276,6 +322,8 @@ class ServerConfig(_Strict):
     cache_load_factor: float = _field(
         DEFAULT_CACHE_LOAD_FACTOR, "managed tables: the share of their rows the device cache holds", gt=0, le=1
     )
+    plan: str | None = _field(None, "sharding plan (embserve plan): serve one of its shards, given by --shard")
+    shard: int | None = _field(None, "the shard of --plan this server serves: its tables and rows only", ge=0)
     host: str = _field(DEFAULT_HOST, "address to bind")
     port: int = _field(DEFAULT_PORT, "gRPC port; 0 picks a free one", ge=0, le=65535)
     metrics_port: int | None = _field(DEFAULT_METRICS_PORT, "Prometheus /metrics port", ge=0, le=65535)
@@ -295,6 +343,7 @@ class ServerConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     limits: LimitsConfig = LimitsConfig()
     connections: ConnectionsConfig = ConnectionsConfig()
+    router: RouterConfig = RouterConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
 
@@ -319,6 +368,12 @@ class ServerConfig(_Strict):
                 f"batching.max_queue_size ({self.batching.max_queue_size}) must be >= "
                 f"batching.max_batch_size ({self.batching.max_batch_size})"
             )
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _plan_and_shard(self) -> ServerConfig:
+        if (self.plan is None) != (self.shard is None) and not self.router.shards:
+            raise ValueError("plan and shard go together: a shard server needs --plan and --shard")
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> ServerConfig:

@@ -21,6 +21,24 @@ from .config import ServerConfig
 __all__ = ["SETTINGS", "Setting", "add_flags", "overrides_from", "settings_table"]
 
 _UNSET = object()
+# What only a server that computes takes: the router (`embserve route`) reads the model config and the plan only.
+_SERVE_ONLY = frozenset(
+    {
+        "checkpoint",
+        "seed",
+        "model_version",
+        "engine",
+        "device",
+        "shard_devices",
+        "sharding",
+        "storage",
+        "cache_load_factor",
+        "shard",
+        "torch_threads",
+        "workers",
+        "max_worker_restarts_per_minute",
+    }
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +50,15 @@ class Setting:
     flag: str
     const: Any = _UNSET
     const_help: str = ""
+
+    @property
+    def command(self) -> str:
+        """Which command takes the flag: `serve`, `route` (the router's own settings) or `both`."""
+        if self.key.startswith("router."):
+            return "route"
+        if self.key.split(".")[0] in _SERVE_ONLY or self.key.startswith("batching."):
+            return "serve"
+        return "both"
 
     @property
     def dest(self) -> str:
@@ -55,6 +82,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("sharding", "--sharding"),
     Setting("storage", "--storage"),
     Setting("cache_load_factor", "--cache-load-factor"),
+    Setting("plan", "--plan"),
+    Setting("shard", "--shard"),
     Setting("host", "--host"),
     Setting("port", "--port"),
     Setting("metrics_port", "--metrics-port"),
@@ -102,6 +131,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls.key_file", "--tls-key"),
     Setting("tls.client_ca_file", "--tls-client-ca"),
     Setting("auth.tokens_file", "--auth-tokens-file"),
+    Setting("router.shards", "--shard-address"),
+    Setting("router.shard_deadline_ms", "--shard-deadline-ms"),
+    Setting("router.max_routed_requests", "--max-routed-requests"),
+    Setting("router.plan_check_interval_ms", "--plan-check-interval-ms"),
+    Setting("router.shard_token_file", "--shard-token-file"),
+    Setting("router.shard_tls_ca", "--shard-tls-ca"),
 )
 
 
@@ -134,9 +169,12 @@ def default_of(key: str) -> Any:
     return _UNSET if field.is_required() else field.get_default(call_default_factory=True)
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """Adds every setting's flag; defaults are left None so that unset flags do not override the YAML file."""
+def add_flags(parser: argparse.ArgumentParser, command: str = "serve") -> None:
+    """Adds the flags of `command`'s settings (`serve` or `route`); defaults are left None so that unset flags do
+    not override the YAML file."""
     for s in SETTINGS:
+        if s.command not in (command, "both"):
+            continue
         if s.const is not _UNSET:
             parser.add_argument(s.flag, dest=s.dest, action="store_true", help=s.help)
             continue
@@ -148,6 +186,8 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(choices=[e.value for e in kind], metavar=None)
         elif kind in (int, float):
             kwargs["type"] = kind
+        elif typing.get_origin(kind) is list:
+            kwargs["action"] = "append"
         parser.add_argument(s.flag, **kwargs)
 
 

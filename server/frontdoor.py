@@ -32,6 +32,7 @@ from .errors import CallGone, EmbserveError, ShuttingDown, status_code_of
 from .inflight import InFlight
 from .metrics import ServerMetrics
 from .offload import OffloadDecoder
+from .placement import Placement
 from .request import ModelSchema, SparseRequest
 from .unused_connections import PeerActivity
 
@@ -92,8 +93,10 @@ class FrontDoor:
         limits: LimitsConfig,
         metrics: ServerMetrics,
         activity: PeerActivity | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.backend = backend
+        self.placement = placement  # where this server stands in a sharding plan, if it serves one
         self.activity = activity
         self.bounds = bounds
         self.limits = limits

@@ -8,6 +8,7 @@ read never lets it do, so the answer stays counted among the answers not yet tak
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 
@@ -17,6 +18,7 @@ from .backend import BatchOutput, ModelView
 from .decode import parse_message
 from .errors import EmbserveError, status_code_of
 from .frontdoor import FrontDoor, Refusal
+from .placement import Placement
 
 __all__ = ["EmbeddingServicer"]
 
@@ -65,7 +67,8 @@ class EmbeddingServicer:
             max_pending_response_bytes=bounds.max_pending_response_bytes,
             max_pending_response_bytes_per_connection=bounds.max_pending_response_bytes_per_connection,
             max_receive_bytes=bounds.max_receive_bytes,
-            tables=[_table_metadata(model, name) for name in model.keys],
+            tables=[_table_metadata(model, name, door.placement) for name in model.keys],
+            **_placement_metadata(door.placement),
         )
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
@@ -83,9 +86,24 @@ def _lookup_response(request: pb.LookupRequest, sparse: object, out: BatchOutput
     return out.response  # the backend frames LookupResponses itself
 
 
-def _table_metadata(model: ModelView, name: str) -> pb.TableMetadata:
+def _placement_metadata(placement: Placement | None) -> dict[str, Any]:
+    if placement is None:
+        return {}
+    shard = {} if placement.shard_index is None else {"shard_index": placement.shard_index}
+    return {
+        "plan_digest": placement.plan_digest,
+        "shard_count": placement.shard_count if placement.shard_index is not None else 0,
+        "model_keys": placement.model_keys,
+        **shard,
+    }
+
+
+def _table_metadata(model: ModelView, name: str, placement: Placement | None = None) -> pb.TableMetadata:
     table = model.table(name)
+    start, rows = placement.row_slices.get(name, (0, 0)) if placement is not None else (0, 0)
     return pb.TableMetadata(
+        row_start=start,
+        table_rows=rows,
         name=name,
         feature_names=[name],
         num_embeddings=table.num_embeddings,

@@ -11,8 +11,12 @@ import errno
 import os
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import ServerConfig
+
+if TYPE_CHECKING:
+    from embserve.embeddings.config import ModelConfig
 
 __all__ = ["StartupError", "check_port_free", "check_startup", "one_line"]
 
@@ -60,6 +64,21 @@ def _check_file(path: str, flag: str) -> None:
         raise StartupError(f"{flag} {path}: not readable by this user")
 
 
+def _shard_of(model: ModelConfig, plan_path: str, shard: int) -> ModelConfig:
+    """The sub-model `--shard` serves, after checking the plan against the model."""
+    from embserve.embeddings.plan import PlanError, load_plan, shard_model_config
+
+    try:
+        plan = load_plan(plan_path, model)
+    except PlanError as err:
+        raise StartupError(f"--plan: {one_line(err)}") from None
+    if shard >= plan.shard_count:
+        raise StartupError(
+            f"--shard {shard}: plan {plan_path} has {plan.shard_count} shards, 0 to {plan.shard_count - 1}"
+        )
+    return shard_model_config(model, plan, shard)
+
+
 def check_startup(config: ServerConfig) -> None:
     """Checks every input of a start that can be checked without building the model.
 
@@ -74,6 +93,9 @@ def check_startup(config: ServerConfig) -> None:
         model = load_model_config(config.model)
     except ConfigError as err:
         raise StartupError(f"--model: {one_line(err)}") from None
+    whole = model  # a shard's checkpoint file is the whole model's; its row directory is its own
+    if config.plan is not None and config.shard is not None:
+        model = _shard_of(model, config.plan, config.shard)
     storage = {t.name: t.storage or config.storage for t in model.tables}
     if config.checkpoint is not None and Path(config.checkpoint).is_dir():
         serving_dtypes = {t.name: t.effective_serving_dtype for t in model.tables}
@@ -84,7 +106,7 @@ def check_startup(config: ServerConfig) -> None:
     elif config.checkpoint is not None:
         _check_file(config.checkpoint, "--checkpoint")
         try:
-            check_checkpoint(model, config.checkpoint)
+            check_checkpoint(whole, config.checkpoint)
         except CheckpointError as err:
             raise StartupError(f"--checkpoint: {one_line(err)}") from None
     away = [name for name, kind in storage.items() if kind is not Storage.MEMORY]

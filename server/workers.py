@@ -257,7 +257,7 @@ def _prepare(config: ServerConfig) -> tuple[SharedRows | None, Callable[[], Serv
     """What the workers will serve: the fused engine on the CPU from shared rows (one copy for every worker, and
     reloaded in place); any other engine or device as a model the supervisor builds and the workers inherit (a
     reload then starts new workers)."""
-    if config.engine is Engine.FUSED and config.device == "cpu" and config.shard_devices == 1:
+    if config.engine is Engine.FUSED and config.device == "cpu" and config.shard_devices == 1 and config.plan is None:
         rows = SharedRows.prepare(
             load_model_config(config.model),
             checkpoint=config.checkpoint,

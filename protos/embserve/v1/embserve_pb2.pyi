@@ -81,7 +81,7 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TableMetadata(_message.Message):
-    __slots__ = ("name", "feature_names", "num_embeddings", "embedding_dim", "data_type", "serving_dtype", "weight_bytes", "weighted", "id_policy", "storage", "disk_bytes", "resident_bytes")
+    __slots__ = ("name", "feature_names", "num_embeddings", "embedding_dim", "data_type", "serving_dtype", "weight_bytes", "weighted", "id_policy", "storage", "disk_bytes", "resident_bytes", "row_start", "table_rows")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FEATURE_NAMES_FIELD_NUMBER: _ClassVar[int]
     NUM_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,8 @@ class TableMetadata(_message.Message):
     STORAGE_FIELD_NUMBER: _ClassVar[int]
     DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    TABLE_ROWS_FIELD_NUMBER: _ClassVar[int]
     name: str
     feature_names: _containers.RepeatedScalarFieldContainer[str]
     num_embeddings: int
@@ -106,10 +108,12 @@ class TableMetadata(_message.Message):
     storage: str
     disk_bytes: int
     resident_bytes: int
-    def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ..., storage: _Optional[str] = ..., disk_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ...) -> None: ...
+    row_start: int
+    table_rows: int
+    def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ..., storage: _Optional[str] = ..., disk_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., row_start: _Optional[int] = ..., table_rows: _Optional[int] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection", "max_receive_bytes")
+    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection", "max_receive_bytes", "plan_digest", "shard_index", "shard_count", "model_keys")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +131,10 @@ class ModelMetadata(_message.Message):
     MAX_PENDING_RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PENDING_RESPONSE_BYTES_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     MAX_RECEIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_KEYS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     tables: _containers.RepeatedCompositeFieldContainer[TableMetadata]
@@ -144,4 +152,8 @@ class ModelMetadata(_message.Message):
     max_pending_response_bytes: int
     max_pending_response_bytes_per_connection: int
     max_receive_bytes: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ...) -> None: ...
+    plan_digest: str
+    shard_index: int
+    shard_count: int
+    model_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ..., plan_digest: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., model_keys: _Optional[_Iterable[str]] = ...) -> None: ...
