@@ -23,6 +23,7 @@ from .errors import (
 from .inputs import FeatureArrays, Features, IdLists, KeyedJaggedLike, SparseInput, Weights, to_sparse_input
 from .result import LookupResult, ModelInfo, TableInfo
 from .sync import Client
+from .updates import RowUpdate, UpdateResult
 
 __all__ = [
     "USE_CLIENT_DEFAULT",
@@ -43,6 +44,7 @@ __all__ = [
     "Overloaded",
     "PermissionDenied",
     "RetryPolicy",
+    "RowUpdate",
     "ServerError",
     "SparseInput",
     "TableInfo",
@@ -50,6 +52,7 @@ __all__ = [
     "TlsConfig",
     "Unauthenticated",
     "Unavailable",
+    "UpdateResult",
     "UseClientDefault",
     "Weights",
     "to_sparse_input",

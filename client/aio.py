@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -13,9 +14,10 @@ from embserve.v1.wire import OutputDType, OutputDTypeName
 
 from ._base import HEALTH_STATUS, USE_CLIENT_DEFAULT, BaseClient, Timeout
 from ._streams import AsyncStreamPool
-from .errors import PermissionDenied, from_rpc_error
+from .errors import EmbserveError, PermissionDenied, from_rpc_error
 from .inputs import Features, Weights
 from .result import LookupResult, ModelInfo
+from .updates import RowUpdate, UpdateResult, outcomes, update_message
 
 __all__ = ["AsyncClient"]
 
@@ -60,6 +62,33 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return self._joined(responses)
+
+    async def update_rows(
+        self,
+        table: str,
+        ids: Any,
+        rows: Any,
+        *,
+        update_id: str = "",
+        serving: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> UpdateResult:
+        """Replaces rows of `table`; see `Client.update_rows`."""
+        outcome = (await self.update_many([RowUpdate(table, ids, rows, update_id, serving)], timeout=timeout))[0]
+        if isinstance(outcome, EmbserveError):
+            raise outcome
+        return outcome
+
+    async def update_many(
+        self, updates: Iterable[RowUpdate], *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> list[UpdateResult | EmbserveError]:
+        """Sends `updates` over one UpdateRows stream; see `Client.update_many`."""
+        requests = [update_message(u) for u in updates]
+        try:
+            call = self._stub.UpdateRows(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
+            return outcomes([answer async for answer in call], len(requests))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
 
     async def _fetch_limits(self, timeout: Timeout) -> None:
         """Fetches the server's request limits once; a token that may not read metadata gets no chunking."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -13,9 +14,10 @@ from embserve.v1.wire import OutputDType, OutputDTypeName
 
 from ._base import HEALTH_STATUS, USE_CLIENT_DEFAULT, BaseClient, Timeout
 from ._streams import StreamPool
-from .errors import PermissionDenied, from_rpc_error
+from .errors import EmbserveError, PermissionDenied, from_rpc_error
 from .inputs import Features, Weights
 from .result import LookupResult, ModelInfo
+from .updates import RowUpdate, UpdateResult, outcomes, update_message
 
 __all__ = ["Client"]
 
@@ -92,6 +94,47 @@ class Client(BaseClient[grpc.Channel]):
             return [self._streams.lookup(requests[0], deadline)]
         with concurrent.futures.ThreadPoolExecutor(min(len(requests), 8)) as pool:
             return list(pool.map(lambda r: self._streams.lookup(r, deadline), requests))  # type: ignore[union-attr]
+
+    def update_rows(
+        self,
+        table: str,
+        ids: Any,
+        rows: Any,
+        *,
+        update_id: str = "",
+        serving: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> UpdateResult:
+        """Replaces rows of `table` on a server started with updates on; returns once the server serves them.
+
+        Args:
+            table: the table's name.
+            ids: int64 row numbers, each in `[0, num_embeddings)`, no repeats.
+            rows: float32 `[len(ids), embedding_dim]` (converted by the server to the table's serving type); with
+                `serving=True`, the table's stored row bytes.
+            update_id: echoed in the result and the server's log.
+            timeout: deadline in seconds (None: none; default: the client's).
+
+        Raises:
+            InvalidRequest: the update does not fit the table (the server names the problem; nothing applied).
+            EmbserveError: a subclass per other failure (`PermissionDenied` without an UpdateRows token, ...).
+        """
+        outcome = self.update_many([RowUpdate(table, ids, rows, update_id, serving)], timeout=timeout)[0]
+        if isinstance(outcome, EmbserveError):
+            raise outcome
+        return outcome
+
+    def update_many(
+        self, updates: Iterable[RowUpdate], *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> list[UpdateResult | EmbserveError]:
+        """Sends `updates` over one UpdateRows stream; the server applies them in order. Returns each one's result,
+        or the error it was refused with (the others are applied regardless)."""
+        requests = [update_message(u) for u in updates]
+        try:
+            answers = self._stub.UpdateRows(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
+            return outcomes(answers, len(requests))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
 
     def _fetch_limits(self, timeout: Timeout) -> None:
         """Fetches the server's request limits once; a token that may not read metadata gets no chunking."""

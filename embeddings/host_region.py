@@ -79,10 +79,17 @@ class HostRegion:
         self.base = _mmap(None, self.size, _PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
         self._finalizer = weakref.finalize(self, _unmap, self.base, self.size)
 
-    def map_file(self, offset: int, length: int, fd: int, file_offset: int) -> None:
-        """Maps `length` bytes of a file, from `file_offset` (page-aligned), read-only and shared, at `offset`."""
+    def map_file(self, offset: int, length: int, fd: int, file_offset: int, *, copy_on_write: bool = False) -> None:
+        """Maps `length` bytes of a file, from `file_offset` (page-aligned), at `offset`: read-only and shared, or
+        with `copy_on_write` private and writable: reads still come from the shared page cache, and a page written
+        becomes this process's own copy (the file never changes). No swap is reserved for the copies
+        (MAP_NORESERVE): only the pages written cost memory."""
         self._check(offset, length)
-        _mmap(self.base + offset, page_round(length), mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, file_offset)
+        if copy_on_write:
+            prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | _MAP_NORESERVE
+        else:
+            prot, flags = mmap.PROT_READ, mmap.MAP_SHARED
+        _mmap(self.base + offset, page_round(length), prot, flags | _MAP_FIXED, fd, file_offset)
 
     def map_memory(self, offset: int, length: int) -> memoryview:
         """Places `length` bytes of anonymous shared memory at `offset` (shared with processes forked afterwards)

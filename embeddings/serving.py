@@ -242,6 +242,7 @@ def build_serving_model(
     default_storage: Storage | str = Storage.MEMORY,
     cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
     weights: Mapping[str, torch.Tensor] | None = None,
+    copy_on_write: bool = False,
 ) -> ServingModel:
     """Materialises `LargeEmbeddings` on `device`, loads or initialises its weights, and applies serving surgery.
 
@@ -258,6 +259,7 @@ def build_serving_model(
         default_storage: the storage of tables whose config names none. Tables not in `memory` are served from a
             row directory (`checkpoint` a directory of row files).
         cache_load_factor: for `managed` tables on CUDA, the share of their rows the device cache holds.
+        copy_on_write: row files read in place are mapped private and writable, so that rows can be updated.
         weights: every table's float weights (`[rows, dim]`, by name), instead of a checkpoint or the init: a
             shard's slices of a model's weights (`shard_weights`); give `version` with them.
     """
@@ -274,6 +276,7 @@ def build_serving_model(
             storage=storage,
             shard_devices=shard_devices,
             cache_load_factor=cache_load_factor,
+            copy_on_write=copy_on_write,
         )
     not_in_memory = [name for name, kind in storage.items() if kind is not Storage.MEMORY]
     if not_in_memory:
@@ -362,6 +365,7 @@ def _from_row_directory(
     storage: dict[str, Storage],
     shard_devices: int,
     cache_load_factor: float,
+    copy_on_write: bool,
 ) -> ServingModel:
     """The fused engine over a row directory: each table read in place or loaded from its row file."""
     if engine is not Engine.FUSED:
@@ -377,6 +381,7 @@ def _from_row_directory(
         version=version or row_directory_version(config, directory),
         device=device,
         cache_load_factor=cache_load_factor,
+        copy_on_write=copy_on_write,
     )
 
 
@@ -389,9 +394,11 @@ def serving_model_from_rows(
     device: torch.device | str = "cpu",
     cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
     map_memory: bool = False,
+    copy_on_write: bool = False,
 ) -> ServingModel:
     """The fused engine over each table's row file (a path or an open descriptor), each in its storage;
-    `map_memory`: the sources of `memory` tables are memory already, and are mapped rather than copied."""
+    `map_memory`: the sources of `memory` tables are memory already, and are mapped rather than copied;
+    `copy_on_write`: mapped rows are private and writable (row updates), not read-only."""
     device = torch.device(device)
     serving_dtypes = {t.name: t.effective_serving_dtype for t in config.tables}
     module = TableBatchedEmbeddings(
@@ -402,6 +409,7 @@ def serving_model_from_rows(
         device=device,
         cache_load_factor=cache_load_factor,
         map_memory=map_memory,
+        copy_on_write=copy_on_write,
     )
     weight_bytes = {name: store.data_bytes for name, store in module.stores.items()}
     return _serving_model(config, module, Engine.FUSED, device, version, weight_bytes, dict(storage))

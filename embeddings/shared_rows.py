@@ -94,11 +94,17 @@ class SharedRows:
                 os.close(fd)
             raise
 
-    def serving_model(self, fds: Mapping[str, int] | None = None) -> ServingModel:
+    def serving_model(self, fds: Mapping[str, int] | None = None, *, copy_on_write: bool = False) -> ServingModel:
         """The fused engine over these rows, mapped in place (on the CPU); `fds`: descriptors this process received
-        for them, instead of the ones it inherited."""
+        for them, instead of the ones it inherited; `copy_on_write`: mapped private and writable (row updates:
+        each process writes its own copy of the pages it updates, the rest stay shared)."""
         return serving_model_from_rows(
-            self.config, dict(fds or self.fds), storage=self.storage, version=self.version, map_memory=True
+            self.config,
+            dict(fds or self.fds),
+            storage=self.storage,
+            version=self.version,
+            map_memory=True,
+            copy_on_write=copy_on_write,
         )
 
     def check_files(self) -> None:

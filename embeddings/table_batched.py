@@ -58,6 +58,7 @@ class TableStore:
     region: HostRegion | None = None  # CPU: the collection's host range
     offset: int = 0  # where the table starts in it
     identity: tuple[int, int, int, int] = (0, 0, 0, 0)  # (device, inode, size, mtime_ns) when mapped
+    writable: bool = True  # rows can be written in place (mapped tables: only when mapped copy-on-write)
 
     @property
     def data_bytes(self) -> int:
@@ -139,7 +140,8 @@ def _open_table(
     except BaseException:
         os.close(fd)
         raise
-    return TableStore(table.name, storage, header, path, fd=fd, mapped=mapped or storage is Storage.MMAP)
+    mapped = mapped or storage is Storage.MMAP
+    return TableStore(table.name, storage, header, path, fd=fd, mapped=mapped, writable=not mapped)
 
 
 class TableBatchedEmbeddings(nn.Module):
@@ -155,6 +157,8 @@ class TableBatchedEmbeddings(nn.Module):
         cache_load_factor: for `managed` tables, the share of their rows the device cache holds.
         map_memory: map `memory` tables from their sources too, rather than copy them: the sources are memory
             already (the supervisor's memory files, shared by its workers).
+        copy_on_write: map files private and writable, so that rows can be updated in place (`row_updates`): a
+            page written becomes this process's own copy, the others stay shared; otherwise read-only.
     """
 
     def __init__(
@@ -167,8 +171,10 @@ class TableBatchedEmbeddings(nn.Module):
         device: torch.device,
         cache_load_factor: float = DEFAULT_CACHE_LOAD_FACTOR,
         map_memory: bool = False,
+        copy_on_write: bool = False,
     ) -> None:
         super().__init__()
+        self.copy_on_write = copy_on_write
         self.device = device
         self.groups = [[t for t in config.tables if not t.weighted], [t for t in config.tables if t.weighted]]
         self.groups = [g for g in self.groups if g]
@@ -238,7 +244,8 @@ class TableBatchedEmbeddings(nn.Module):
             if s.mapped:
                 st = os.fstat(s.fd)
                 s.identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                region.map_file(offset, s.data_bytes, s.fd, DATA_OFFSET)
+                region.map_file(offset, s.data_bytes, s.fd, DATA_OFFSET, copy_on_write=self.copy_on_write)
+                s.writable = self.copy_on_write
                 region.advise(offset, s.data_bytes, mmap.MADV_RANDOM)  # rows are read one at a time
             else:
                 _read_rows(s.fd, s.path, region.map_memory(offset, s.data_bytes))

@@ -35,6 +35,8 @@ from .servicer import EmbeddingServicer
 from .startup import StartupError
 from .streams import StreamServicer
 from .unused_connections import PeerActivity, UnusedConnectionReaper
+from .updater import RowUpdater, UpdatesState, log_dir_for
+from .updates import UpdateServicer
 from .worker_control import WorkerChannel
 
 __all__ = ["EmbserveServer", "ReloadFailed", "load_model", "run_on_event_loop", "serve_until_signal"]
@@ -72,6 +74,7 @@ def load_model(config: ServerConfig) -> ServingModel:
         sharding=config.sharding,
         default_storage=config.storage,
         cache_load_factor=config.cache_load_factor,
+        copy_on_write=config.updates.enabled,
     )
     model.self_check()  # a model that cannot compute never reaches SERVING
     return model
@@ -157,6 +160,8 @@ class EmbserveServer:
             trim_after_bytes=config.limits.offload_decode_bytes,
             on_storage_failure=self._storage_failed,
         )
+        self.updater = self._open_updates()
+        self._replayed: dict[int, UpdatesState] = {}  # prepared versions' replayed updates, by id of the model
         self._cap = max_connections(config.connections)
         self.door = FrontDoor(
             backend=self.backend,
@@ -174,6 +179,7 @@ class EmbserveServer:
         )
         self._front_ends = (EmbeddingServicer(self.door), StreamServicer(self.door))
         self._inference = InferenceServicer(self.door)
+        self._updates = UpdateServicer(self.door, self.updater, max_streams=config.updates.max_streams)
         self.health, self._interceptors = peer_guards(config, self.metrics)
         self._reload_lock = asyncio.Lock()
         self._not_serving = False  # set when a row file fails under the server
@@ -189,6 +195,27 @@ class EmbserveServer:
     def model(self) -> ServingModel:
         """The model serving now."""
         return self.backend.model
+
+    def _open_updates(self) -> RowUpdater | None:
+        """With updates on: the served base's delta log, replayed into the model before it serves."""
+        settings = self.config.updates
+        if not settings.enabled:
+            return None
+        state = UpdatesState.open(
+            self.backend.model, log_dir_for(settings, self.config.checkpoint), fsync=settings.fsync
+        )
+        self.backend.swap_model(state.model)
+        return RowUpdater(settings, state, executor=self.backend.executor, metrics=self.metrics)
+
+    def replay_updates(self, model: ServingModel) -> ServingModel:
+        """A new version with its base's delta log replayed (blocking; before it is swapped in); the model itself
+        when updates are off."""
+        if self.updater is None:
+            return model
+        settings = self.config.updates
+        state = UpdatesState.open(model, log_dir_for(settings, self.config.checkpoint), fsync=settings.fsync)
+        self._replayed[id(state.model)] = state
+        return state.model
 
     def _storage_failed(self, err: Exception) -> None:
         """A table's row file changed under the server: the batches that touch it fail, and the server reports
@@ -215,6 +242,7 @@ class EmbserveServer:
     async def start(self) -> None:
         server = grpc.aio.server(options=self.grpc_options(), interceptors=self._interceptors)
         embserve_handlers = {name: h for front in self._front_ends for name, h in front.handlers().items()}
+        embserve_handlers.update(self._updates.handlers())
         server.add_generic_rpc_handlers(
             (
                 grpc.method_handlers_generic_handler(SERVICE_NAME, embserve_handlers),
@@ -265,6 +293,8 @@ class EmbserveServer:
         await server.start()
         self._server = server
         self.backend.start()
+        if self.updater is not None:
+            self.updater.start()
         grace_ms = self.config.connections.unused_connection_grace_ms
         if grace_ms and UnusedConnectionReaper.supported() and self.door.activity is not None:
             reaper = UnusedConnectionReaper(
@@ -309,8 +339,10 @@ class EmbserveServer:
             try:
                 if config.checkpoint is None:
                     raise ValueError("no checkpoint configured or given")
-                model = await asyncio.get_running_loop().run_in_executor(None, load_model, config)
-                self.backend.swap_model(model)
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(None, load_model, config)
+                model = await loop.run_in_executor(None, self.replay_updates, model)
+                await self._swap(model)
             except Exception as err:
                 self.metrics.reloads.labels("failed").inc()
                 logger.error(
@@ -327,10 +359,21 @@ class EmbserveServer:
             logger.info("reloaded", extra={"old_version": old.version, "version": model.version})
             return model
 
-    def swap_in(self, model: ServingModel) -> None:
-        """Serves `model` from the next batch on (a version prepared elsewhere: `--workers` reloads)."""
-        old = self.backend.model
+    async def _swap(self, model: ServingModel) -> None:
+        """Serves `model` from the next batch on; with updates on, its base's log is followed from then on."""
+        state = self._replayed.pop(id(model), None)
+        for stale in self._replayed.values():  # prepared, then dropped
+            stale.log.close()
+        self._replayed.clear()
         self.backend.swap_model(model)
+        if self.updater is not None and state is not None:
+            await self.updater.rebase(state)
+
+    async def swap_in(self, model: ServingModel) -> None:
+        """Serves `model` from the next batch on (a version prepared elsewhere, its updates replayed by
+        `replay_updates`: `--workers` reloads)."""
+        old = self.backend.model
+        await self._swap(model)
         self.metrics.reloads.labels("ok").inc()
         self.metrics.set_model(model.config.name, model.version, model.engine.value, str(model.device))
         logger.info("reloaded", extra={"old_version": old.version, "version": model.version, "worker": self.worker})
@@ -350,6 +393,8 @@ class EmbserveServer:
         if self._reaper is not None:
             self._reaper.cancel()
         await self.backend.close()
+        if self.updater is not None:
+            await self.updater.close()
         self.door.offload.shutdown()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -380,7 +425,11 @@ async def serve_until_signal(
     `--workers N`, whose supervisor reloads it: over `control` (`worker_control`), or by replacing the workers."""
     server = EmbserveServer(config, model=model, bounds=bounds, reuse_port=worker is not None, worker=worker or 0)
     await server.start()
-    channel = WorkerChannel(control, server.swap_in) if control is not None else None
+    channel = (
+        WorkerChannel(control, server.swap_in, prepare=server.replay_updates, copy_on_write=config.updates.enabled)
+        if control is not None
+        else None
+    )
     if channel is not None:
         channel.start()
     if on_ready is not None:

@@ -37,6 +37,7 @@ __all__ = [
     "RouterConfig",
     "ServerConfig",
     "TlsConfig",
+    "UpdatesConfig",
     "load_server_config",
 ]
 
@@ -69,6 +70,9 @@ DEFAULT_CACHE_LOAD_FACTOR = 0.2
 DEFAULT_OFFLOAD_DECODE_BYTES = 1 << 20
 DEFAULT_DECODE_THREADS = 2
 DEFAULT_MAX_DECODE_QUEUE = 16
+DEFAULT_MAX_UPDATE_ROWS = 65_536
+DEFAULT_MAX_UPDATE_STREAMS = 8
+DEFAULT_UPDATES_POLL_MS = 10.0
 
 
 @enum.unique
@@ -298,6 +302,27 @@ class AuthConfig(_Strict):
     tokens_file: str = pydantic.Field(description="bearer tokens file: lines '<token> <methods or *>'")
 
 
+class UpdatesConfig(_Strict):
+    """Row updates while serving (`UpdateRows`): off by default, so that a replica is read-only unless asked."""
+
+    enabled: bool = _field(False, "accept row updates (UpdateRows); off: a read-only server refuses them")
+    log_dir: str | None = _field(None, "where the delta logs live; none: '<checkpoint>.updates' next to the checkpoint")
+    fsync: bool = _field(
+        True,
+        "fsync the delta log before an update is answered; off: a crash of the host (not of the process) can lose "
+        "the updates answered in the last seconds",
+    )
+    max_rows_per_message: int = _field(
+        DEFAULT_MAX_UPDATE_ROWS, "rows one update message may replace (bounds how long lookups wait for one)", gt=0
+    )
+    max_streams: int = _field(
+        DEFAULT_MAX_UPDATE_STREAMS, "UpdateRows streams open at once; beyond it RESOURCE_EXHAUSTED", gt=0
+    )
+    poll_interval_ms: float = _field(
+        DEFAULT_UPDATES_POLL_MS, "how often a process reads the updates other processes appended, ms", gt=0
+    )
+
+
 class ServerConfig(_Strict):
     """Everything `embserve serve` needs; see the README's configuration table."""
 
@@ -344,6 +369,7 @@ class ServerConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     connections: ConnectionsConfig = ConnectionsConfig()
     router: RouterConfig = RouterConfig()
+    updates: UpdatesConfig = UpdatesConfig()
     tls: TlsConfig | None = None
     auth: AuthConfig | None = None
 

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -24,6 +25,8 @@ from .framing import ResponseEncoder, rows_as_bytes, rows_in
 from .request import SparseRequest
 
 __all__ = ["BatchExecutor"]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
@@ -67,6 +70,11 @@ class BatchExecutor:
             raise ValueError("a swapped-in model must have the same tables and device as the one serving")
         self._current = (model, _encoder_for(model))
 
+    async def between_batches(self, work: Callable[[], T]) -> T:
+        """Runs `work` on the thread that runs the forwards, so that no forward runs while it does: a batch sees
+        what `work` changes in the weights entirely or not at all."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute_pool, work)
+
     async def run(self, requests: list[SparseRequest]) -> Sequence[BatchOutput]:
         loop = asyncio.get_running_loop()
         if not self._pipelined:
@@ -103,7 +111,10 @@ class BatchExecutor:
 
     def _compute(self, prepared: _Prepared, requests: list[SparseRequest]) -> list[BatchOutput]:
         start = time.perf_counter()
-        model = prepared.model
+        model, encoder = prepared.model, prepared.encoder
+        current = self._current
+        if current[0].module is model.module:  # a row update since it was prepared: name the version it computes
+            model, encoder = current
         model.check_storage()  # a row file truncated under the server fails the batch here, not the process
         if prepared.copied is not None:
             torch.cuda.current_stream(model.device).wait_event(prepared.copied)
@@ -114,11 +125,11 @@ class BatchExecutor:
         results = []
         for r, req in enumerate(requests):  # one step per request: slice, cast, serialize
             payload = rows_as_bytes(output[int(offsets[r]) : int(offsets[r + 1])], req.output_dtype)
-            response = prepared.encoder.encode(
+            response = encoder.encode(
                 payload, batch_size=req.batch_size, output_dtype=req.output_dtype, request_id=req.request_id
             )
             rows = rows_in(response, payload.nbytes)
-            results.append(BatchOutput(response, req.batch_size, rows, prepared.model.version))
+            results.append(BatchOutput(response, req.batch_size, rows, model.version))
         return results
 
 

@@ -74,6 +74,21 @@ class ServerMetrics:
         self.budgets = Gauge(
             "embserve_budget", "What calls in progress hold now, by budget (bytes, or calls)", ["budget"], registry=r
         )
+        self.update_rows = Counter("embserve_update_rows", "Rows written by row updates in this process", registry=r)
+        self.update_bytes = Counter(
+            "embserve_update_bytes", "Bytes of rows written by row updates in this process", registry=r
+        )
+        self.update_sequence = Gauge(
+            "embserve_update_sequence",
+            "The last row update applied in this process (its delta log sequence)",
+            registry=r,
+        )
+        self.update_apply_seconds = Histogram(
+            "embserve_update_apply_seconds",
+            "Time one update held the batches (its rows written between two batches)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def track_tables(self, tables: Sequence[str], resident: Callable[[str], int], disk: Callable[[str], int]) -> None:
         """Each table's bytes in memory now and its row file's bytes on disk, read when `/metrics` is scraped (the

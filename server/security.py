@@ -6,10 +6,11 @@ answered without reading its request message (the refusal is a request-streaming
 is counted under its method's name only if the service has that method (`metrics.method_label`). Health stays
 open for probes, but token-free `Health.Watch` streams are capped (`limits.max_health_watches`). A token's line
 names the methods it may call, by method name, from either service: embserve.v1's (`Lookup`, `GetModelMetadata`)
-and the Open Inference Protocol's (`ModelInfer`, `ModelMetadata`, `ServerMetadata`), or `*` for all of them. The
-names are distinct across the two services, and a token gets what it names (`Lookup` also allows `LookupStream`,
-the same lookups over a stream; it does not imply `ModelInfer`). The probes need no token: the health service, and
-OIP's `ServerLive`, `ServerReady`, `ModelReady`.
+and the Open Inference Protocol's (`ModelInfer`, `ModelMetadata`, `ServerMetadata`), or `*` for all the read
+methods. The names are distinct across the two services, and a token gets what it names (`Lookup` also allows
+`LookupStream`, the same lookups over a stream; it does not imply `ModelInfer`). `UpdateRows` writes: `*` does not
+include it, and a token that names it gets only what it names, so a writer's token does not read and a reader's
+does not write. The probes need no token: the health service, and OIP's `ServerLive`, `ServerReady`, `ModelReady`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ logger = logging.getLogger(__name__)
 SERVICE_PREFIXES = (method_path(""), oip.method_path(""))
 OPEN_METHODS = frozenset(oip.method_path(m) for m in ("ServerLive", "ServerReady", "ModelReady"))
 ALL_METHODS = frozenset(METHODS) | frozenset(oip.METHODS)
+WRITE_METHODS = frozenset({"UpdateRows"})
+READ_METHODS = ALL_METHODS - WRITE_METHODS
 assert not set(METHODS) & set(oip.METHODS), "a token's method names must be unambiguous across the services"
 
 Metadata = Sequence[tuple[str, str | bytes]]
@@ -64,7 +67,7 @@ def load_tokens(path: str | Path) -> dict[str, frozenset[str]]:
         parts = line.split()
         if len(parts) != 2:
             raise ValueError(f"{path}:{number}: expected '<token> <methods>'")
-        methods = ALL_METHODS if parts[1] == "*" else frozenset(parts[1].split(","))
+        methods = READ_METHODS if parts[1] == "*" else frozenset(parts[1].split(","))
         if "Lookup" in methods:
             methods |= {"LookupStream"}  # the same lookups, over a stream
         unknown = methods - ALL_METHODS

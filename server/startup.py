@@ -121,6 +121,11 @@ def check_startup(config: ServerConfig) -> None:
             raise StartupError(f"table {name!r}: mmap storage serves from the CPU; on --device cuda use managed")
         if kind is Storage.MANAGED and not on_cuda:
             raise StartupError(f"table {name!r}: managed storage needs --device cuda; on the CPU use mmap")
+    if config.updates.enabled and config.checkpoint is None and config.updates.log_dir is None:
+        raise StartupError(
+            "--updates: the delta log lives next to the checkpoint, and there is none (a seeded init): give "
+            "--updates-dir"
+        )
     if config.tls is not None:
         _check_file(config.tls.cert_file, "--tls-cert")
         _check_file(config.tls.key_file, "--tls-key")

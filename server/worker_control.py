@@ -23,7 +23,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from embserve.embeddings import ServingModel
@@ -95,10 +95,19 @@ class WorkerChannel:
         swap_in: puts a prepared model into service (between batches).
     """
 
-    def __init__(self, sock: socket.socket, swap_in: Callable[[ServingModel], None]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        swap_in: Callable[[ServingModel], Awaitable[None]],
+        *,
+        prepare: Callable[[ServingModel], ServingModel] = lambda model: model,
+        copy_on_write: bool = False,
+    ) -> None:
         self._sock = sock
         self._sock.setblocking(False)
         self._swap_in = swap_in
+        self._after_prepare = prepare
+        self._copy_on_write = copy_on_write
         self._prepared: ServingModel | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -130,7 +139,9 @@ class WorkerChannel:
         op = message.get("op")
         if op == "prepare":
             try:
-                model = await asyncio.get_running_loop().run_in_executor(None, _prepare, message, fds)
+                loop = asyncio.get_running_loop()
+                model = await loop.run_in_executor(None, _prepare, message, fds, self._copy_on_write)
+                model = await loop.run_in_executor(None, self._after_prepare, model)
             except Exception as err:
                 logger.error("could not prepare the new version", extra={"error": f"{type(err).__name__}: {err}"})
                 _send(self._sock, {"op": "prepared", "ok": False, "error": f"{type(err).__name__}: {err}"})
@@ -139,20 +150,20 @@ class WorkerChannel:
             _send(self._sock, {"op": "prepared", "ok": True})
         elif op == "commit" and self._prepared is not None:
             model, self._prepared = self._prepared, None
-            self._swap_in(model)
+            await self._swap_in(model)
             _send(self._sock, {"op": "committed", "version": model.version})
         elif op == "abort":
             self._prepared = None
 
 
-def _prepare(message: dict[str, Any], fds: list[int]) -> ServingModel:
+def _prepare(message: dict[str, Any], fds: list[int], copy_on_write: bool) -> ServingModel:
     """The new version over the received descriptors, self-checked; the descriptors are closed (the model keeps its
     own)."""
     try:
         config = model_config_from_dict(message["config"], source="the supervisor's model")
         storage = {name: Storage(kind) for name, kind in message["storage"].items()}
         rows = SharedRows(config, str(message["version"]), storage, dict(zip(message["tables"], fds)))
-        model = rows.serving_model()
+        model = rows.serving_model(copy_on_write=copy_on_write)
         model.self_check()
         return model
     finally:

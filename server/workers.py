@@ -218,7 +218,7 @@ class _Generation:
             if channel.receive(time.monotonic() + 30) is None:
                 logger.error("worker did not confirm the new version", extra={"pid": pid})
         old, self.shared, self.version = self.shared, rows, rows.version
-        self.make_model = _shared_model(rows)
+        self.make_model = _shared_model(rows, copy_on_write=self.config.updates.enabled)
         for pid in list(self.pending.values()):  # started with the old rows: replaced with the new ones
             os.kill(pid, signal.SIGTERM)
         if old is not None:
@@ -244,9 +244,9 @@ def _report_bus_error(generation: _Generation, pid: int) -> None:
     logger.error("worker died of SIGBUS; its row files look intact now", extra={"pid": pid})
 
 
-def _shared_model(rows: SharedRows) -> Callable[[], ServingModel]:
+def _shared_model(rows: SharedRows, *, copy_on_write: bool) -> Callable[[], ServingModel]:
     def make() -> ServingModel:
-        model = rows.serving_model()
+        model = rows.serving_model(copy_on_write=copy_on_write)
         model.self_check()
         return model
 
@@ -265,7 +265,7 @@ def _prepare(config: ServerConfig) -> tuple[SharedRows | None, Callable[[], Serv
             default_storage=config.storage,
             version=config.model_version,
         )
-        return rows, _shared_model(rows), rows.version
+        return rows, _shared_model(rows, copy_on_write=config.updates.enabled), rows.version
     model = load_model(config.model_copy(update={"torch_threads": None}))
     return None, lambda: model, model.version
 

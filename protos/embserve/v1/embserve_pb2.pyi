@@ -13,10 +13,19 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
+
+class RowFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROW_FORMAT_UNSPECIFIED: _ClassVar[RowFormat]
+    ROW_FORMAT_FLOAT32: _ClassVar[RowFormat]
+    ROW_FORMAT_SERVING: _ClassVar[RowFormat]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
+ROW_FORMAT_UNSPECIFIED: RowFormat
+ROW_FORMAT_FLOAT32: RowFormat
+ROW_FORMAT_SERVING: RowFormat
 
 class SparseFeatures(_message.Message):
     __slots__ = ("keys", "batch_size", "lengths", "values", "weights")
@@ -157,3 +166,31 @@ class ModelMetadata(_message.Message):
     shard_count: int
     model_keys: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ..., plan_digest: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., model_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RowUpdate(_message.Message):
+    __slots__ = ("update_id", "table", "ids", "rows", "format")
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    update_id: str
+    table: str
+    ids: bytes
+    rows: bytes
+    format: RowFormat
+    def __init__(self, update_id: _Optional[str] = ..., table: _Optional[str] = ..., ids: _Optional[bytes] = ..., rows: _Optional[bytes] = ..., format: _Optional[_Union[RowFormat, str]] = ...) -> None: ...
+
+class RowUpdateResult(_message.Message):
+    __slots__ = ("update_id", "status", "sequence", "model_version", "rows")
+    UPDATE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    update_id: str
+    status: Status
+    sequence: int
+    model_version: str
+    rows: int
+    def __init__(self, update_id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., sequence: _Optional[int] = ..., model_version: _Optional[str] = ..., rows: _Optional[int] = ...) -> None: ...

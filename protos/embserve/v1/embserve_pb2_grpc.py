@@ -49,6 +49,11 @@ class EmbeddingServiceStub:
                 request_serializer=embserve_dot_v1_dot_embserve__pb2.GetModelMetadataRequest.SerializeToString,
                 response_deserializer=embserve_dot_v1_dot_embserve__pb2.ModelMetadata.FromString,
                 _registered_method=True)
+        self.UpdateRows = channel.stream_stream(
+                '/embserve.v1.EmbeddingService/UpdateRows',
+                request_serializer=embserve_dot_v1_dot_embserve__pb2.RowUpdate.SerializeToString,
+                response_deserializer=embserve_dot_v1_dot_embserve__pb2.RowUpdateResult.FromString,
+                _registered_method=True)
 
 
 class EmbeddingServiceServicer:
@@ -78,6 +83,15 @@ class EmbeddingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateRows(self, request_iterator, context):
+        """Row updates while serving: each message is validated, appended to the delta log (durable before it is
+        answered), applied between batches in every process serving the model, and answered in order. Refused by
+        read-only servers; needs a token that names UpdateRows.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +109,11 @@ def add_EmbeddingServiceServicer_to_server(servicer, server):
                     servicer.GetModelMetadata,
                     request_deserializer=embserve_dot_v1_dot_embserve__pb2.GetModelMetadataRequest.FromString,
                     response_serializer=embserve_dot_v1_dot_embserve__pb2.ModelMetadata.SerializeToString,
+            ),
+            'UpdateRows': grpc.stream_stream_rpc_method_handler(
+                    servicer.UpdateRows,
+                    request_deserializer=embserve_dot_v1_dot_embserve__pb2.RowUpdate.FromString,
+                    response_serializer=embserve_dot_v1_dot_embserve__pb2.RowUpdateResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +197,33 @@ class EmbeddingService:
             '/embserve.v1.EmbeddingService/GetModelMetadata',
             embserve_dot_v1_dot_embserve__pb2.GetModelMetadataRequest.SerializeToString,
             embserve_dot_v1_dot_embserve__pb2.ModelMetadata.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateRows(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/embserve.v1.EmbeddingService/UpdateRows',
+            embserve_dot_v1_dot_embserve__pb2.RowUpdate.SerializeToString,
+            embserve_dot_v1_dot_embserve__pb2.RowUpdateResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,266 @@
+"""Row updates in one server process: the delta log of the served base, appending to it, and applying what every
+process appended, in order, between batches.
+
+An update is checked (`row_updates.check_rows`) and encoded off the event loop, appended to the delta log (durable
+before it is answered, when the log fsyncs), then applied: its rows are written on the thread that runs the
+forwards (`BatchExecutor.between_batches`), so no batch sees half of it, and the version lookups report becomes
+`<base>+<sequence>`. A process applies the log's records strictly in order, its own and those other processes of
+`--workers N` appended (read every `poll_interval_ms`), so every process serves the same rows for the same
+sequence. One update holds the batches for as long as its rows take to copy: `max_rows_per_message` bounds it.
+
+The log belongs to the base it was written over (`<log dir>/<base version>.deltas`): a start or a reload replays
+the log of the base it serves before serving it, and a reload to another base starts that base's log (the updates
+applied to the old base are not carried over: the new checkpoint is expected to hold them; `embserve compact`
+folds a log into a new base).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from embserve.embeddings import ServingModel
+from embserve.embeddings.delta_log import DeltaLog, DeltaRecord, RowFormat, delta_log_path
+from embserve.embeddings.errors import UpdateRefused
+from embserve.embeddings.row_updates import EncodedRows, RowWriter, check_rows
+
+from .config import UpdatesConfig
+from .metrics import ServerMetrics
+
+__all__ = ["Applied", "RowUpdater", "UpdatesState", "log_dir_for", "version_of", "versioned"]
+
+logger = logging.getLogger(__name__)
+
+_REPLAY_BYTES = 64 << 20  # records read at once while replaying or catching up
+
+
+@dataclasses.dataclass(frozen=True)
+class Applied:
+    """An applied update: its sequence in the log and the version lookups now report."""
+
+    sequence: int
+    version: str
+    rows: int
+
+
+def log_dir_for(config: UpdatesConfig, checkpoint: str | None) -> Path:
+    """Where the delta logs live: the configured directory, or `<checkpoint>.updates` beside the checkpoint."""
+    if config.log_dir is not None:
+        return Path(config.log_dir)
+    if checkpoint is None:
+        raise ValueError("row updates need --updates-dir when the model has no checkpoint (a seeded init)")
+    path = Path(checkpoint)
+    return path.parent / f"{path.name}.updates"
+
+
+def version_of(base: str, sequence: int) -> str:
+    """The version served after update `sequence` over `base`: `<base>+<sequence>` (the base alone before any)."""
+    return f"{base}+{sequence}" if sequence else base
+
+
+def versioned(model: ServingModel, base: str, sequence: int) -> ServingModel:
+    """`model` (the same weights) reporting the version after update `sequence` over `base`."""
+    version = version_of(base, sequence)
+    return model if model.version == version else dataclasses.replace(model, version=version)
+
+
+@dataclasses.dataclass
+class UpdatesState:
+    """One base's updates in this process: the model they are written into, its log, and how far it was read."""
+
+    model: ServingModel
+    base: str
+    log: DeltaLog
+    writer: RowWriter
+    offset: int
+    sequence: int
+
+    @classmethod
+    def open(cls, model: ServingModel, log_dir: Path, *, fsync: bool) -> UpdatesState:
+        """Opens (or creates) the log of `model`'s base and replays it into `model`'s weights (blocking; the model
+        must not be serving yet). Returns the state with the model at `<base>+<last sequence>`."""
+        base = model.version
+        log = DeltaLog(delta_log_path(log_dir, base), base, fsync=fsync)
+        state = cls(model, base, log, RowWriter(model), log.data_start, 0)
+        try:
+            started, rows = time.perf_counter(), 0
+            for record in state.pending():
+                state.writer.write(state.encode(record))
+                state.advance(record)
+                rows += len(record.ids)
+            if state.sequence:
+                logger.info(
+                    "delta log replayed",
+                    extra={
+                        "base": base,
+                        "sequence": state.sequence,
+                        "rows": rows,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    },
+                )
+        except BaseException:
+            log.close()
+            raise
+        state.model = versioned(model, base, state.sequence)
+        return state
+
+    def pending(self) -> list[DeltaRecord]:
+        """Records appended since this process last read (up to `_REPLAY_BYTES` of them)."""
+        return list(self.log.read(self.offset, limit_bytes=_REPLAY_BYTES))
+
+    def encode(self, record: DeltaRecord) -> EncodedRows:
+        try:
+            return self.writer.encode(record.table, record.ids, record.rows, record.row_format)
+        except UpdateRefused as err:
+            raise UpdateRefused(f"delta log {str(self.log.path)!r}, update {record.sequence}: {err}") from None
+
+    def advance(self, record: DeltaRecord) -> None:
+        if record.sequence != self.sequence + 1:
+            raise UpdateRefused(
+                f"delta log {str(self.log.path)!r}: update {record.sequence} follows {self.sequence}; the log is "
+                "damaged"
+            )
+        self.offset, self.sequence = record.end, record.sequence
+
+
+class _Executor(Protocol):  # what the updater needs of BatchExecutor
+    @property
+    def model(self) -> ServingModel: ...
+    def swap_model(self, model: ServingModel) -> None: ...
+    async def between_batches(self, work: Callable[[], float]) -> float: ...
+
+
+class RowUpdater:
+    """Applies row updates in this process, and follows what other processes append.
+
+    Args:
+        config: the updates settings.
+        state: the served base's updates (`UpdatesState.open`), already replayed.
+        executor: runs the writes between two batches (`between_batches`) and serves each new version
+            (`swap_model`: the same weights under `<base>+<sequence>`) from the next batch on.
+        metrics: rows, bytes, sequence and apply times are reported there.
+    """
+
+    def __init__(self, config: UpdatesConfig, state: UpdatesState, *, executor: _Executor, metrics: ServerMetrics):
+        self.config = config
+        self._state = state
+        self._executor = executor
+        self._metrics = metrics
+        self._lock = asyncio.Lock()  # one catch-up at a time: records are applied in order
+        self._follower: asyncio.Task[None] | None = None
+        metrics.update_sequence.set(state.sequence)
+
+    @property
+    def version(self) -> str:
+        return self._state.model.version
+
+    @property
+    def state(self) -> UpdatesState:
+        return self._state
+
+    def start(self) -> None:
+        self._follower = asyncio.get_running_loop().create_task(self._follow(), name="embserve-updates-follower")
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._follower
+        self._state.log.close()
+
+    def check(self, table: str, ids: bytes, rows: bytes, row_format: RowFormat) -> tuple[np.ndarray, np.ndarray]:
+        """The update's checked ids and rows; `UpdateRefused` naming the problem."""
+        model = self._state.model
+        try:
+            config = model.table(table)
+        except KeyError:
+            raise UpdateRefused(f"unknown table {table!r}; the model's tables are {list(model.keys)}") from None
+        reason = self._state.writer.writable(table)
+        if reason is not None:
+            raise UpdateRefused(f"table {table!r} cannot be updated: {reason}")
+        return check_rows(
+            config,
+            model.serving_dtype(table),
+            ids,
+            rows,
+            row_format,
+            max_rows=self.config.max_rows_per_message,
+        )
+
+    async def apply(self, table: str, update_id: str, ids: bytes, rows: bytes, row_format: RowFormat) -> Applied:
+        """Checks, logs and applies one update; returns once this process serves it.
+
+        Raises:
+            UpdateRefused: the update does not fit its table; nothing of it was logged or applied.
+        """
+        loop = asyncio.get_running_loop()
+        state = self._state
+        checked_ids, checked_rows = await loop.run_in_executor(None, self.check, table, ids, rows, row_format)
+        encoded = await loop.run_in_executor(None, state.writer.encode, table, checked_ids, checked_rows, row_format)
+        record = await loop.run_in_executor(
+            None, state.log.append, table, update_id, row_format, checked_ids, checked_rows
+        )
+        await self._catch_up(state, ready={record.sequence: encoded})
+        return Applied(record.sequence, version_of(state.base, record.sequence), len(checked_ids))
+
+    async def _follow(self) -> None:
+        interval = self.config.poll_interval_ms / 1e3
+        while True:
+            await asyncio.sleep(interval)
+            state = self._state
+            try:
+                if state.log.size() > state.offset:
+                    await self._catch_up(state)
+            except Exception as err:  # a damaged log: logged, and retried at the next poll
+                logger.error("could not apply the delta log's updates", extra={"error": f"{type(err).__name__}: {err}"})
+
+    async def _catch_up(self, state: UpdatesState, ready: dict[int, EncodedRows] | None = None) -> None:
+        """Applies every record appended since this process last read, in order, each between two batches."""
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            while state is self._state:
+                records = await loop.run_in_executor(None, state.pending)
+                if not records:
+                    return
+                for record in records:
+                    if record.sequence <= state.sequence:
+                        continue
+                    encoded = (ready or {}).get(record.sequence)
+                    if encoded is None:
+                        encoded = await loop.run_in_executor(None, state.encode, record)
+                    await self._write(state, record, encoded)
+                if ready and max(ready) <= state.sequence:
+                    return
+
+    async def _write(self, state: UpdatesState, record: DeltaRecord, encoded: EncodedRows) -> None:
+        executor = self._executor
+
+        def write() -> float:
+            started = time.perf_counter()
+            state.writer.write(encoded)
+            state.advance(record)
+            state.model = versioned(state.model, state.base, state.sequence)
+            if executor.model.module is state.model.module:  # still the served model (not swapped by a reload)
+                executor.swap_model(state.model)
+            return time.perf_counter() - started
+
+        seconds = await executor.between_batches(write)
+        self._metrics.update_apply_seconds.observe(seconds)
+        self._metrics.update_rows.inc(len(record.ids))
+        self._metrics.update_bytes.inc(record.rows.nbytes)
+        self._metrics.update_sequence.set(state.sequence)
+
+    async def rebase(self, state: UpdatesState) -> None:
+        """Follows `state` (a new base, already replayed and being swapped in) from now on; the old log is closed."""
+        async with self._lock:
+            old, self._state = self._state, state
+        old.log.close()
+        self._metrics.update_sequence.set(state.sequence)
