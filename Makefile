@@ -40,7 +40,7 @@ test-fast: $(STAMP)
 # (strict) over the hand-written code and the tests. mypy sees the folders under their import names
 # (embserve.server, ...) through a tree of links that mirrors pyproject's package-dir mapping, so that every
 # `from embserve.X import ...` resolves to the real module.
-LINTED := server client embeddings benchmarks protos/embserve/v1/wire.py protos/embserve/oip/wire.py tests
+LINTED := server client embeddings benchmarks protos/embserve/v1/wire.py protos/embserve/v1/sharding.py protos/embserve/oip/wire.py tests
 TYPECHECK_ROOT := build/typecheck
 lint: $(STAMP)
 	$(BIN)/ruff check --quiet $(LINTED)
@@ -49,7 +49,7 @@ lint: $(STAMP)
 	dirs["tests"] = "tests"; [os.makedirs(os.path.join(root, *pkg.split(".")[:-1]), exist_ok=True) for pkg in dirs]; \
 	[os.path.lexists(p) and os.remove(p) or os.symlink(os.path.relpath(d, os.path.dirname(p)), p) for pkg, d in dirs.items() for p in [os.path.join(root, *pkg.split("."))]]'
 	cd $(TYPECHECK_ROOT) && MYPYPATH=. $(CURDIR)/$(BIN)/python -m mypy --config-file $(CURDIR)/pyproject.toml \
-		--explicit-package-bases embserve/server embserve/client embserve/embeddings embserve/benchmarks embserve/v1/wire.py \
+		--explicit-package-bases embserve/server embserve/client embserve/embeddings embserve/benchmarks embserve/v1/wire.py embserve/v1/sharding.py \
 		embserve/oip/wire.py tests
 
 typecheck: lint

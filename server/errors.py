@@ -7,8 +7,11 @@
     ├── ShuttingDown        UNAVAILABLE        the server is draining and takes no new calls
     ├── UnknownModel        NOT_FOUND          an Open Inference Protocol call names another model or version
     ├── BatchFailed         INTERNAL           the forward of the request's batch raised
-    └── CallGone            CANCELLED          the caller went away before its answer could be sent (nothing is
-                                               sent back: counted only)
+    ├── CallGone            CANCELLED          the caller went away before its answer could be sent (nothing is
+    │                                          sent back: counted only)
+    ├── ShardUnavailable    UNAVAILABLE        a router's shard is down or unreachable (the message names it)
+    ├── ShardMismatch       FAILED_PRECONDITION a router's shard serves another plan, or answers another layout
+    └── ShardFailed         the shard's code   a router's shard refused or failed its part of the request
 
 The Open Inference Protocol answers with the codes Triton uses for the same conditions (`oip_status_code_of`):
 the same, except that a full queue is UNAVAILABLE, as Triton's "Exceeds maximum queue size" is.
@@ -25,6 +28,9 @@ __all__ = [
     "EmbserveError",
     "InvalidRequest",
     "Overloaded",
+    "ShardFailed",
+    "ShardMismatch",
+    "ShardUnavailable",
     "ShuttingDown",
     "UnknownModel",
     "oip_status_code_of",
@@ -64,6 +70,22 @@ class BatchFailed(EmbserveError):
 
 class CallGone(EmbserveError):
     code = grpc.StatusCode.CANCELLED
+
+
+class ShardUnavailable(EmbserveError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ShardMismatch(EmbserveError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ShardFailed(EmbserveError):
+    """A shard's own refusal or failure, passed on with its status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def status_code_of(error: BaseException) -> grpc.StatusCode:

@@ -1,0 +1,200 @@
+"""The router process: the same front door, front ends, health, auth, TLS, metrics and drain as a server, with
+the router backend (`router`) behind it instead of a model. Torch-free."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from embserve.embeddings.config import load_model_config
+from embserve.embeddings.plan import load_plan
+from embserve.oip import wire as oip
+from embserve.v1.wire import SERVICE_NAME
+
+from .app import _reflection_pool
+from .bounds import Bounds
+from .config import ServerConfig
+from .connections import grpc_options as connection_options
+from .connections import max_connections
+from .frontdoor import FrontDoor
+from .inference import InferenceServicer
+from .metrics import ServerMetrics
+from .placement import Placement
+from .router import RouterBackend
+from .security import peer_guards, server_credentials
+from .servicer import EmbeddingServicer
+from .shard_channels import ShardChannels, parse_shard_addresses
+from .startup import StartupError
+from .streams import StreamServicer
+from .unused_connections import PeerActivity
+
+__all__ = ["RouterServer", "check_router", "route_until_signal"]
+
+logger = logging.getLogger(__name__)
+
+
+def check_router(config: ServerConfig) -> None:
+    """Checks the model, the plan and the shard addresses before anything binds; `StartupError` naming the fault."""
+    from embserve.embeddings.errors import ConfigError
+
+    if config.plan is None:
+        raise StartupError("--plan is required: the plan the shards serve")
+    try:
+        plan = load_plan(config.plan, load_model_config(config.model))
+        parse_shard_addresses(config.router.addresses(), plan.shard_count)
+    except (ConfigError, ValueError) as err:
+        raise StartupError(str(err)) from None
+    for path, flag in (
+        (config.router.shard_token_file, "--shard-token-file"),
+        (config.router.shard_tls_ca, "--shard-tls-ca"),
+    ):
+        if path is not None and not Path(path).is_file():
+            raise StartupError(f"{flag} {path}: no such file")
+
+
+class RouterServer:
+    """One router: call `start`, then `stop`. Binds `config.host:config.port` (port 0: any free port).
+
+    Args:
+        config: its settings; `config.model` the whole model, `config.plan` the plan, `config.router` the shards.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        if config.plan is None:
+            raise StartupError("a router needs --plan")
+        self.config = config
+        model = load_model_config(config.model)
+        plan = load_plan(config.plan, model)
+        addresses = parse_shard_addresses(config.router.addresses(), plan.shard_count)
+        settings = config.router
+        token = Path(settings.shard_token_file).read_text().strip() if settings.shard_token_file else None
+        creds = (
+            grpc.ssl_channel_credentials(Path(settings.shard_tls_ca).read_bytes()) if settings.shard_tls_ca else None
+        )
+        self.metrics = ServerMetrics()
+        self.bounds = Bounds.of(config)
+        channels = ShardChannels(
+            addresses,
+            plan_digest=plan.digest or "",
+            credentials=creds,
+            token=token,
+            check_interval_s=settings.plan_check_interval_ms / 1e3,
+            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+        )
+        self.backend = RouterBackend(
+            model,
+            plan,
+            channels,
+            metrics=self.metrics,
+            max_routed_requests=settings.max_routed_requests,
+            max_routed_bytes=self.bounds.max_queue_bytes,
+            default_deadline_s=settings.shard_deadline_ms / 1e3,
+        )
+        self.door = FrontDoor(
+            backend=self.backend,
+            bounds=self.bounds,
+            limits=config.limits,
+            metrics=self.metrics,
+            activity=PeerActivity(max_connections(config.connections)),
+            placement=Placement(plan_digest=plan.digest or "", shard_count=plan.shard_count),
+        )
+        self.metrics.track_budgets(self.door.accounting)
+        self._front_ends = (EmbeddingServicer(self.door), StreamServicer(self.door))
+        self._inference = InferenceServicer(self.door)
+        self.health, self._interceptors = peer_guards(config, self.metrics)
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http: Any = None
+        self.metrics.set_model(model.name, "", "router", f"{plan.shard_count} shards")
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        options = [
+            ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
+            ("grpc.max_send_message_length", -1),
+            ("grpc.so_reuseport", 0),
+            *connection_options(self.config.connections),
+        ]
+        server = grpc.aio.server(options=options, interceptors=self._interceptors)
+        handlers = {name: h for front in self._front_ends for name, h in front.handlers().items()}
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
+                grpc.method_handlers_generic_handler(oip.SERVICE_NAME, self._inference.handlers()),
+            )
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
+            server,
+            pool=_reflection_pool(),
+        )
+        address = f"{self.config.host}:{self.config.port}"
+        try:
+            if self.config.tls is not None:
+                self.port = server.add_secure_port(address, server_credentials(self.config.tls))
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            await server.stop(None)
+            raise StartupError(f"gRPC port {self.config.port} on {self.config.host} could not be bound: use --port")
+        if self.config.metrics_port is not None:
+            try:
+                httpd, _ = start_http_server(
+                    self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
+                )
+            except OSError as err:
+                await server.stop(None)
+                raise StartupError(
+                    f"metrics port {self.config.metrics_port} could not be bound ({err.strerror}): use --metrics-port"
+                ) from None
+            self._metrics_http = httpd
+            self.metrics_port = httpd.server_port
+        await server.start()
+        self._server = server
+        for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("routing", extra={"address": self.address, "pid": os.getpid(), "shards": self.door.placement})
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drains as a server does: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish."""
+        grace = self.config.grace_period_s if grace is None else grace
+        self.door.begin_drain()
+        await self.health.enter_graceful_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        await self.door.inflight.wait_idle(grace)
+        if self._server is not None:
+            await self._server.stop(max(0.0, deadline - loop.time()))
+        await self.backend.close()
+        self.door.offload.shutdown()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+
+async def route_until_signal(config: ServerConfig) -> None:
+    """Runs a router until SIGTERM/SIGINT, then drains."""
+    router = RouterServer(config)
+    await router.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await router.stop()
