@@ -161,3 +161,11 @@ def test_a_table_larger_than_memory_is_served_in_place(tmp_path: Path) -> None:
     assert record["lookups_checked"] == 200 * 16 and record["written_rows_hit"] > 0  # every answer checked exact
     assert record["server_rss_bytes"] < 2 << 30  # bounded by what the traffic touched, not by the table
     assert not any(tmp_path.iterdir())  # the example removed its files
+
+
+@pytest.mark.slow
+def test_freshly_trained_rows_are_pushed_and_served(tmp_path: Path) -> None:
+    (record,) = _run("fresh_rows.py", "--dir", str(tmp_path), "--steps", "3", timeout=300)
+    assert record["rows_pushed"]["user"] > 0 and record["rows_pushed"]["author"] > 0  # the script checked each row
+    assert record["version"].endswith("+2")  # one update message per table: the base, then two updates
+    assert "rows applied" in record["update"]
