@@ -29,6 +29,7 @@ from embserve.v1.wire import (
 
 from .bounds import response_bytes
 from .errors import InvalidRequest
+from .lookup_wire import MAX_OTHER_FIELDS, LookupFields, LookupMessage, read_lookup
 from .request import ModelSchema, SparseRequest
 
 __all__ = [
@@ -36,20 +37,16 @@ __all__ = [
     "MAX_OTHER_FIELDS",
     "FieldNames",
     "KeyOrders",
-    "check_lookup_wire",
     "decode_lookup",
     "echo",
     "parse_message",
+    "read_lookup_fields",
     "request_id_of",
     "validate_features",
     "walk_fields",
 ]
 
 ECHO_CHARS = 128
-# Fields a message may carry beyond its keys (the scalars, several features fields merged, unknown fields).
-MAX_OTHER_FIELDS = 64
-_FEATURES = pb.LookupRequest.DESCRIPTOR.fields_by_name["features"].number
-_KEYS = pb.SparseFeatures.DESCRIPTOR.fields_by_name["keys"].number
 _REQUEST_ID = pb.LookupRequest.DESCRIPTOR.fields_by_name["request_id"].number
 
 M = TypeVar("M", bound=Message)
@@ -78,21 +75,14 @@ def walk_fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator
         raise InvalidRequest(f"request is {err}" if str(err).startswith("not a valid") else str(err)) from None
 
 
-def check_lookup_wire(raw: bytes, max_keys: int) -> None:
-    """Counts the fields of a LookupRequest on the wire before it is parsed: a message of a few fields that is
-    millions of repeated keys long (64 MB of keys compress to a few KB) would otherwise become millions of
-    strings before their number could be checked. Walks only the top level and the `features` fields, stopping
-    at the first field over a bound, so its cost is bounded whatever the message holds."""
-    limit = max_keys + MAX_OTHER_FIELDS
-    keys = 0
-    for number, wire_type, start, end in walk_fields(raw, 0, len(raw), "the LookupRequest", limit):
-        if number != _FEATURES or wire_type != LENGTH_DELIMITED:
-            continue
-        for inner, inner_type, _, _ in walk_fields(raw, start, end, "features", limit):
-            if inner == _KEYS and inner_type == LENGTH_DELIMITED:
-                keys += 1
-                if keys > max_keys:
-                    raise InvalidRequest(f"features.keys has more than {max_keys} keys; the model has {max_keys}")
+def read_lookup_fields(raw: bytes, max_keys: int) -> LookupFields:
+    """LookupRequest bytes read in place, their arrays views of `raw` (`lookup_wire`): for large messages, whose
+    arrays protobuf would copy twice. Bytes that are not a LookupRequest, or that carry more keys than
+    `max_keys`, are an `InvalidRequest`."""
+    try:
+        return read_lookup(raw, max_keys)
+    except WireFormatError as err:
+        raise InvalidRequest(f"request is {err}" if str(err).startswith("not a valid") else str(err)) from None
 
 
 def request_id_of(raw: bytes) -> str:
@@ -128,19 +118,22 @@ def _first(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def decode_lookup(request: pb.LookupRequest, schema: ModelSchema, key_orders: KeyOrders | None = None) -> SparseRequest:
-    """Validates a LookupRequest against the model; raises `InvalidRequest` naming the first problem found.
-    `key_orders` caches the check of key lists seen before."""
+def decode_lookup(request: LookupMessage, schema: ModelSchema, key_orders: KeyOrders | None = None) -> SparseRequest:
+    """Validates a LookupRequest (parsed, or read in place) against the model; raises `InvalidRequest` naming the
+    first problem found. `key_orders` caches the check of key lists seen before."""
     output_dtype = OutputDType.of_wire(request.output_dtype)
     if output_dtype is None:
         raise InvalidRequest(f"output_dtype {request.output_dtype} is not FLOAT32, FLOAT16 or BFLOAT16")
-    n_keys = len(request.features.keys)  # counted before the keys become Python strings, one per key
-    if n_keys > len(schema.keys):
-        raise InvalidRequest(f"features.keys has {n_keys} keys; the model has {len(schema.keys)}")
-    try:
-        features = unpack_features(request.features)
-    except WireFormatError as err:
-        raise InvalidRequest(str(err)) from None
+    if isinstance(request, LookupFields):
+        features = request.features  # its keys were counted as they were read
+    else:
+        n_keys = len(request.features.keys)  # counted before the keys become Python strings, one per key
+        if n_keys > len(schema.keys):
+            raise InvalidRequest(f"features.keys has {n_keys} keys; the model has {len(schema.keys)}")
+        try:
+            features = unpack_features(request.features)
+        except WireFormatError as err:
+            raise InvalidRequest(str(err)) from None
     return validate_features(
         features, schema, output_dtype=output_dtype, request_id=request.request_id, key_orders=key_orders
     )

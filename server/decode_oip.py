@@ -124,7 +124,7 @@ _RAW_INPUT_CONTENTS = _INFER_FIELDS["raw_input_contents"].number
 
 
 def check_infer_wire(raw: bytes, max_inputs: int) -> None:
-    """Counts the fields of a large ModelInferRequest on the wire before it is parsed, as `check_lookup_wire`
+    """Counts the fields of a large ModelInferRequest on the wire before it is parsed, as `read_lookup_fields`
     does for a LookupRequest: at most `max_inputs` input tensors and raw contents, a few other fields, and a few
     fields in each input (its parameters included), so that no field repeated millions of times becomes millions
     of objects. The walk stops at the first field over a bound."""

@@ -4,7 +4,7 @@ Lookup (`servicer`), LookupStream (`streams`) and ModelInfer (`inference`) diffe
 they share is here, built once by the app: decoding against the model's schema (large messages off the event
 loop), the byte budgets (`admission`), calls in flight, the accepting/draining state, the one place that counts
 each call's status and time, and the `Backend` that computes. The front door knows no gRPC call objects: a call
-is anything with a peer, a remaining time and a write (`CallContext`, which grpc.aio's context is).
+is anything with a peer, a remaining time, a write and done callbacks (`CallContext`, which grpc.aio's context is).
 """
 
 from __future__ import annotations
@@ -15,21 +15,22 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from embserve.oip import wire as oip
 from embserve.v1 import embserve_pb2 as pb
 
-from .admission import ReceiveBudget, ResponseBudget
+from .admission import Owed, ReceiveBudget, ResponseBudget
 from .backend import Backend, BatchOutput, ModelView
 from .bounds import Bounds, response_bytes
 from .config import LimitsConfig
-from .decode import KeyOrders, check_lookup_wire, decode_lookup, parse_message
+from .decode import KeyOrders, decode_lookup, parse_message, read_lookup_fields
 from .decode_oip import InferDecoder, check_infer_wire
 from .errors import CallGone, EmbserveError, ShuttingDown, status_code_of
 from .inflight import InFlight
+from .lookup_wire import LookupMessage
 from .metrics import ServerMetrics
 from .offload import OffloadDecoder
 from .placement import Placement
@@ -43,13 +44,20 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 M = TypeVar("M")
 
+# LookupRequests of at least this many bytes are read in place (`lookup_wire`) rather than parsed by protobuf: below
+# it, protobuf's copies of the arrays cost less than walking the fields in Python (26 keys: equal at about 400 KiB).
+READ_IN_PLACE_BYTES = 512 * 1024
+
 
 class CallContext(Protocol):
-    """What the front door needs of a call: its connection, its remaining time and a way to send an answer."""
+    """What the front door needs of a call: its connection, its remaining time, a way to send an answer, and a
+    callback once the call is over (grpc.aio runs it after the call's last operations, its answer among them,
+    have completed: the transport has taken the answer, or the call ended without it)."""
 
     def peer(self) -> str: ...
     def time_remaining(self) -> float | None: ...
     async def write(self, message: bytes) -> None: ...
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +81,10 @@ async def write(call: CallContext, message: bytes) -> None:
         raise
     except Exception as err:  # grpc.aio reports a write to a call whose peer left as its own internal error
         raise CallGone(f"the caller went away before its answer was sent ({type(err).__name__})") from None
+
+
+def _release(owed: Owed, call: object) -> None:
+    owed.release()
 
 
 class FrontDoor:
@@ -138,16 +150,17 @@ class FrontDoor:
 
     # --- decoding ------------------------------------------------------------------------------------------------
 
-    def parse_lookup(self, raw: bytes) -> pb.LookupRequest:
-        """LookupRequest bytes parsed; a large message's field counts are checked on the wire first."""
-        if len(raw) >= self.offload.min_bytes:
-            check_lookup_wire(raw, len(self.schema.keys))
+    def parse_lookup(self, raw: bytes) -> LookupMessage:
+        """LookupRequest bytes parsed; a large message is read in place instead (its arrays views of `raw`, its
+        field counts bounded as they are read), where protobuf's copies of its arrays would cost more."""
+        if len(raw) >= READ_IN_PLACE_BYTES:
+            return read_lookup_fields(raw, len(self.schema.keys))
         return parse_message(pb.LookupRequest, raw)
 
-    def validate_lookup(self, request: pb.LookupRequest) -> SparseRequest:
+    def validate_lookup(self, request: LookupMessage) -> SparseRequest:
         return decode_lookup(request, self.schema, self.key_orders)
 
-    def decode_lookup(self, raw: bytes) -> tuple[pb.LookupRequest, SparseRequest]:
+    def decode_lookup(self, raw: bytes) -> tuple[LookupMessage, SparseRequest]:
         request = self.parse_lookup(raw)
         return request, self.validate_lookup(request)
 
@@ -233,13 +246,16 @@ class FrontDoor:
         call: CallContext,
         decode: Callable[[bytes], tuple[M, SparseRequest]],
         frame: Callable[[M, SparseRequest, BatchOutput], bytes],
-    ) -> None:
-        """One request message to one answer: decode, admit, compute on the backend, frame and write.
+    ) -> bytes:
+        """One request message to one answer, which the unary handler returns: decode, admit, compute on the
+        backend, frame.
 
         The message counts in the receive budget from now until it is queued. Admission holds the call while its
         connection is owed its bound of answers (flow control) and refuses it while the answers computed and not
         taken, over all connections, are at theirs. The call's deadline goes with it to the backend; cancelling the
-        caller abandons it. The answer is owed to the connection until the transport has taken it.
+        caller abandons it. The answer stays owed to the connection until the call is over (its done callback):
+        grpc.aio ends a unary call only once the transport has taken its answer, which a client that does not read
+        never lets it do.
         """
         peer = call.peer()
         self.saw(peer)
@@ -249,6 +265,7 @@ class FrontDoor:
             owed = await self.responses.admit(
                 peer, self.response_bytes(sparse), request_bytes=len(raw), timeout=call.time_remaining()
             )
+            handed_over = False
             try:
                 future = self.backend.enqueue(sparse, timeout=call.time_remaining())
                 held.release()  # queued: the queue bound counts it from here
@@ -258,9 +275,12 @@ class FrontDoor:
                 self.metrics.examples.inc(out.batch_size)
                 answer = frame(message, sparse, out)
                 del out  # the backend's answer, when `frame` made another
-                await write(call, answer)
+                call.add_done_callback(functools.partial(_release, owed))
+                handed_over = True
+                return answer
             finally:
-                owed.release()
+                if not handed_over:
+                    owed.release()
 
     def response_bytes(self, sparse: SparseRequest) -> int:
         return response_bytes(sparse.batch_size, self.schema.output_dim, sparse.output_dtype)

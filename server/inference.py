@@ -57,14 +57,10 @@ class InferenceServicer:
         assert isinstance(outcome, bytes)
         return outcome
 
-    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
-        """Writes its one answer (registered response-streaming, like Lookup), so that the answer stays counted
-        among the answers not yet taken until the transport takes it."""
-        await self._answer("ModelInfer", self._infer(request, context), context, in_flight=True)
-
-    async def _infer(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await self._door.serve(raw, context, self._door.decode_infer, self._frame)
-        return b""
+    async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The answer stays counted among those not yet taken until the call is over, as Lookup's does."""
+        work = self._door.serve(request, context, self._door.decode_infer, self._frame)
+        return await self._answer("ModelInfer", work, context, in_flight=True)
 
     def _frame(self, request: oip.ModelInferRequest, sparse: SparseRequest, out: BatchOutput) -> bytes:
         """The ModelInferResponse around the rows of the backend's answer (copied once, here), named by the
@@ -137,9 +133,7 @@ class InferenceServicer:
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The service's handlers, request bytes handed to them unparsed (corrupt data is answered with
         INVALID_ARGUMENT) and responses already serialized."""
-        handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in oip.METHODS}
-        handlers["ModelInfer"] = grpc.unary_stream_rpc_method_handler(self.ModelInfer)
-        return handlers
+        return {name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in oip.METHODS}
 
 
 def model_metadata(model: ModelView) -> oip.ModelMetadataResponse:

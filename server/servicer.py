@@ -1,8 +1,8 @@
 """gRPC <-> front door for embserve.v1's unary calls: Lookup and GetModelMetadata. gRPC types stop here.
 
-Lookup is registered as a response-streaming handler that writes its one answer (the same on the wire as a unary
-answer): grpc.aio's write returns only once the transport has taken the message, which a client that does not
-read never lets it do, so the answer stays counted among the answers not yet taken for as long as it is held.
+Lookup returns its answer; the answer stays counted among those owed to its connection until the call is over
+(the front door releases it from the call's done callback), which grpc.aio reaches only once the transport has
+taken the answer: a client that does not read holds it counted for as long as it holds it.
 """
 
 from __future__ import annotations
@@ -29,15 +29,17 @@ class EmbeddingServicer:
     def __init__(self, door: FrontDoor) -> None:
         self._door = door
 
-    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
-        outcome = await self._door.run("Lookup", self._lookup(request, context), in_flight=True)
+    async def Lookup(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        door = self._door
+        outcome = await door.run(
+            "Lookup", door.serve(request, context, door.decode_lookup, _lookup_response), in_flight=True
+        )
         if isinstance(outcome, Refusal):
             if not outcome.answered:  # the caller is gone: end quietly, as gRPC ends a cancelled call
                 raise asyncio.CancelledError
             await context.abort(outcome.code, outcome.message)
-
-    async def _lookup(self, raw: bytes, context: grpc.aio.ServicerContext) -> None:
-        await self._door.serve(raw, context, self._door.decode_lookup, _lookup_response)
+        assert isinstance(outcome, bytes)
+        return outcome
 
     async def GetModelMetadata(self, request: bytes, context: grpc.aio.ServicerContext) -> pb.ModelMetadata:
         door = self._door
@@ -75,14 +77,14 @@ class EmbeddingServicer:
         """The handlers, with request bytes handed to them unparsed, so that corrupt wire data is answered with
         INVALID_ARGUMENT by decoding instead of an UNKNOWN from the framework."""
         return {
-            "Lookup": grpc.unary_stream_rpc_method_handler(self.Lookup),  # one answer, written (module docstring)
+            "Lookup": grpc.unary_unary_rpc_method_handler(self.Lookup),
             "GetModelMetadata": grpc.unary_unary_rpc_method_handler(
                 self.GetModelMetadata, response_serializer=pb.ModelMetadata.SerializeToString
             ),
         }
 
 
-def _lookup_response(request: pb.LookupRequest, sparse: object, out: BatchOutput) -> bytes:
+def _lookup_response(request: object, sparse: object, out: BatchOutput) -> bytes:
     return out.response  # the backend frames LookupResponses itself
 
 

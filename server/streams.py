@@ -28,6 +28,7 @@ from .backend import BatchOutput
 from .decode import request_id_of
 from .errors import BatchFailed, CallGone, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
 from .frontdoor import FrontDoor, write
+from .lookup_wire import LookupMessage
 from .request import SparseRequest
 
 __all__ = ["StreamServicer"]
@@ -188,7 +189,7 @@ class _Stream:
         finally:
             charge.release()
 
-    def _decode(self, raw: bytes) -> tuple[pb.LookupRequest, SparseRequest | EmbserveError] | EmbserveError:
+    def _decode(self, raw: bytes) -> tuple[LookupMessage, SparseRequest | EmbserveError] | EmbserveError:
         """Parsed and validated in one step; a validation error is answered only if the stream's own checks pass,
         a parse error names the request id read from the wire."""
         try:
@@ -201,7 +202,7 @@ class _Stream:
             return request, err
 
     def _admit(
-        self, raw: bytes, decoded: tuple[pb.LookupRequest, SparseRequest | EmbserveError] | EmbserveError, start: float
+        self, raw: bytes, decoded: tuple[LookupMessage, SparseRequest | EmbserveError] | EmbserveError, start: float
     ) -> None:
         door = self._door
         if isinstance(decoded, EmbserveError):

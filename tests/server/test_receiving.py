@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from embserve.embeddings import ServingModel
-from embserve.server.decode import MAX_OTHER_FIELDS, check_lookup_wire, request_id_of
+from embserve.server.decode import MAX_OTHER_FIELDS, read_lookup_fields, request_id_of
 from embserve.server.errors import InvalidRequest
 from embserve.v1 import embserve_pb2 as pb
 from embserve.v1.wire import method_path
@@ -88,21 +88,21 @@ def _features(keys: list[str], batch_size: int = 0, values: bytes = b"") -> byte
 
 
 def test_keys_are_counted_on_the_wire_before_parsing() -> None:
-    check_lookup_wire(_features(["a", "b"], batch_size=3, values=b"\0" * 800), max_keys=2)  # valid: passes
+    read_lookup_fields(_features(["a", "b"], batch_size=3, values=b"\0" * 800), max_keys=2)  # valid: passes
     with pytest.raises(InvalidRequest, match="more than 2 keys"):
-        check_lookup_wire(_features(["a", "b", "a"]), max_keys=2)
+        read_lookup_fields(_features(["a", "b", "a"]), max_keys=2)
     # Several features fields are merged by protobuf: their keys add up.
     two = _features(["a"]) + _features(["b", "c"])
     assert len(pb.LookupRequest.FromString(two).features.keys) == 3
     with pytest.raises(InvalidRequest, match="more than 2 keys"):
-        check_lookup_wire(two, max_keys=2)
+        read_lookup_fields(two, max_keys=2)
     # A flood of unknown fields is bounded too, and so is every walk: it stops at the first field over a bound.
     unknown = b"\xa8\x06\x01" * (MAX_OTHER_FIELDS + 3)  # field 101, varint 1
     with pytest.raises(InvalidRequest, match="more than"):
-        check_lookup_wire(unknown, max_keys=2)
+        read_lookup_fields(unknown, max_keys=2)
     for corrupt in (b"\x0a\x05ab", b"\x80", b"\x0b"):  # a length past the end, a cut varint, a group
         with pytest.raises(InvalidRequest):
-            check_lookup_wire(corrupt, max_keys=2)
+            read_lookup_fields(corrupt, max_keys=2)
 
 
 def test_a_stream_message_without_room_is_refused_with_its_request_id(
