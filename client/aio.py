@@ -17,7 +17,7 @@ from ._streams import AsyncStreamPool
 from .errors import EmbserveError, PermissionDenied, from_rpc_error
 from .inputs import Features, Weights
 from .result import LookupResult, ModelInfo
-from .updates import RowUpdate, UpdateResult, outcomes, update_message
+from .updates import Messages, RowUpdate, UpdateResult
 
 __all__ = ["AsyncClient"]
 
@@ -83,10 +83,10 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
         self, updates: Iterable[RowUpdate], *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> list[UpdateResult | EmbserveError]:
         """Sends `updates` over one UpdateRows stream; see `Client.update_many`."""
-        requests = [update_message(u) for u in updates]
+        messages = Messages(updates)
         try:
-            call = self._stub.UpdateRows(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
-            return outcomes([answer async for answer in call], len(requests))
+            call = self._stub.UpdateRows(iter(messages), timeout=self._timeout(timeout), metadata=self._metadata)
+            return messages.outcomes([answer async for answer in call])
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

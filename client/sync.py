@@ -17,7 +17,7 @@ from ._streams import StreamPool
 from .errors import EmbserveError, PermissionDenied, from_rpc_error
 from .inputs import Features, Weights
 from .result import LookupResult, ModelInfo
-from .updates import RowUpdate, UpdateResult, outcomes, update_message
+from .updates import Messages, RowUpdate, UpdateResult
 
 __all__ = ["Client"]
 
@@ -127,12 +127,13 @@ class Client(BaseClient[grpc.Channel]):
     def update_many(
         self, updates: Iterable[RowUpdate], *, timeout: Timeout = USE_CLIENT_DEFAULT
     ) -> list[UpdateResult | EmbserveError]:
-        """Sends `updates` over one UpdateRows stream; the server applies them in order. Returns each one's result,
-        or the error it was refused with (the others are applied regardless)."""
-        requests = [update_message(u) for u in updates]
+        """Sends `updates` over one UpdateRows stream (an iterator is streamed as it yields); the server applies
+        them in order. Returns each one's result, or the error it was refused with (the others are applied
+        regardless); an update that cannot be encoded ends the stream and is raised."""
+        messages = Messages(updates)
         try:
-            answers = self._stub.UpdateRows(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
-            return outcomes(answers, len(requests))
+            answers = self._stub.UpdateRows(iter(messages), timeout=self._timeout(timeout), metadata=self._metadata)
+            return messages.outcomes(answers)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 

@@ -8,7 +8,7 @@ the fused engine's int8/int4 layout: fp16 scale and bias, then the codes).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from embserve.v1 import embserve_pb2 as pb
 
 from .errors import EmbserveError, InvalidRequest, from_status
 
-__all__ = ["RowUpdate", "UpdateResult", "outcome", "outcomes", "update_message"]
+__all__ = ["Messages", "RowUpdate", "UpdateResult", "outcome", "update_message"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +87,32 @@ def outcome(answer: pb.RowUpdateResult) -> UpdateResult | EmbserveError:
         return err
 
 
-def outcomes(answers: Iterable[pb.RowUpdateResult], expected: int) -> list[UpdateResult | EmbserveError]:
-    """The outcome of each of a stream's updates, in order."""
-    out = [outcome(a) for a in answers]
-    if len(out) != expected:
-        raise EmbserveError(f"the server answered {len(out)} of {expected} updates and ended the stream", "UNKNOWN")
-    return out
+class Messages:
+    """The wire messages of `updates`, encoded as the stream takes them (an endless iterator streams as it goes);
+    an update that cannot be encoded ends the stream and is raised by `check` afterwards."""
+
+    def __init__(self, updates: Iterable[RowUpdate]) -> None:
+        self._updates = iter(updates)
+        self.sent = 0
+        self.error: EmbserveError | None = None
+
+    def __iter__(self) -> Iterator[pb.RowUpdate]:
+        for update in self._updates:
+            try:
+                message = update_message(update)
+            except EmbserveError as err:
+                self.error = err
+                return
+            self.sent += 1
+            yield message
+
+    def outcomes(self, answers: Iterable[pb.RowUpdateResult]) -> list[UpdateResult | EmbserveError]:
+        """The outcome of each update sent, in order."""
+        out = [outcome(a) for a in answers]
+        if self.error is not None:
+            raise self.error
+        if len(out) != self.sent:
+            raise EmbserveError(
+                f"the server answered {len(out)} of {self.sent} updates and ended the stream", "UNKNOWN"
+            )
+        return out

@@ -52,8 +52,8 @@ class RowFormat(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class DeltaRecord:
-    """One applied update: `rows` is `uint8 [len(ids), row_bytes]` in `row_format`; `end` is the file offset
-    after the record (where the next read starts)."""
+    """One applied update: `rows` is `uint8 [len(ids), row_bytes]` in `row_format`; `start` and `end` are the file
+    offsets of the record and of what follows it (where the next read starts)."""
 
     sequence: int
     table: str
@@ -61,6 +61,7 @@ class DeltaRecord:
     row_format: RowFormat
     ids: np.ndarray
     rows: np.ndarray
+    start: int
     end: int
 
     @property
@@ -93,7 +94,7 @@ def _encode(
     return _FRAME.pack(_RECORD, len(payload), zlib.crc32(payload)) + payload
 
 
-def _decode(payload: bytes, end: int) -> DeltaRecord:
+def _decode(payload: bytes, start: int, end: int) -> DeltaRecord:
     sequence, row_format = _FIXED.unpack_from(payload, 0)
     at = _FIXED.size
     (n,) = struct.unpack_from("<H", payload, at)
@@ -107,7 +108,7 @@ def _decode(payload: bytes, end: int) -> DeltaRecord:
     ids = np.frombuffer(payload, dtype="<i8", count=count, offset=at)
     at += 8 * count
     rows = np.frombuffer(payload, dtype=np.uint8, count=count * row_bytes, offset=at).reshape(count, row_bytes)
-    return DeltaRecord(sequence, table, update_id, RowFormat(row_format), ids, rows, end)
+    return DeltaRecord(sequence, table, update_id, RowFormat(row_format), ids, rows, start, end)
 
 
 class DeltaLog:
@@ -196,7 +197,7 @@ class DeltaLog:
                 os.fdatasync(self._fd)
             self._end += len(data)
             self._sequence = sequence
-            return DeltaRecord(sequence, table, update_id, row_format, ids, rows, self._end)
+            return DeltaRecord(sequence, table, update_id, row_format, ids, rows, self._end - len(data), self._end)
 
     def read(self, offset: int | None = None, *, limit_bytes: int | None = None) -> Iterator[DeltaRecord]:
         """The whole records from `offset` (by default the first) on, in order; stops at the first incomplete or
@@ -213,9 +214,9 @@ class DeltaLog:
             payload = os.pread(self._fd, length, offset + _FRAME.size)
             if len(payload) < length or zlib.crc32(payload) != crc:
                 return
-            offset += _FRAME.size + length
+            start, offset = offset, offset + _FRAME.size + length
             taken += _FRAME.size + length
-            yield _decode(payload, offset)
+            yield _decode(payload, start, offset)
 
     def size(self) -> int:
         """The file's size now (other processes may have appended since this process last read)."""

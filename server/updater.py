@@ -208,7 +208,7 @@ class RowUpdater:
         record = await loop.run_in_executor(
             None, state.log.append, table, update_id, row_format, checked_ids, checked_rows
         )
-        await self._catch_up(state, ready={record.sequence: encoded})
+        await self._catch_up(state, mine=(record, encoded))
         return Applied(record.sequence, version_of(state.base, record.sequence), len(checked_ids))
 
     async def _follow(self) -> None:
@@ -222,22 +222,26 @@ class RowUpdater:
             except Exception as err:  # a damaged log: logged, and retried at the next poll
                 logger.error("could not apply the delta log's updates", extra={"error": f"{type(err).__name__}: {err}"})
 
-    async def _catch_up(self, state: UpdatesState, ready: dict[int, EncodedRows] | None = None) -> None:
-        """Applies every record appended since this process last read, in order, each between two batches."""
+    async def _catch_up(self, state: UpdatesState, mine: tuple[DeltaRecord, EncodedRows] | None = None) -> None:
+        """Applies every record appended since this process last read, in order, each between two batches; `mine`:
+        a record this process just appended, already encoded (applied without reading it back when it is next)."""
         loop = asyncio.get_running_loop()
         async with self._lock:
             while state is self._state:
+                if mine is not None and mine[0].sequence <= state.sequence:
+                    return
+                if mine is not None and mine[0].start == state.offset:
+                    await self._write(state, *mine)
+                    return
                 records = await loop.run_in_executor(None, state.pending)
                 if not records:
                     return
                 for record in records:
-                    if record.sequence <= state.sequence:
-                        continue
-                    encoded = (ready or {}).get(record.sequence)
-                    if encoded is None:
-                        encoded = await loop.run_in_executor(None, state.encode, record)
-                    await self._write(state, record, encoded)
-                if ready and max(ready) <= state.sequence:
+                    if mine is not None and record.sequence == mine[0].sequence:
+                        await self._write(state, record, mine[1])
+                    elif record.sequence > state.sequence:
+                        await self._write(state, record, await loop.run_in_executor(None, state.encode, record))
+                if mine is None:
                     return
 
     async def _write(self, state: UpdatesState, record: DeltaRecord, encoded: EncodedRows) -> None:

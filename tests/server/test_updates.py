@@ -334,3 +334,32 @@ def test_updates_survive_a_restart_and_follow_their_base_across_reloads(
         assert "+" not in other.model_version
         np.testing.assert_array_equal(other["user"], _floats(config, 5)["user"][3:4].numpy())
         assert client.update_rows("user", [3], 2 * row).model_version == f"{other.model_version}+1"
+
+
+def test_the_async_client_updates_and_a_bad_update_in_a_stream_is_raised_after_the_good_ones(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig
+) -> None:
+    import asyncio
+
+    from embserve.client import AsyncClient
+
+    handle = server_factory(build_serving_model(config), updates={"enabled": True, "log_dir": str(tmp_path / "log")})
+    row = np.full((1, 16), 0.75, np.float32)
+
+    async def run() -> None:
+        async with AsyncClient(handle.address) as client:
+            result = await client.update_rows("user", [5], row, update_id="a")
+            assert (result.sequence, result.update_id) == (1, "a")
+            served = await client.lookup({"user": [[5]]})
+            np.testing.assert_array_equal(served["user"], row)
+
+    asyncio.run(run())
+    with Client(handle.address) as client:
+        updates = [RowUpdate("user", [6], row), RowUpdate("user", [0.5], row), RowUpdate("user", [7], row)]
+        with pytest.raises(InvalidRequest, match="ids must be a 1-d array of integers"):
+            client.update_many(updates)
+        # The update before the bad one was sent and applied; nothing after it was sent.
+        got = client.lookup({"user": [[6], [7]]})["user"]
+        np.testing.assert_array_equal(got[0], row[0])
+        assert not (got[1] == row[0]).all()
+        assert client.metadata().version.endswith("+2")

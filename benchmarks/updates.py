@@ -1,0 +1,304 @@
+"""Row updates benchmark: how fast updates apply, what they cost the lookups served beside them, how soon every
+worker serves them, and how long a start takes to replay a delta log.
+
+    python -m embserve.benchmarks.updates [--duration 10] [--out benchmarks/results/updates]
+
+Model: the `small` workload's 26 tables x 100,000 x 64, table f0 fp32 and f1 fp16; a server process with
+`--updates` (fsync before each answer). Points, each `--duration` seconds:
+
+- updates alone: one UpdateRows stream sending 4,096-row messages back to back (rows/s and MB/s applied);
+- the `small` workload, open loop at 50% of its closed-loop peak, without updates, then with a stream of updates at
+  `--update-rows-per-s` (fp32 table, then fp16 table): lookup p50/p99 and throughput against the run without;
+- `--workers 2`: the time from `update_rows` returning (the worker that took it serves it) to every worker serving
+  it, read by lookups over 8 connections;
+- start-up with a delta log of `--replay-rows` rows against without (time to SERVING).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from embserve.client import Client, RowUpdate
+from embserve.embeddings import LargeEmbeddings, init_weights, model_config_from_dict, save_checkpoint
+from embserve.embeddings.delta_log import DeltaLog, RowFormat, delta_log_path
+
+from .loadgen import closed_loop, open_loop
+from .procs import ServerProcess, embserve_command
+from .report import hardware
+from .workloads import WORKLOADS, encode_lookups
+
+__all__ = ["main"]
+
+ROWS, DIM, MESSAGE_ROWS = 100_000, 64, 4096
+
+
+def _model(directory: Path) -> tuple[Path, Path]:
+    tables = [{"name": f"f{i}", "num_embeddings": ROWS, "embedding_dim": DIM} for i in range(26)]
+    tables[1]["data_type"] = "fp16"
+    data = {"name": "small", "tables": tables}
+    (directory / "model.yaml").write_text(yaml.safe_dump(data))
+    module = LargeEmbeddings(model_config_from_dict(data))
+    init_weights(module, 0)
+    save_checkpoint(module, directory / "w.safetensors")
+    return directory / "model.yaml", directory / "w.safetensors"
+
+
+def _start(model: Path, checkpoint: Path, log_dir: Path, *extra: str) -> tuple[ServerProcess, float]:
+    command = embserve_command(
+        model, "--checkpoint", str(checkpoint), "--updates", "--updates-dir", str(log_dir), *extra
+    )
+    command += ["--max-queue-wait-ms", "30000"]
+    server = ServerProcess(command, "embserve --updates")
+    start = time.perf_counter()
+    server.start()
+    if "--workers" in extra:
+        server.logs.wait("serving", int(extra[extra.index("--workers") + 1]), timeout=300)
+        server.address = str(server.logs.wait("workers serving", timeout=300)[0]["address"])
+    else:
+        server.wait_ready(300)
+    return server, time.perf_counter() - start
+
+
+def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, results: Any) -> None:
+    """Sends 4,096-row updates of one table over one stream for `seconds`, at `rows_per_s` (0: as fast as they
+    apply); puts (rows applied, seconds, refused) on `results`. Runs in a process of its own, so that the
+    updates' client work does not slow the lookups' load generator."""
+    rng = np.random.default_rng(3)
+
+    def messages() -> Iterator[RowUpdate]:
+        start, sent = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            if rows_per_s:
+                delay = start + sent / rows_per_s - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            ids = rng.choice(ROWS, MESSAGE_ROWS, replace=False)
+            yield RowUpdate(table, ids, rng.standard_normal((MESSAGE_ROWS, DIM), dtype=np.float32) * 0.01)
+            sent += MESSAGE_ROWS
+
+    started = time.perf_counter()
+    with Client(address, timeout=None) as client:
+        outcomes = client.update_many(messages())
+    applied = sum(o.rows for o in outcomes if not isinstance(o, Exception))
+    refused = sum(1 for o in outcomes if isinstance(o, Exception))
+    results.put((applied, time.perf_counter() - started, refused))
+
+
+class Updater:
+    """`_send_updates` in a spawned process."""
+
+    def __init__(self, address: str, table: str, rows_per_s: float, seconds: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._results = context.Queue()
+        self._process = context.Process(
+            target=_send_updates, args=(address, table, rows_per_s, seconds, self._results), daemon=True
+        )
+        self.rows = 0
+        self.seconds = 1.0
+        self.refused = 0
+
+    def start(self) -> None:
+        self._process.start()
+
+    def join(self) -> None:
+        self.rows, self.seconds, self.refused = self._results.get(timeout=600)
+        self._process.join(60)
+
+
+def _updates_alone(address: str, seconds: float) -> dict[str, Any]:
+    updater = Updater(address, "f0", 0, seconds)
+    updater.start()
+    updater.join()
+    return {
+        "rows_per_s": round(updater.rows / updater.seconds),
+        "mb_per_s": round(updater.rows * DIM * 4 / updater.seconds / 1e6, 1),
+        "refused": updater.refused,
+    }
+
+
+def _lookups(address: str, rate: float, seconds: float, payloads: list[bytes], sizes: list[int]) -> dict[str, Any]:
+    out_dim = 26 * DIM
+    result = asyncio.run(
+        open_loop(
+            address, payloads, sizes, [s * out_dim * 4 for s in sizes], rate=rate, duration_s=seconds, warmup_s=1.0
+        )
+    )
+    return {
+        "lookups_per_s": round(result.rps, 1),
+        "p50_ms": round(result.percentile(50), 2),
+        "p99_ms": round(result.percentile(99), 2),
+        "errors": dict(result.errors),
+    }
+
+
+def _under_load(address: str, seconds: float, update_rate: float) -> dict[str, Any]:
+    workload = WORKLOADS["small"]()
+    requests = workload.requests(2048)
+    payloads, sizes = encode_lookups(requests), [r.batch_size for r in requests]
+    out_dim = 26 * DIM
+    peak = asyncio.run(
+        closed_loop(
+            address,
+            payloads,
+            sizes,
+            [s * out_dim * 4 for s in sizes],
+            concurrency=64,
+            duration_s=seconds / 2,
+            warmup_s=1.0,
+        )
+    ).rps
+    rate = peak / 2
+    out: dict[str, Any] = {"peak_lookups_per_s": round(peak, 1), "offered_lookups_per_s": round(rate, 1)}
+    out["without_updates"] = _lookups(address, rate, seconds, payloads, sizes)
+    for table, dtype in (("f0", "fp32"), ("f1", "fp16")):
+        updater = Updater(address, table, update_rate, seconds + 3.0)  # from before the lookups to after
+        updater.start()
+        time.sleep(1.0)
+        point = _lookups(address, rate, seconds, payloads, sizes)
+        updater.join()
+        point["update_rows_per_s"] = round(updater.rows / updater.seconds)
+        point["update_refused"] = updater.refused
+        point["p99_vs_without"] = round(point["p99_ms"] / out["without_updates"]["p99_ms"], 3)
+        point["throughput_vs_without"] = round(point["lookups_per_s"] / out["without_updates"]["lookups_per_s"], 3)
+        out[f"with_{dtype}_updates"] = point
+    return out
+
+
+def _visibility(address: str, trials: int) -> dict[str, Any]:
+    """Seconds from an update's answer to every one of 8 connections (spread over the workers) serving it."""
+    readers = [Client(address, transport="unary") for _ in range(8)]
+    seen: list[float] = []
+    try:
+        with Client(address) as writer:
+            for k in range(1, trials + 1):
+                row = np.full((1, DIM), float(k), np.float32)
+                writer.update_rows("f2", [k % ROWS], row)
+                answered = time.perf_counter()
+                waiting = set(range(len(readers)))
+                while waiting:
+                    for i in list(waiting):
+                        if readers[i].lookup({"f2": [[k % ROWS]]})["f2"][0, 0] == k:
+                            waiting.discard(i)
+                seen.append(time.perf_counter() - answered)
+    finally:
+        for r in readers:
+            r.close()
+    ms = np.array(seen) * 1e3
+    return {
+        "trials": trials,
+        "p50_ms": round(float(np.percentile(ms, 50)), 2),
+        "p99_ms": round(float(np.percentile(ms, 99)), 2),
+    }
+
+
+def _replay(model: Path, checkpoint: Path, base: Path, version: str, rows: int) -> dict[str, Any]:
+    clean = base / "log-none"
+    server, without = _start(model, checkpoint, clean)
+    server.stop()
+    logged = base / "log-replay"
+    log = DeltaLog(delta_log_path(logged, version), version, fsync=False)
+    rng = np.random.default_rng(5)
+    for _ in range(rows // MESSAGE_ROWS):
+        ids = rng.choice(ROWS, MESSAGE_ROWS, replace=False).astype(np.int64)
+        values = (rng.standard_normal((MESSAGE_ROWS, DIM), dtype=np.float32) * 0.01).view(np.uint8)
+        log.append("f0", "", RowFormat.FLOAT32, ids, values.reshape(MESSAGE_ROWS, DIM * 4))
+    log.close()
+    server, with_log = _start(model, checkpoint, logged)
+    try:
+        replayed = server.logs.wait("delta log replayed", timeout=10)[0]
+    finally:
+        server.stop()
+    return {
+        "rows": rows // MESSAGE_ROWS * MESSAGE_ROWS,
+        "start_s_without_log": round(without, 2),
+        "start_s_with_log": round(with_log, 2),
+        "replay_s": replayed.get("seconds"),
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    u, load, vis, rep = r["updates_alone"], r["under_load"], r["visibility"], r["replay"]
+    lines = [
+        f"Model: 26 tables x {ROWS:,} x {DIM} (f0 fp32, f1 fp16); updates of {MESSAGE_ROWS:,} rows per message, fsync "
+        "before each answer.",
+        "",
+        f"Updates alone (fp32 table): {u['rows_per_s']:,} rows/s, {u['mb_per_s']} MB/s.",
+        "",
+        f"`small` workload at 50% of its peak ({load['offered_lookups_per_s']:,} of {load['peak_lookups_per_s']:,} "
+        "lookups/s), open loop:",
+        "",
+        "| point | update rows/s | lookups/s | p50 | p99 | p99 vs without | throughput vs without |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    w = load["without_updates"]
+    lines.append(f"| without updates | 0 | {w['lookups_per_s']:,} | {w['p50_ms']} ms | {w['p99_ms']} ms | 1.0 | 1.0 |")
+    for dtype in ("fp32", "fp16"):
+        p = load[f"with_{dtype}_updates"]
+        lines.append(
+            f"| {dtype} updates | {p['update_rows_per_s']:,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
+            f"{p['p99_ms']} ms | {p['p99_vs_without']} | {p['throughput_vs_without']} |"
+        )
+    lines += [
+        "",
+        f"Visible in every worker (`--workers 2`, 8 connections) after the answer: p50 {vis['p50_ms']} ms, p99 "
+        f"{vis['p99_ms']} ms over {vis['trials']} updates.",
+        f"Start-up with a delta log of {rep['rows']:,} rows: {rep['start_s_with_log']} s to SERVING (replay "
+        f"{rep['replay_s']} s) against {rep['start_s_without_log']} s without.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
+    parser.add_argument("--update-rows-per-s", type=float, default=100_000, help="update rate beside the lookups")
+    parser.add_argument("--trials", type=int, default=200, help="updates timed for visibility")
+    parser.add_argument("--replay-rows", type=int, default=1_000_000, help="rows in the replayed delta log")
+    parser.add_argument("--out", default="benchmarks/results/updates", help="where to write JSON and Markdown")
+    args = parser.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="embserve-updates-"))
+    try:
+        model, checkpoint = _model(base)
+        results: dict[str, Any] = {
+            "hardware": hardware(),
+            "command": "python -m embserve.benchmarks.updates " + " ".join(argv or sys.argv[1:]),
+        }
+        server, _ = _start(model, checkpoint, base / "log-a")
+        try:
+            with Client(server.address) as client:
+                version = client.metadata().version
+            results["updates_alone"] = _updates_alone(server.address, args.duration)
+            results["under_load"] = _under_load(server.address, args.duration, args.update_rows_per_s)
+        finally:
+            server.stop()
+        server, _ = _start(model, checkpoint, base / "log-b", "--workers", "2")
+        try:
+            results["visibility"] = _visibility(server.address, args.trials)
+        finally:
+            server.stop()
+        results["replay"] = _replay(model, checkpoint, base, version.split("+")[0], args.replay_rows)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "updates.json").write_text(json.dumps(results, indent=2))
+    (out / "updates.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
