@@ -9,6 +9,7 @@ transports) at half the peak, read from this process's CPU time (all its threads
 
     python -m embserve.benchmarks.cpu                              # every workload, 5 s per point
     python -m embserve.benchmarks.cpu --workloads small --duration 0.5 --out /tmp/cpu
+    python -m embserve.benchmarks.cpu --server-args '--batch-policy budget' --out benchmarks/results/cpu-budget
 """
 
 from __future__ import annotations
@@ -404,6 +405,7 @@ def run(
     peaks: dict[str, float] | None = None,
     rows: int | None = None,
     sdk: bool = True,
+    server_args: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Measures every workload and writes the results; `peaks`: unary calls/s per workload, where known."""
     records: list[CpuRecord] = []
@@ -419,6 +421,7 @@ def run(
             apis=apis,
             peak=(peaks or {}).get(name),
             sdk=sdk,
+            server_args=server_args,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
         records += recs
@@ -436,6 +439,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per server and API")
     parser.add_argument("--rows", type=int, help="rows per table (default: the workload's)")
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK's caller CPU")
+    parser.add_argument(
+        "--server-args", default="", help="more `embserve serve` flags, e.g. '--batch-policy budget' (one string)"
+    )
     parser.add_argument("--out", default="benchmarks/results/cpu")
     args = parser.parse_args(argv)
     given = list(argv if argv is not None else sys.argv[1:])
@@ -451,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peaks={name: args.peak for name in args.workloads} if args.peak else None,
         rows=args.rows,
         sdk=not args.no_sdk,
+        server_args=shlex.split(args.server_args),
     )
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -4,7 +4,8 @@ One future per request. A batch runs through `run_batch`, whose results are fann
 batch is set on every future of that batch and on no other. A queued request whose deadline or queue budget ends
 is failed at that moment (a timer per request), and cancelled requests are dropped before a batch is formed, so
 neither is computed. At most `max_inflight_batches` batches run at once; while they run,
-new requests gather in the queue by themselves. Admission counts examples (`size_of`) and, where a byte bound is
+new requests gather in the queue by themselves. With a free slot the `policy` decides whether the queue waits for
+company (`company_wait_s`). Admission counts examples (`size_of`) and, where a byte bound is
 given, bytes (`bytes_of`: what an item holds while queued and will produce).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, Protocol, TypeVar
@@ -20,7 +22,10 @@ from typing import Generic, Protocol, TypeVar
 from .config import BatchPolicy
 from .errors import BatchFailed, DeadlineExpired, Overloaded, ShuttingDown
 
-__all__ = ["BatcherObserver", "DynamicBatcher"]
+__all__ = ["DEADLINE_SHARE", "BatcherObserver", "DynamicBatcher"]
+
+# Budget policy: the share of a request's remaining deadline (at enqueue) it may spend waiting for company.
+DEADLINE_SHARE = 0.25
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -42,6 +47,7 @@ class _Entry(Generic[T, R]):
     future: asyncio.Future[R]
     deadline: float | None  # time.monotonic() seconds
     enqueued: float
+    release: float  # budget policy: the batch forms by then, whatever else is queued
     timer: asyncio.TimerHandle | None = None  # fires when the deadline or the queue budget ends, whichever first
 
 
@@ -59,7 +65,11 @@ class DynamicBatcher(Generic[T, R]):
             An item larger than this is still taken when the queue is empty.
         max_batch_bytes: bytes one batch takes (by `bytes_of`, with `max_queue_bytes`); an item larger than this
             runs alone.
-        policy: EAGER (run what is queued as soon as a slot is free) or WAIT.
+        policy: EAGER (run what is queued as soon as a slot is free), WAIT (the first queued item waits up to
+            `max_queue_delay_s`) or BUDGET (wait while no queued item is past its latency budget).
+        latency_budget_s: with `BatchPolicy.BUDGET`, how long an item may wait for company; an item with a
+            deadline waits at most `DEADLINE_SHARE` of its remaining time, when that is shorter.
+        clock: monotonic seconds (`time.monotonic`; tests give their own).
         max_inflight_batches: batches running concurrently (pipelining of assembly and forward).
         max_queue_wait_s: the queue budget: an item queued longer is failed with `Overloaded`, never run, so the
             latency of accepted items stays bounded under overload.
@@ -81,6 +91,8 @@ class DynamicBatcher(Generic[T, R]):
         bytes_of: Callable[[T], int] | None = None,
         max_queue_bytes: int | None = None,
         max_batch_bytes: int | None = None,
+        latency_budget_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_batch_size <= 0:
             raise ValueError(f"max_batch_size must be > 0, got {max_batch_size}")
@@ -92,6 +104,8 @@ class DynamicBatcher(Generic[T, R]):
             raise ValueError(f"max_inflight_batches must be > 0, got {max_inflight_batches}")
         if max_queue_wait_s is not None and max_queue_wait_s <= 0:
             raise ValueError(f"max_queue_wait_s must be > 0, got {max_queue_wait_s}")
+        if policy is BatchPolicy.BUDGET and (latency_budget_s is None or latency_budget_s <= 0):
+            raise ValueError(f"the budget policy needs latency_budget_s > 0, got {latency_budget_s}")
         if max_queue_bytes is not None and (max_queue_bytes <= 0 or bytes_of is None):
             raise ValueError(f"max_queue_bytes must be > 0 and come with bytes_of, got {max_queue_bytes}")
         self._run_batch = run_batch
@@ -106,6 +120,10 @@ class DynamicBatcher(Generic[T, R]):
         self.policy = BatchPolicy(policy)
         self.max_inflight_batches = max_inflight_batches
         self.max_queue_wait_s = max_queue_wait_s
+        self.latency_budget_s = latency_budget_s
+        self._clock = clock
+        self._first_release = math.inf  # the earliest `release` queued, recomputed after items leave
+        self._releases_left = False
         self._observer = observer
         self._queue: collections.deque[_Entry[T, R]] = collections.deque()
         self._queued_examples = 0
@@ -163,7 +181,10 @@ class DynamicBatcher(Generic[T, R]):
                     f"queue full: {self._queued_bytes} bytes queued and this request needs {nbytes} (its arrays "
                     f"and its response), over the server's max_queue_bytes {self.max_queue_bytes}; retry later"
                 )
-        now = time.monotonic()
+        now = self._clock()
+        budget = self.latency_budget_s or 0.0
+        if timeout is not None:
+            budget = min(budget, DEADLINE_SHARE * timeout)
         entry: _Entry[T, R] = _Entry(
             item,
             size,
@@ -171,8 +192,10 @@ class DynamicBatcher(Generic[T, R]):
             asyncio.get_running_loop().create_future(),
             None if timeout is None else now + timeout,
             now,
+            now + max(0.0, budget),
         )
         self._queue.append(entry)
+        self._first_release = min(self._first_release, entry.release)
         self._queued_examples += size
         self._queued_bytes += nbytes
         ends = [t for t in (timeout, self.max_queue_wait_s) if t is not None]
@@ -201,7 +224,7 @@ class DynamicBatcher(Generic[T, R]):
                     return
                 continue
             await self._slots.acquire()
-            if self.policy is BatchPolicy.WAIT:
+            if self.policy is not BatchPolicy.EAGER:
                 await self._wait_for_company()
             else:
                 await asyncio.sleep(0)  # let calls already received on this loop iteration join
@@ -216,7 +239,7 @@ class DynamicBatcher(Generic[T, R]):
     async def _wait_for_company(self) -> None:
         try:
             while self._queue and self._queued_examples < self.max_batch_size and not self._closed:
-                remaining = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+                remaining = self.company_wait_s()
                 if remaining <= 0:
                     return
                 self._has_work.clear()
@@ -227,10 +250,23 @@ class DynamicBatcher(Generic[T, R]):
         finally:
             self._has_work.set()  # the loop re-checks the queue itself
 
+    def company_wait_s(self) -> float:
+        """How much longer a free slot may wait for a fuller batch (0 or less: form it now). WAIT: until the first
+        queued item has waited `max_queue_delay_s`; BUDGET: until the first queued item's latency budget ends;
+        EAGER: not at all. A full batch never waits."""
+        if not self._queue or self._queued_examples >= self.max_batch_size or self.policy is BatchPolicy.EAGER:
+            return 0.0
+        if self.policy is BatchPolicy.WAIT:
+            return self._queue[0].enqueued + self.max_queue_delay_s - self._clock()
+        if self._releases_left:  # items left since it was known: once per change, not per check
+            self._first_release = min(e.release for e in self._queue)
+            self._releases_left = False
+        return self._first_release - self._clock()
+
     def _take_batch(self) -> list[_Entry[T, R]]:
         batch: list[_Entry[T, R]] = []
         examples = nbytes = 0
-        now = time.monotonic()
+        now = self._clock()
         while self._queue:
             entry = self._queue[0]
             if entry.future.done():  # cancelled by its caller
@@ -265,6 +301,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _forget(self, entry: _Entry[T, R]) -> None:
         """Takes an entry that left the queue out of its counts and stops its timer."""
+        self._releases_left = True
         self._queued_examples -= entry.size
         self._queued_bytes -= entry.nbytes
         if entry.timer is not None:
@@ -278,7 +315,7 @@ class DynamicBatcher(Generic[T, R]):
             return
         self._queue.remove(entry)  # identity: entries compare by identity
         self._forget(entry)
-        now = time.monotonic()
+        now = self._clock()
         if entry.deadline is not None and entry.deadline <= now + 1e-3:
             self._fail_deadline(entry)
         else:

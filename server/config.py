@@ -46,6 +46,7 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_MAX_BATCH_SIZE = 2048
 DEFAULT_MAX_QUEUE_DELAY_US = 1000
+DEFAULT_LATENCY_BUDGET_MS = 2.0
 DEFAULT_MAX_QUEUE_SIZE = 32768
 DEFAULT_MAX_QUEUE_WAIT_MS = 200.0
 DEFAULT_MAX_REQUEST_EXAMPLES = 16384
@@ -100,10 +101,14 @@ class BatchPolicy(str, enum.Enum):
     EAGER: as soon as the executor has a free slot, with whatever is queued; requests gather by themselves while
     it is busy, and a lone request at low load never waits. WAIT: the first queued request waits up to
     `max_queue_delay_us` for the batch to fill (Triton's dynamic batcher), trading latency for larger batches.
+    BUDGET: a free slot waits for company only while no queued request has used up its latency budget
+    (`latency_budget_ms`, or a quarter of its remaining deadline when that is shorter): fewer, larger batches,
+    so less CPU per request, with every request's wait bounded by its own budget.
     """
 
     EAGER = "eager"
     WAIT = "wait"
+    BUDGET = "budget"
 
 
 def _field(default: Any, description: str, **bounds: Any) -> Any:
@@ -115,11 +120,17 @@ class BatchingConfig(_Strict):
     policy: BatchPolicy = _field(
         BatchPolicy.EAGER,
         "eager: batch whatever is queued when the executor is free; wait: wait up to max_queue_delay_us for a "
-        "full batch",
+        "full batch; budget: wait for company while no queued request is past its latency budget",
     )
     max_batch_size: int = _field(DEFAULT_MAX_BATCH_SIZE, "examples per forward; a larger request runs alone", gt=0)
     max_queue_delay_us: int = _field(
         DEFAULT_MAX_QUEUE_DELAY_US, "wait policy: longest wait for a fuller batch, microseconds", ge=0
+    )
+    latency_budget_ms: float = _field(
+        DEFAULT_LATENCY_BUDGET_MS,
+        "budget policy: longest a request waits for a fuller batch, milliseconds (a quarter of its remaining "
+        "deadline when that is shorter)",
+        gt=0,
     )
     max_queue_size: int = _field(DEFAULT_MAX_QUEUE_SIZE, "examples queued; beyond it RESOURCE_EXHAUSTED at once", gt=0)
     max_queue_wait_ms: float = _field(

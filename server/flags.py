@@ -99,6 +99,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batching.policy", "--batch-policy"),
     Setting("batching.max_batch_size", "--max-batch-size"),
     Setting("batching.max_queue_delay_us", "--max-queue-delay-us"),
+    Setting("batching.latency_budget_ms", "--batch-latency-budget-ms"),
     Setting("batching.max_queue_size", "--max-queue-size"),
     Setting("batching.max_queue_wait_ms", "--max-queue-wait-ms"),
     Setting("batching.max_queue_bytes", "--max-queue-bytes"),

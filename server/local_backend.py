@@ -59,6 +59,7 @@ class LocalBackend:
             max_batch_bytes=bounds.max_batch_bytes,
             max_batch_size=b.max_batch_size if b.enabled else 1,
             max_queue_delay_s=b.max_queue_delay_us / 1e6,
+            latency_budget_s=b.latency_budget_ms / 1e3,
             max_queue_size=b.max_queue_size,
             policy=b.policy,
             max_inflight_batches=inflight,
