@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbserve/v1/embserve.proto\x12\x0b\x65mbserve.v1\"d\n\x0eSparseFeatures\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\"\x90\x01\n\rLookupRequest\x12-\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1b.embserve.v1.SparseFeatures\x12(\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\x12.embserve.v1.DType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xe7\x01\n\x0eLookupResponse\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.embserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nembeddings\x18\x03 \x01(\x0c\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0c\n\x04\x64ims\x18\x05 \x03(\x05\x12\x0f\n\x07offsets\x18\x06 \x03(\x05\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12#\n\x06status\x18\n \x01(\x0b\x32\x13.embserve.v1.Status\"\x19\n\x17GetModelMetadataRequest\"\xac\x02\n\rTableMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfeature_names\x18\x02 \x03(\t\x12\x16\n\x0enum_embeddings\x18\x03 \x01(\x03\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x11\n\tdata_type\x18\x05 \x01(\t\x12\x15\n\rserving_dtype\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x10\n\x08weighted\x18\x08 \x01(\x08\x12\x11\n\tid_policy\x18\t \x01(\t\x12\x0f\n\x07storage\x18\n \x01(\t\x12\x12\n\ndisk_bytes\x18\x0b \x01(\x03\x12\x16\n\x0eresident_bytes\x18\x0c \x01(\x03\x12\x11\n\trow_start\x18\r \x01(\x03\x12\x12\n\ntable_rows\x18\x0e \x01(\x03\"\xa0\x04\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\x06tables\x18\x03 \x03(\x0b\x32\x1a.embserve.v1.TableMetadata\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x12\n\noutput_dim\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1c\n\x14max_request_examples\x18\t \x01(\x05\x12\x17\n\x0fmax_request_ids\x18\n \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x05\x12\x1e\n\x16max_stream_outstanding\x18\x0c \x01(\x05\x12\x1a\n\x12max_response_bytes\x18\r \x01(\x03\x12\x17\n\x0fmax_queue_bytes\x18\x0e \x01(\x03\x12\"\n\x1amax_pending_response_bytes\x18\x0f \x01(\x03\x12\x31\n)max_pending_response_bytes_per_connection\x18\x10 \x01(\x03\x12\x19\n\x11max_receive_bytes\x18\x11 \x01(\x03\x12\x13\n\x0bplan_digest\x18\x12 \x01(\t\x12\x13\n\x0bshard_index\x18\x13 \x01(\x05\x12\x13\n\x0bshard_count\x18\x14 \x01(\x05\x12\x12\n\nmodel_keys\x18\x15 \x03(\t\"p\n\tRowUpdate\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0c\n\x04rows\x18\x04 \x01(\x0c\x12&\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x16.embserve.v1.RowFormat\"\x80\x01\n\x0fRowUpdateResult\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.embserve.v1.Status\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x03*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*W\n\tRowFormat\x12\x1a\n\x16ROW_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12ROW_FORMAT_FLOAT32\x10\x01\x12\x16\n\x12ROW_FORMAT_SERVING\x10\x02\x32\xc0\x02\n\x10\x45mbeddingService\x12\x41\n\x06Lookup\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse\x12K\n\x0cLookupStream\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse(\x01\x30\x01\x12T\n\x10GetModelMetadata\x12$.embserve.v1.GetModelMetadataRequest\x1a\x1a.embserve.v1.ModelMetadata\x12\x46\n\nUpdateRows\x12\x16.embserve.v1.RowUpdate\x1a\x1c.embserve.v1.RowUpdateResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65mbserve/v1/embserve.proto\x12\x0b\x65mbserve.v1\"d\n\x0eSparseFeatures\x12\x0c\n\x04keys\x18\x01 \x03(\t\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x0f\n\x07lengths\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\x12\x0f\n\x07weights\x18\x05 \x01(\x0c\"\xbe\x01\n\rLookupRequest\x12-\n\x08\x66\x65\x61tures\x18\x01 \x01(\x0b\x32\x1b.embserve.v1.SparseFeatures\x12(\n\x0coutput_dtype\x18\x02 \x01(\x0e\x32\x12.embserve.v1.DType\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\r\x12,\n\x08requests\x18\x05 \x03(\x0b\x32\x1a.embserve.v1.LookupRequest\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x97\x02\n\x0eLookupResponse\x12!\n\x05\x64type\x18\x01 \x01(\x0e\x32\x12.embserve.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x12\n\nembeddings\x18\x03 \x01(\x0c\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x0c\n\x04\x64ims\x18\x05 \x03(\x05\x12\x0f\n\x07offsets\x18\x06 \x03(\x05\x12\x12\n\nmodel_name\x18\x07 \x01(\t\x12\x15\n\rmodel_version\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x12#\n\x06status\x18\n \x01(\x0b\x32\x13.embserve.v1.Status\x12.\n\tresponses\x18\x0b \x03(\x0b\x32\x1b.embserve.v1.LookupResponse\"\x19\n\x17GetModelMetadataRequest\"\xac\x02\n\rTableMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rfeature_names\x18\x02 \x03(\t\x12\x16\n\x0enum_embeddings\x18\x03 \x01(\x03\x12\x15\n\rembedding_dim\x18\x04 \x01(\x05\x12\x11\n\tdata_type\x18\x05 \x01(\t\x12\x15\n\rserving_dtype\x18\x06 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x10\n\x08weighted\x18\x08 \x01(\x08\x12\x11\n\tid_policy\x18\t \x01(\t\x12\x0f\n\x07storage\x18\n \x01(\t\x12\x12\n\ndisk_bytes\x18\x0b \x01(\x03\x12\x16\n\x0eresident_bytes\x18\x0c \x01(\x03\x12\x11\n\trow_start\x18\r \x01(\x03\x12\x12\n\ntable_rows\x18\x0e \x01(\x03\"\xba\x04\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12*\n\x06tables\x18\x03 \x03(\x0b\x32\x1a.embserve.v1.TableMetadata\x12\x0c\n\x04keys\x18\x04 \x03(\t\x12\x12\n\noutput_dim\x18\x05 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x06 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1c\n\x14max_request_examples\x18\t \x01(\x05\x12\x17\n\x0fmax_request_ids\x18\n \x01(\x03\x12\x19\n\x11max_message_bytes\x18\x0b \x01(\x05\x12\x1e\n\x16max_stream_outstanding\x18\x0c \x01(\x05\x12\x1a\n\x12max_response_bytes\x18\r \x01(\x03\x12\x17\n\x0fmax_queue_bytes\x18\x0e \x01(\x03\x12\"\n\x1amax_pending_response_bytes\x18\x0f \x01(\x03\x12\x31\n)max_pending_response_bytes_per_connection\x18\x10 \x01(\x03\x12\x19\n\x11max_receive_bytes\x18\x11 \x01(\x03\x12\x13\n\x0bplan_digest\x18\x12 \x01(\t\x12\x13\n\x0bshard_index\x18\x13 \x01(\x05\x12\x13\n\x0bshard_count\x18\x14 \x01(\x05\x12\x12\n\nmodel_keys\x18\x15 \x03(\t\x12\x18\n\x10max_stream_batch\x18\x16 \x01(\x05\"p\n\tRowUpdate\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0b\n\x03ids\x18\x03 \x01(\x0c\x12\x0c\n\x04rows\x18\x04 \x01(\x0c\x12&\n\x06\x66ormat\x18\x05 \x01(\x0e\x32\x16.embserve.v1.RowFormat\"\x80\x01\n\x0fRowUpdateResult\x12\x11\n\tupdate_id\x18\x01 \x01(\t\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.embserve.v1.Status\x12\x10\n\x08sequence\x18\x03 \x01(\x04\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x0c\n\x04rows\x18\x05 \x01(\x03*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03*W\n\tRowFormat\x12\x1a\n\x16ROW_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12ROW_FORMAT_FLOAT32\x10\x01\x12\x16\n\x12ROW_FORMAT_SERVING\x10\x02\x32\xc0\x02\n\x10\x45mbeddingService\x12\x41\n\x06Lookup\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse\x12K\n\x0cLookupStream\x12\x1a.embserve.v1.LookupRequest\x1a\x1b.embserve.v1.LookupResponse(\x01\x30\x01\x12T\n\x10GetModelMetadata\x12$.embserve.v1.GetModelMetadataRequest\x1a\x1a.embserve.v1.ModelMetadata\x12\x46\n\nUpdateRows\x12\x16.embserve.v1.RowUpdate\x1a\x1c.embserve.v1.RowUpdateResult(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embserve.v1.embserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1689
-  _globals['_DTYPE']._serialized_end=1777
-  _globals['_ROWFORMAT']._serialized_start=1779
-  _globals['_ROWFORMAT']._serialized_end=1866
+  _globals['_DTYPE']._serialized_start=1809
+  _globals['_DTYPE']._serialized_end=1897
+  _globals['_ROWFORMAT']._serialized_start=1899
+  _globals['_ROWFORMAT']._serialized_end=1986
   _globals['_SPARSEFEATURES']._serialized_start=43
   _globals['_SPARSEFEATURES']._serialized_end=143
   _globals['_LOOKUPREQUEST']._serialized_start=146
-  _globals['_LOOKUPREQUEST']._serialized_end=290
-  _globals['_STATUS']._serialized_start=292
-  _globals['_STATUS']._serialized_end=331
-  _globals['_LOOKUPRESPONSE']._serialized_start=334
-  _globals['_LOOKUPRESPONSE']._serialized_end=565
-  _globals['_GETMODELMETADATAREQUEST']._serialized_start=567
-  _globals['_GETMODELMETADATAREQUEST']._serialized_end=592
-  _globals['_TABLEMETADATA']._serialized_start=595
-  _globals['_TABLEMETADATA']._serialized_end=895
-  _globals['_MODELMETADATA']._serialized_start=898
-  _globals['_MODELMETADATA']._serialized_end=1442
-  _globals['_ROWUPDATE']._serialized_start=1444
-  _globals['_ROWUPDATE']._serialized_end=1556
-  _globals['_ROWUPDATERESULT']._serialized_start=1559
-  _globals['_ROWUPDATERESULT']._serialized_end=1687
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1869
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2189
+  _globals['_LOOKUPREQUEST']._serialized_end=336
+  _globals['_STATUS']._serialized_start=338
+  _globals['_STATUS']._serialized_end=377
+  _globals['_LOOKUPRESPONSE']._serialized_start=380
+  _globals['_LOOKUPRESPONSE']._serialized_end=659
+  _globals['_GETMODELMETADATAREQUEST']._serialized_start=661
+  _globals['_GETMODELMETADATAREQUEST']._serialized_end=686
+  _globals['_TABLEMETADATA']._serialized_start=689
+  _globals['_TABLEMETADATA']._serialized_end=989
+  _globals['_MODELMETADATA']._serialized_start=992
+  _globals['_MODELMETADATA']._serialized_end=1562
+  _globals['_ROWUPDATE']._serialized_start=1564
+  _globals['_ROWUPDATE']._serialized_end=1676
+  _globals['_ROWUPDATERESULT']._serialized_start=1679
+  _globals['_ROWUPDATERESULT']._serialized_end=1807
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1989
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2309
 # @@protoc_insertion_point(module_scope)

@@ -42,16 +42,18 @@ class SparseFeatures(_message.Message):
     def __init__(self, keys: _Optional[_Iterable[str]] = ..., batch_size: _Optional[int] = ..., lengths: _Optional[bytes] = ..., values: _Optional[bytes] = ..., weights: _Optional[bytes] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("features", "output_dtype", "request_id", "timeout_ms")
+    __slots__ = ("features", "output_dtype", "request_id", "timeout_ms", "requests")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
     features: SparseFeatures
     output_dtype: DType
     request_id: str
     timeout_ms: int
-    def __init__(self, features: _Optional[_Union[SparseFeatures, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    requests: _containers.RepeatedCompositeFieldContainer[LookupRequest]
+    def __init__(self, features: _Optional[_Union[SparseFeatures, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., request_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[LookupRequest, _Mapping]]] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -62,7 +64,7 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("dtype", "shape", "embeddings", "keys", "dims", "offsets", "model_name", "model_version", "request_id", "status")
+    __slots__ = ("dtype", "shape", "embeddings", "keys", "dims", "offsets", "model_name", "model_version", "request_id", "status", "responses")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +75,7 @@ class LookupResponse(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     embeddings: bytes
@@ -83,7 +86,8 @@ class LookupResponse(_message.Message):
     model_version: str
     request_id: str
     status: Status
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., embeddings: _Optional[bytes] = ..., keys: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+    responses: _containers.RepeatedCompositeFieldContainer[LookupResponse]
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., embeddings: _Optional[bytes] = ..., keys: _Optional[_Iterable[str]] = ..., dims: _Optional[_Iterable[int]] = ..., offsets: _Optional[_Iterable[int]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., responses: _Optional[_Iterable[_Union[LookupResponse, _Mapping]]] = ...) -> None: ...
 
 class GetModelMetadataRequest(_message.Message):
     __slots__ = ()
@@ -122,7 +126,7 @@ class TableMetadata(_message.Message):
     def __init__(self, name: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., num_embeddings: _Optional[int] = ..., embedding_dim: _Optional[int] = ..., data_type: _Optional[str] = ..., serving_dtype: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., weighted: _Optional[bool] = ..., id_policy: _Optional[str] = ..., storage: _Optional[str] = ..., disk_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., row_start: _Optional[int] = ..., table_rows: _Optional[int] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
-    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection", "max_receive_bytes", "plan_digest", "shard_index", "shard_count", "model_keys")
+    __slots__ = ("name", "version", "tables", "keys", "output_dim", "device", "engine", "max_batch_size", "max_request_examples", "max_request_ids", "max_message_bytes", "max_stream_outstanding", "max_response_bytes", "max_queue_bytes", "max_pending_response_bytes", "max_pending_response_bytes_per_connection", "max_receive_bytes", "plan_digest", "shard_index", "shard_count", "model_keys", "max_stream_batch")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TABLES_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +148,7 @@ class ModelMetadata(_message.Message):
     SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
     SHARD_COUNT_FIELD_NUMBER: _ClassVar[int]
     MODEL_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_BATCH_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     tables: _containers.RepeatedCompositeFieldContainer[TableMetadata]
@@ -165,7 +170,8 @@ class ModelMetadata(_message.Message):
     shard_index: int
     shard_count: int
     model_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ..., plan_digest: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., model_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_stream_batch: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableMetadata, _Mapping]]] = ..., keys: _Optional[_Iterable[str]] = ..., output_dim: _Optional[int] = ..., device: _Optional[str] = ..., engine: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., max_request_examples: _Optional[int] = ..., max_request_ids: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_stream_outstanding: _Optional[int] = ..., max_response_bytes: _Optional[int] = ..., max_queue_bytes: _Optional[int] = ..., max_pending_response_bytes: _Optional[int] = ..., max_pending_response_bytes_per_connection: _Optional[int] = ..., max_receive_bytes: _Optional[int] = ..., plan_digest: _Optional[str] = ..., shard_index: _Optional[int] = ..., shard_count: _Optional[int] = ..., model_keys: _Optional[_Iterable[str]] = ..., max_stream_batch: _Optional[int] = ...) -> None: ...
 
 class RowUpdate(_message.Message):
     __slots__ = ("update_id", "table", "ids", "rows", "format")
