@@ -25,14 +25,14 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["DeltaLog", "DeltaRecord", "RowFormat", "delta_log_path"]
+__all__ = ["DeltaLog", "DeltaRecord", "RowFormat", "default_log_dir", "delta_log_path"]
 
 _MAGIC = b"EMBDELTA"
 _RECORD = b"RUPD"
@@ -67,6 +67,12 @@ class DeltaRecord:
     @property
     def nbytes(self) -> int:
         return int(self.ids.nbytes + self.rows.nbytes)
+
+
+def default_log_dir(checkpoint: str | Path) -> Path:
+    """Where a checkpoint's delta logs live unless told otherwise: `<checkpoint>.updates`, next to it."""
+    path = Path(checkpoint)
+    return path.parent / f"{path.name}.updates"
 
 
 def delta_log_path(log_dir: str | Path, base_version: str) -> Path:
@@ -198,6 +204,26 @@ class DeltaLog:
             self._end += len(data)
             self._sequence = sequence
             return DeltaRecord(sequence, table, update_id, row_format, ids, rows, self._end - len(data), self._end)
+
+    def append_after(
+        self,
+        scan: Callable[[Iterator[DeltaRecord]], int],
+        make: Callable[[int], list[tuple[str, str, RowFormat, np.ndarray, np.ndarray]]],
+    ) -> int:
+        """Under the lock: `scan` reads the whole log and returns a number, `make` turns it into updates (table,
+        update id, format, ids, rows), appended in order and made durable together; returns how many. What another
+        process appended in between is seen by `scan`, so two processes never append the same updates."""
+        with self._locked():
+            self._end, self._sequence = self._scan(self._end, self._sequence, repair=True)
+            entries = make(scan(self.read()))
+            for table, update_id, row_format, ids, rows in entries:
+                data = _encode(self._sequence + 1, table, update_id, row_format, ids, rows)
+                os.pwrite(self._fd, data, self._end)
+                self._end += len(data)
+                self._sequence += 1
+            if entries:
+                os.fdatasync(self._fd)
+            return len(entries)
 
     def read(self, offset: int | None = None, *, limit_bytes: int | None = None) -> Iterator[DeltaRecord]:
         """The whole records from `offset` (by default the first) on, in order; stops at the first incomplete or

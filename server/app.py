@@ -201,19 +201,21 @@ class EmbserveServer:
         settings = self.config.updates
         if not settings.enabled:
             return None
+        checkpoint = self.config.checkpoint
         state = UpdatesState.open(
-            self.backend.model, log_dir_for(settings, self.config.checkpoint), fsync=settings.fsync
+            self.backend.model, log_dir_for(settings, checkpoint), fsync=settings.fsync, checkpoint=checkpoint
         )
         self.backend.swap_model(state.model)
         return RowUpdater(settings, state, executor=self.backend.executor, metrics=self.metrics)
 
-    def replay_updates(self, model: ServingModel) -> ServingModel:
-        """A new version with its base's delta log replayed (blocking; before it is swapped in); the model itself
-        when updates are off."""
+    def replay_updates(self, model: ServingModel, checkpoint: str | None = None) -> ServingModel:
+        """A new version (of `checkpoint`, by default the configured one) with its base's delta log replayed
+        (blocking; before it is swapped in); the model itself when updates are off."""
         if self.updater is None:
             return model
         settings = self.config.updates
-        state = UpdatesState.open(model, log_dir_for(settings, self.config.checkpoint), fsync=settings.fsync)
+        checkpoint = checkpoint or self.config.checkpoint
+        state = UpdatesState.open(model, log_dir_for(settings, checkpoint), fsync=settings.fsync, checkpoint=checkpoint)
         self._replayed[id(state.model)] = state
         return state.model
 
@@ -341,7 +343,7 @@ class EmbserveServer:
                     raise ValueError("no checkpoint configured or given")
                 loop = asyncio.get_running_loop()
                 model = await loop.run_in_executor(None, load_model, config)
-                model = await loop.run_in_executor(None, self.replay_updates, model)
+                model = await loop.run_in_executor(None, self.replay_updates, model, config.checkpoint)
                 await self._swap(model)
             except Exception as err:
                 self.metrics.reloads.labels("failed").inc()

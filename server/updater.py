@@ -28,7 +28,8 @@ from typing import Protocol
 import numpy as np
 
 from embserve.embeddings import ServingModel
-from embserve.embeddings.delta_log import DeltaLog, DeltaRecord, RowFormat, delta_log_path
+from embserve.embeddings.compact import carry_over
+from embserve.embeddings.delta_log import DeltaLog, DeltaRecord, RowFormat, default_log_dir, delta_log_path
 from embserve.embeddings.errors import UpdateRefused
 from embserve.embeddings.row_updates import EncodedRows, RowWriter, check_rows
 
@@ -57,8 +58,7 @@ def log_dir_for(config: UpdatesConfig, checkpoint: str | None) -> Path:
         return Path(config.log_dir)
     if checkpoint is None:
         raise ValueError("row updates need --updates-dir when the model has no checkpoint (a seeded init)")
-    path = Path(checkpoint)
-    return path.parent / f"{path.name}.updates"
+    return default_log_dir(checkpoint)
 
 
 def version_of(base: str, sequence: int) -> str:
@@ -82,15 +82,22 @@ class UpdatesState:
     writer: RowWriter
     offset: int
     sequence: int
+    checkpoint: str | None = None  # the base's file or directory
 
     @classmethod
-    def open(cls, model: ServingModel, log_dir: Path, *, fsync: bool) -> UpdatesState:
-        """Opens (or creates) the log of `model`'s base and replays it into `model`'s weights (blocking; the model
-        must not be serving yet). Returns the state with the model at `<base>+<last sequence>`."""
+    def open(cls, model: ServingModel, log_dir: Path, *, fsync: bool, checkpoint: str | None) -> UpdatesState:
+        """Opens (or creates) the log of `model`'s base (`checkpoint`'s) and replays it into `model`'s weights
+        (blocking; the model must not be serving yet): for a compacted base, after carrying over the updates its old
+        log gained since. Returns the state with the model at `<base>+<last sequence>`."""
         base = model.version
         log = DeltaLog(delta_log_path(log_dir, base), base, fsync=fsync)
-        state = cls(model, base, log, RowWriter(model), log.data_start, 0)
+        state = cls(model, base, log, RowWriter(model), log.data_start, 0, checkpoint)
         try:
+            carried = carry_over(
+                log, checkpoint
+            )  # a compacted base: the updates its old log gained since the compaction
+            if carried:
+                logger.info("updates carried over from the compacted base's log", extra={"updates": carried})
             started, rows = time.perf_counter(), 0
             for record in state.pending():
                 state.writer.write(state.encode(record))
@@ -155,6 +162,7 @@ class RowUpdater:
         self._executor = executor
         self._metrics = metrics
         self._lock = asyncio.Lock()  # one catch-up at a time: records are applied in order
+        self._appending = asyncio.Lock()  # an update is logged and applied before a rebase moves to another log
         self._follower: asyncio.Task[None] | None = None
         metrics.update_sequence.set(state.sequence)
 
@@ -202,13 +210,16 @@ class RowUpdater:
             UpdateRefused: the update does not fit its table; nothing of it was logged or applied.
         """
         loop = asyncio.get_running_loop()
-        state = self._state
         checked_ids, checked_rows = await loop.run_in_executor(None, self.check, table, ids, rows, row_format)
-        encoded = await loop.run_in_executor(None, state.writer.encode, table, checked_ids, checked_rows, row_format)
-        record = await loop.run_in_executor(
-            None, state.log.append, table, update_id, row_format, checked_ids, checked_rows
-        )
-        await self._catch_up(state, mine=(record, encoded))
+        async with self._appending:
+            state = self._state
+            encoded = await loop.run_in_executor(
+                None, state.writer.encode, table, checked_ids, checked_rows, row_format
+            )
+            record = await loop.run_in_executor(
+                None, state.log.append, table, update_id, row_format, checked_ids, checked_rows
+            )
+            await self._catch_up(state, mine=(record, encoded))
         return Applied(record.sequence, version_of(state.base, record.sequence), len(checked_ids))
 
     async def _follow(self) -> None:
@@ -263,8 +274,12 @@ class RowUpdater:
         self._metrics.update_sequence.set(state.sequence)
 
     async def rebase(self, state: UpdatesState) -> None:
-        """Follows `state` (a new base, already replayed and being swapped in) from now on; the old log is closed."""
-        async with self._lock:
-            old, self._state = self._state, state
-        old.log.close()
+        """Follows `state` (a new base, already replayed, now swapped in) from now on; the old log is closed. Updates
+        its compacted-from log gained since `state` was opened are carried over and applied."""
+        async with self._appending:
+            async with self._lock:
+                old, self._state = self._state, state
+            old.log.close()
+            if await asyncio.get_running_loop().run_in_executor(None, carry_over, state.log, state.checkpoint):
+                await self._catch_up(state)
         self._metrics.update_sequence.set(state.sequence)

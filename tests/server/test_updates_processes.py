@@ -4,6 +4,7 @@ reload of the same base."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import threading
@@ -110,7 +111,7 @@ def test_workers_serve_each_others_updates_and_keep_them_across_a_reload(tmp_pat
             with Client(address) as client:
                 assert client.update_rows("user", [i], _row(i)).sequence == i
         for i in range(1, 9):
-            wait_until(lambda i=i: everywhere(_row(i)[0], i), timeout=10, what=f"update {i} in every worker")
+            wait_until(functools.partial(everywhere, _row(i)[0], i), timeout=10, what=f"update {i} in every worker")
         server.signal(signal.SIGHUP)  # the same checkpoint again: the log of its base is replayed
         server.logs.wait("reloaded", 2, timeout=120)
         wait_until(lambda: everywhere(_row(8)[0], 8), timeout=10, what="updates kept across the reload")
