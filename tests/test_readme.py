@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -69,13 +71,20 @@ def servers() -> Iterator[Callable[[str], ServerHandle]]:
     from embserve.server.config import ServerConfig
 
     started: dict[str, ServerHandle] = {}
+    logs = Path(tempfile.mkdtemp(prefix="embserve-docs-updates-"))
 
     def get(model: str) -> ServerHandle:
         if model not in started:
             config = make_config() if model == "small" else load_model_config(model)
             serving = build_serving_model(config, engine="fused")
             server_config = ServerConfig.model_validate(
-                {"port": 0, "metrics_port": None, "grace_period_s": 1.0, "batching": {"max_queue_wait_ms": 30_000}}
+                {
+                    "port": 0,
+                    "metrics_port": None,
+                    "grace_period_s": 1.0,
+                    "batching": {"max_queue_wait_ms": 30_000},
+                    "updates": {"enabled": True, "log_dir": str(logs / model)},  # docs/client.md's row updates
+                }
             )
             started[model] = start_server(server_config, serving)
         return started[model]
@@ -83,6 +92,7 @@ def servers() -> Iterator[Callable[[str], ServerHandle]]:
     yield get
     for handle in started.values():
         handle.stop()
+    shutil.rmtree(logs, ignore_errors=True)
 
 
 def _localise(code: str, server: ServerHandle) -> str:

@@ -1,4 +1,4 @@
-"""Attacks of issue 11 on a real server process (127.0.0.1, default byte bounds unless a test says otherwise): each
+"""Memory and resource attacks on a real server process (127.0.0.1, default byte bounds unless a test says otherwise): each
 bounded in time and count, each checking the server's RSS growth against a fixed figure, its memory afterwards,
 the status codes, and a well-behaved caller answered correctly (against numpy) within its deadline meanwhile.
 
