@@ -91,3 +91,32 @@ def test_cuda_storage_matches_cpu(small_config: ModelConfig, storage: str, tmp_p
         rows_a = np.frombuffer(pb.LookupResponse.FromString(a.response).embeddings, "<f4")
         rows_b = np.frombuffer(pb.LookupResponse.FromString(b.response).embeddings, "<f4")
         np.testing.assert_allclose(rows_a, rows_b, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _fbgemm_cuda(), reason="needs a CUDA device and fbgemm-gpu's CUDA build")
+def test_cuda_row_updates_match_cpu(small_config: ModelConfig) -> None:
+    """Rows written into device memory (the fused engine on CUDA) answer as the same rows written on the CPU."""
+    from embserve.embeddings.delta_log import RowFormat
+    from embserve.embeddings.row_updates import RowWriter, check_rows
+
+    models = [build_serving_model(small_config), build_serving_model(small_config, device="cuda")]
+    ids = np.array([1, 7, 42], np.int64)
+    rows = np.linspace(-1, 1, 3 * 16, dtype=np.float32).reshape(3, 16)
+    for model in models:
+        checked = check_rows(
+            model.table("user"),
+            model.serving_dtype("user"),
+            ids.tobytes(),
+            rows.tobytes(),
+            RowFormat.FLOAT32,
+            max_rows=16,
+        )
+        writer = RowWriter(model)
+        writer.write(writer.encode("user", *checked, RowFormat.FLOAT32))
+    cpu, gpu = (BatchExecutor(m, pipelined=m.device.type == "cuda") for m in models)
+    requests = _requests()
+    for a, b in zip(asyncio.run(cpu.run(requests)), asyncio.run(gpu.run(requests))):
+        rows_a = np.frombuffer(pb.LookupResponse.FromString(a.response).embeddings, "<f4")
+        rows_b = np.frombuffer(pb.LookupResponse.FromString(b.response).embeddings, "<f4")
+        np.testing.assert_allclose(rows_a, rows_b, atol=1e-5)
