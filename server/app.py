@@ -101,6 +101,7 @@ def _load_shard_model(config: ServerConfig) -> ServingModel:
         sharding=config.sharding,
         default_storage=config.storage,
         cache_load_factor=config.cache_load_factor,
+        copy_on_write=config.updates.enabled,
     )
 
 
