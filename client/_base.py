@@ -16,6 +16,7 @@ from embserve.v1 import embserve_pb2 as pb
 from embserve.v1 import embserve_pb2_grpc as pb_grpc
 from embserve.v1.wire import DEFAULT_MAX_MESSAGE_BYTES, OutputDType
 
+from ._streams import MAX_COALESCED
 from ._transport import RetryPolicy, TlsConfig, build_target, call_metadata, channel_options, credentials
 from .inputs import Features, Weights, to_sparse_input
 from .result import LookupResult, ModelInfo
@@ -109,6 +110,14 @@ class BaseClient(Generic[ChannelT]):
         else:
             chunks = [sparse]
         return [c.to_proto(output_dtype, request_id) for c in chunks]
+
+    def _coalescing(self) -> dict[str, int]:
+        """How many lookups (and bytes) one stream message may carry: what the server takes, when it says."""
+        info = self._info
+        if info is None or info.max_stream_batch <= 1:
+            return {"max_batch": 1, "max_bytes": 0}
+        limit = min(info.max_message_bytes or self._max_message_bytes, self._max_message_bytes)
+        return {"max_batch": min(MAX_COALESCED, info.max_stream_batch), "max_bytes": int(limit * _HEADROOM)}
 
     @staticmethod
     def _joined(responses: Sequence[pb.LookupResponse]) -> LookupResult:

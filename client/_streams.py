@@ -224,11 +224,20 @@ class StreamPool(_Pool[_SyncStream]):
             stream.close()
 
 
+MAX_COALESCED = 64  # lookups in one message, at most (and at most what the server states)
+
+
 class _AioStream:
     """One LookupStream call of an asyncio channel: a task writing queued requests, a task reading answers. (A
-    request iterator handed to gRPC instead can end the call INTERNAL when the server ends it first.)"""
+    request iterator handed to gRPC instead can end the call INTERNAL when the server ends it first.)
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: Any) -> None:
+    Lookups queued while the stream is busy writing (or issued together, in one turn of the event loop) go out in
+    one message, up to `max_batch` of them and `max_bytes` in all, when the server takes several per message
+    (`max_batch` > 1); each keeps its own request id and deadline, and is answered on its own."""
+
+    def __init__(self, channel: grpc.aio.Channel, metadata: Any, max_batch: int = 1, max_bytes: int = 0) -> None:
+        self._max_batch = max_batch
+        self._max_bytes = max_bytes
         method = channel.stream_stream(
             method_path("LookupStream"),
             request_serializer=pb.LookupRequest.SerializeToString,
@@ -250,7 +259,21 @@ class _AioStream:
     async def _write(self) -> None:
         try:
             while (request := await self._outbox.get()) is not None:
-                await self._call.write(request)
+                batch, size, closing = [request], request.ByteSize(), False
+                while len(batch) < self._max_batch and not self._outbox.empty():
+                    more = self._outbox.get_nowait()
+                    if more is None:
+                        closing = True
+                        break
+                    more_size = more.ByteSize()
+                    if size + more_size > self._max_bytes:
+                        await self._call.write(batch[0] if len(batch) == 1 else pb.LookupRequest(requests=batch))
+                        batch, size = [], 0
+                    batch.append(more)
+                    size += more_size
+                await self._call.write(batch[0] if len(batch) == 1 else pb.LookupRequest(requests=batch))
+                if closing:
+                    break
             await self._call.done_writing()
         except (grpc.RpcError, asyncio.InvalidStateError):
             pass  # the call ended; the reader reports how
@@ -258,10 +281,11 @@ class _AioStream:
     async def _read(self) -> None:
         cause: EmbserveError | None = None
         try:
-            async for response in self._call:
-                future = self._pending.pop(response.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(response)
+            async for message in self._call:
+                for response in message.responses or (message,):  # several answers may come in one message
+                    future = self._pending.pop(response.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(response)
         except grpc.RpcError as err:
             cause = from_rpc_error(err)
         finally:
@@ -293,8 +317,17 @@ class _AioStream:
 class AsyncStreamPool(_Pool[_AioStream]):
     """The asyncio client's streams."""
 
-    def __init__(self, channel: grpc.aio.Channel, metadata: Any, size: int, retry: RetryPolicy | None) -> None:
-        super().__init__(lambda: _AioStream(channel, metadata), size, retry)
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        metadata: Any,
+        size: int,
+        retry: RetryPolicy | None,
+        *,
+        max_batch: int = 1,
+        max_bytes: int = 0,
+    ) -> None:
+        super().__init__(lambda: _AioStream(channel, metadata, max_batch, max_bytes), size, retry)
 
     async def lookup(self, request: pb.LookupRequest, timeout: float | None) -> pb.LookupResponse:
         deadline = None if timeout is None else time.monotonic() + timeout

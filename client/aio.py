@@ -52,7 +52,9 @@ class AsyncClient(BaseClient[grpc.aio.Channel]):
         deadline = self._timeout(timeout)
         if self._transport == "stream":
             if self._streams is None:
-                self._streams = AsyncStreamPool(self._channel, self._metadata, self._stream_count, self._retry)
+                self._streams = AsyncStreamPool(
+                    self._channel, self._metadata, self._stream_count, self._retry, **self._coalescing()
+                )
             pool = self._streams
             return self._joined(await asyncio.gather(*(pool.lookup(r, deadline) for r in requests)))
         try:

@@ -127,6 +127,7 @@ class ModelInfo:
     max_request_ids: int
     max_message_bytes: int
     max_stream_outstanding: int = 0  # 0: the server did not say
+    max_stream_batch: int = 0  # lookups one LookupStream message may carry; 0: one
     # Byte bounds (0: the server did not say): a response over max_response_bytes is refused INVALID_ARGUMENT;
     # the queue, the responses waiting to be sent and the requests being received are refused RESOURCE_EXHAUSTED
     # beyond theirs.
@@ -174,6 +175,7 @@ class ModelInfo:
             max_request_ids=m.max_request_ids,
             max_message_bytes=m.max_message_bytes,
             max_stream_outstanding=m.max_stream_outstanding,
+            max_stream_batch=m.max_stream_batch,
             max_response_bytes=m.max_response_bytes,
             max_queue_bytes=m.max_queue_bytes,
             max_pending_response_bytes=m.max_pending_response_bytes,

@@ -75,12 +75,12 @@ def walk_fields(buf: bytes, i: int, end: int, what: str, limit: int) -> Iterator
         raise InvalidRequest(f"request is {err}" if str(err).startswith("not a valid") else str(err)) from None
 
 
-def read_lookup_fields(raw: bytes, max_keys: int) -> LookupFields:
+def read_lookup_fields(raw: bytes, max_keys: int, max_requests: int = 0) -> LookupFields:
     """LookupRequest bytes read in place, their arrays views of `raw` (`lookup_wire`): for large messages, whose
     arrays protobuf would copy twice. Bytes that are not a LookupRequest, or that carry more keys than
     `max_keys`, are an `InvalidRequest`."""
     try:
-        return read_lookup(raw, max_keys)
+        return read_lookup(raw, max_keys, max_requests)
     except WireFormatError as err:
         raise InvalidRequest(f"request is {err}" if str(err).startswith("not a valid") else str(err)) from None
 

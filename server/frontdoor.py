@@ -154,7 +154,7 @@ class FrontDoor:
         """LookupRequest bytes parsed; a large message is read in place instead (its arrays views of `raw`, its
         field counts bounded as they are read), where protobuf's copies of its arrays would cost more."""
         if len(raw) >= READ_IN_PLACE_BYTES:
-            return read_lookup_fields(raw, len(self.schema.keys))
+            return read_lookup_fields(raw, len(self.schema.keys), self.limits.max_stream_outstanding)
         return parse_message(pb.LookupRequest, raw)
 
     def validate_lookup(self, request: LookupMessage) -> SparseRequest:

@@ -36,6 +36,7 @@ VARINT = 0
 _REQUEST = pb.LookupRequest.DESCRIPTOR.fields_by_name
 _FEATURES, _OUTPUT_DTYPE = _REQUEST["features"].number, _REQUEST["output_dtype"].number
 _REQUEST_ID, _TIMEOUT_MS = _REQUEST["request_id"].number, _REQUEST["timeout_ms"].number
+_REQUESTS = _REQUEST["requests"].number
 _SPARSE = pb.SparseFeatures.DESCRIPTOR.fields_by_name
 _KEYS, _BATCH_SIZE = _SPARSE["keys"].number, _SPARSE["batch_size"].number
 _ARRAYS = {
@@ -53,6 +54,7 @@ class LookupFields:
     output_dtype: int
     request_id: str
     timeout_ms: int
+    requests: tuple[memoryview, ...] = ()  # LookupStream: the lookups a message carries, unparsed
 
 
 LookupMessage: TypeAlias = "pb.LookupRequest | LookupFields"
@@ -81,12 +83,13 @@ def _array(raw: memoryview | None, name: str, dtype: np.dtype[Any]) -> np.ndarra
     return np.frombuffer(raw, dtype=dtype)
 
 
-def read_lookup(raw: bytes, max_keys: int) -> LookupFields:
+def read_lookup(raw: bytes, max_keys: int, max_requests: int = 0) -> LookupFields:
     """The fields of LookupRequest bytes, its arrays as views of `raw`; `WireFormatError` where they are not a
-    LookupRequest, or carry more than `max_keys` keys."""
+    LookupRequest, or carry more than `max_keys` keys or `max_requests` lookups (`requests`)."""
     view = memoryview(raw)
-    limit = max_keys + MAX_OTHER_FIELDS
+    limit = max_keys + MAX_OTHER_FIELDS + max_requests
     keys: list[str] = []
+    requests: list[memoryview] = []
     arrays: dict[int, memoryview] = {}
     batch_size = output_dtype = timeout_ms = 0
     request_id = ""
@@ -100,6 +103,10 @@ def read_lookup(raw: bytes, max_keys: int) -> LookupFields:
             continue
         elif number == _REQUEST_ID:
             request_id = _text(view[start:end], "request_id")
+        elif number == _REQUESTS:
+            if len(requests) >= max_requests:
+                raise WireFormatError(f"the message carries more than {max_requests} lookups")
+            requests.append(view[start:end])
         elif number == _FEATURES:
             for inner, inner_type, i, j in wire_fields(raw, start, end, "features", limit):
                 if inner_type == VARINT and inner == _BATCH_SIZE:
@@ -120,4 +127,4 @@ def read_lookup(raw: bytes, max_keys: int) -> LookupFields:
         values=values,
         weights=weights if weights.size else None,
     )
-    return LookupFields(features, output_dtype, request_id, timeout_ms)
+    return LookupFields(features, output_dtype, request_id, timeout_ms, tuple(requests))

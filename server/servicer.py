@@ -64,6 +64,7 @@ class EmbeddingServicer:
             max_request_ids=limits.max_request_ids,
             max_message_bytes=limits.max_message_bytes,
             max_stream_outstanding=limits.max_stream_outstanding,
+            max_stream_batch=limits.max_stream_outstanding,
             max_response_bytes=bounds.max_response_bytes,
             max_queue_bytes=door.backend.max_queue_bytes,
             max_pending_response_bytes=bounds.max_pending_response_bytes,

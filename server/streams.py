@@ -17,7 +17,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeAlias
 
 import grpc
 
@@ -27,6 +28,7 @@ from .admission import Owed
 from .backend import BatchOutput
 from .decode import request_id_of
 from .errors import BatchFailed, CallGone, EmbserveError, InvalidRequest, Overloaded, ShuttingDown, status_code_of
+from .framing import field_header
 from .frontdoor import FrontDoor, write
 from .lookup_wire import LookupMessage
 from .request import SparseRequest
@@ -45,6 +47,22 @@ def error_reply(request_id: str, error: BaseException) -> bytes:
     message = str(error) if isinstance(error, EmbserveError) else "internal error"
     status = pb.Status(code=code.value[0], message=message)
     return pb.LookupResponse(request_id=request_id, status=status).SerializeToString()
+
+
+_Decoded: TypeAlias = "tuple[LookupMessage, SparseRequest | EmbserveError] | EmbserveError"
+# Answers waiting are joined into one message up to this many bytes, on streams whose client sends several lookups
+# per message (a larger answer goes alone, uncopied).
+MAX_JOINED_REPLY_BYTES = 256 * 1024
+_RESPONSES = pb.LookupResponse.DESCRIPTOR.fields_by_name["responses"].number
+
+
+def _request_id(request: LookupMessage) -> str:
+    return request.request_id
+
+
+def join_replies(replies: list[bytes]) -> bytes:
+    """Serialized LookupResponses as one LookupResponse carrying them in `responses`."""
+    return b"".join(part for reply in replies for part in (field_header(_RESPONSES, len(reply)), reply))
 
 
 class StreamServicer:
@@ -95,6 +113,7 @@ class _Stream:
         self._owed: dict[asyncio.Future[BatchOutput], Owed] = {}  # the messages in progress
         self._in_progress = 0
         self._reading = True
+        self._batched = False  # the client sends several lookups per message: it reads joined answers
         self._peer = context.peer()
         door.saw(self._peer)
 
@@ -126,17 +145,30 @@ class _Stream:
 
     async def _write(self) -> None:
         while not self._done():
-            reply = await self._replies.get()
+            first = await self._replies.get()
+            replies = [] if first is None else [first]
+            size = 0 if first is None else len(first[0])
+            while self._batched and size < MAX_JOINED_REPLY_BYTES and not self._replies.empty():
+                more = self._replies.get_nowait()  # answers already waiting go out together
+                if more is not None:
+                    if size + len(more[0]) > MAX_JOINED_REPLY_BYTES and replies:
+                        self._replies.put_nowait(more)  # the next message's first answer (order is free)
+                        break
+                    replies.append(more)
+                    size += len(more[0])
             if self._replies.qsize() < self._max_outstanding:
                 self._room.set()
-            if reply is not None:
-                try:
-                    await write(self._context, reply[0])
-                except CallGone:  # the caller left: end quietly, as gRPC ends a cancelled call
-                    raise asyncio.CancelledError from None
-                finally:
-                    if reply[1] is not None:
-                        reply[1].release()
+            if not replies:
+                continue
+            message = replies[0][0] if len(replies) == 1 else join_replies([r for r, _ in replies])
+            try:
+                await write(self._context, message)
+            except CallGone:  # the caller left: end quietly, as gRPC ends a cancelled call
+                raise asyncio.CancelledError from None
+            finally:
+                for _, owed in replies:
+                    if owed is not None:
+                        owed.release()
 
     async def _read(self, requests: AsyncIterator[bytes]) -> None:
         door = self._door
@@ -167,7 +199,8 @@ class _Stream:
             self._reply_error(request_id_of(raw), err, start)
             return
         try:
-            self._admit(raw, self._decode(raw), start)
+            for name, decoded in self._decode(raw):
+                self._admit(name, decoded, start)
         finally:
             charge.release()  # queued (the queue bound counts it) or refused
 
@@ -181,32 +214,64 @@ class _Stream:
             return
         try:
             try:
-                decoded = await self._door.offload.run(len(raw), functools.partial(self._decode, raw))
+                lookups = await self._door.offload.run(len(raw), functools.partial(self._decode, raw))
             except EmbserveError as err:
                 self._reply_error(request_id_of(raw), err, start)
                 return
-            self._admit(raw, decoded, start)
+            for name, decoded in lookups:
+                self._admit(name, decoded, start)
         finally:
             charge.release()
 
-    def _decode(self, raw: bytes) -> tuple[LookupMessage, SparseRequest | EmbserveError] | EmbserveError:
-        """Parsed and validated in one step; a validation error is answered only if the stream's own checks pass,
-        a parse error names the request id read from the wire."""
+    def _decode(self, raw: bytes) -> list[tuple[Callable[[], str], _Decoded]]:
+        """Each lookup of a message, parsed and validated, with how to name it when it cannot be parsed (its
+        request id read from the wire). A message that carries several lookups gives one entry for each, and from
+        then on the stream may answer several in one message. A validation error is answered only if the stream's
+        own checks pass."""
+        door = self._door
+        name = functools.partial(request_id_of, raw)
         try:
-            request = self._door.parse_lookup(raw)
+            request = door.parse_lookup(raw)
         except EmbserveError as err:
-            return err
+            return [(name, err)]
+        if not request.requests:
+            return [(name, self._validate(request))]
+        if len(request.requests) > self._max_outstanding:  # read in place, it would have stopped at the bound
+            refusal = InvalidRequest(
+                f"the message carries {len(request.requests)} lookups, over the server's max_stream_outstanding "
+                f"{self._max_outstanding}"
+            )
+            return [(name, refusal)]
+        self._batched = True
+        lookups: list[tuple[Callable[[], str], _Decoded]] = []
+        for part in request.requests:
+            sub: LookupMessage
+            if isinstance(part, memoryview):  # the message was read in place: its lookups are bytes still
+                sub_raw = bytes(part)
+                try:
+                    sub = door.parse_lookup(sub_raw)
+                except EmbserveError as err:
+                    lookups.append((functools.partial(request_id_of, sub_raw), err))
+                    continue
+            else:
+                sub = part
+            sub_name = functools.partial(_request_id, sub)
+            if sub.requests:
+                lookups.append((sub_name, (sub, InvalidRequest("a lookup inside a message carries lookups itself"))))
+            else:
+                lookups.append((sub_name, self._validate(sub)))
+        return lookups
+
+    def _validate(self, request: LookupMessage) -> _Decoded:
         try:
             return request, self._door.validate_lookup(request)
         except EmbserveError as err:
             return request, err
 
-    def _admit(
-        self, raw: bytes, decoded: tuple[LookupMessage, SparseRequest | EmbserveError] | EmbserveError, start: float
-    ) -> None:
+    def _admit(self, name: Callable[[], str], decoded: _Decoded, start: float) -> None:
         door = self._door
         if isinstance(decoded, EmbserveError):
-            self._reply_error(request_id_of(raw), decoded, start)
+            self._reply_error(name(), decoded, start)
             return
         request, sparse = decoded
         request_id = request.request_id

@@ -191,7 +191,8 @@ def test_drain_answers_messages_in_flight_then_ends_the_stream(
 
 @pytest.fixture
 def flaky_first_stream(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """The first LookupStream call reads three messages, answers none, and fails UNAVAILABLE."""
+    """The first LookupStream call reads three lookups or more (messages may carry several), answers none, and
+    fails UNAVAILABLE."""
     original = StreamServicer.LookupStream
     state = {"broken": 0, "received": 0}
 
@@ -199,9 +200,9 @@ def flaky_first_stream(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         if state["broken"]:
             return await original(self, requests, context)
         state["broken"] = 1
-        async for _ in requests:
-            state["received"] += 1
-            if state["received"] == 3:
+        async for raw in requests:
+            state["received"] += len(pb.LookupRequest.FromString(raw).requests) or 1
+            if state["received"] >= 3:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "injected stream failure")
 
     monkeypatch.setattr(StreamServicer, "LookupStream", flaky)
@@ -264,7 +265,7 @@ async def test_async_sdk_resends_what_a_broken_stream_left_unanswered(
     async with AsyncClient(server.address, transport="stream", streams=1, timeout=CALL_TIMEOUT) as client:
         await client.metadata()
         results = await asyncio.gather(*(client.lookup(_features(i), request_id=f"call-{i}") for i in range(6)))
-    assert flaky_first_stream["received"] == 3
+    assert flaky_first_stream["received"] >= 3  # lookups lost with the first stream (sent together, maybe all six)
     keys = list(small_serving.keys)
     for i, result in enumerate(results):
         assert_pooled_close(dims, {"author"}, keys, result.embeddings, _expect(i, small_tables, keys))
