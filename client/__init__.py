@@ -22,12 +22,14 @@ from .errors import (
 )
 from .inputs import FeatureArrays, Features, IdLists, KeyedJaggedLike, SparseInput, Weights, to_sparse_input
 from .result import LookupResult, ModelInfo, TableInfo
+from .sharded import AsyncShardedClient, ShardedClient
 from .sync import Client
 from .updates import RowUpdate, UpdateResult
 
 __all__ = [
     "USE_CLIENT_DEFAULT",
     "AsyncClient",
+    "AsyncShardedClient",
     "Cancelled",
     "Client",
     "DeadlineExceeded",
@@ -46,6 +48,7 @@ __all__ = [
     "RetryPolicy",
     "RowUpdate",
     "ServerError",
+    "ShardedClient",
     "SparseInput",
     "TableInfo",
     "Timeout",

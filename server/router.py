@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
 
 import numpy as np
 from prometheus_client import Counter, Histogram
 
 from embserve.embeddings.config import EmbeddingBagConfig, ModelConfig, ServingDType, Storage, canonical_keys
-from embserve.embeddings.plan import ShardingPlan, shard_row_ranges
+from embserve.embeddings.plan import ShardingPlan
 from embserve.embeddings.row_files import row_bytes
 from embserve.v1 import embserve_pb2 as pb
-from embserve.v1.sharding import ShardedTable, ShardLayout, TablePiece, to_output_bytes
+from embserve.v1.sharding import PlanPlacement, ShardLayout, shard_version, to_output_bytes
 from embserve.v1.wire import OutputDType, varint
 
 from .backend import BatchOutput
@@ -37,34 +36,21 @@ _SHARD_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 
 
 
 def layout_of(config: ModelConfig, plan: ShardingPlan) -> ShardLayout:
-    """The model's tables over the plan's shards, in the model's output key order."""
-    pieces: dict[str, list[TablePiece]] = {}
-    for shard in plan.shards:
-        for name, (start, end) in shard_row_ranges(config, plan, shard.index).items():
-            pieces.setdefault(name, []).append(TablePiece(shard.index, start, end))
+    """The model's tables over the plan's shards, in the model's output key order (as a fanning-out client builds
+    it from the shards' metadata: `PlanPlacement.layout`)."""
     by_name = {t.name: t for t in config.tables}
-    return ShardLayout(
+    return PlanPlacement.of(plan.model_dump(mode="json")).layout(
         [
-            ShardedTable(
-                name=k,
-                dim=by_name[k].embedding_dim,
-                rows=by_name[k].num_embeddings,
-                weighted=by_name[k].weighted,
-                hashed=by_name[k].id_policy.value == "hash",
-                pieces=tuple(sorted(pieces[k], key=lambda p: p.start)),
+            (
+                k,
+                by_name[k].embedding_dim,
+                by_name[k].num_embeddings,
+                by_name[k].weighted,
+                by_name[k].id_policy.value == "hash",
             )
             for k in canonical_keys(config)
-        ],
-        plan.shard_count,
+        ]
     )
-
-
-def shard_version(versions: Mapping[int, str]) -> str:
-    """One version for an answer built by several shards: theirs when they agree, else `K=version,...`."""
-    distinct = set(versions.values())
-    if len(distinct) == 1:
-        return distinct.pop()
-    return ",".join(f"{s}={v}" for s, v in sorted(versions.items()))
 
 
 class RouterModel:

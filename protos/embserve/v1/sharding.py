@@ -6,18 +6,37 @@ each id sent to the shard holding its row, as the local id `id - start`, with ea
 shard; a hashed table's ids are first taken mod its rows, as a single server does. The shards answer float32; the
 join copies whole tables' columns and adds row-wise tables' partial sums in float32, then rounds once to the
 requested output type. Keys left out of a request are zero columns. Torch-free: numpy only.
+
+`PlanPlacement` reads a plan's placement from its parsed YAML mapping (no pydantic, no model config), for a client
+that fans out: with the tables' facts that the shard servers state in their metadata it builds the same
+`ShardLayout` the router builds from the model config.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .wire import OutputDType
 
-__all__ = ["ShardLayout", "ShardPart", "ShardedTable", "TablePiece", "to_output_bytes"]
+__all__ = [
+    "PLAN_FORMAT",
+    "PlanPlacement",
+    "ShardLayout",
+    "ShardPart",
+    "ShardedTable",
+    "TablePiece",
+    "plan_content_digest",
+    "shard_version",
+    "to_output_bytes",
+]
+
+PLAN_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,3 +198,123 @@ def to_output_bytes(rows: np.ndarray, dtype: OutputDType) -> bytes:
             out[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype("<u2")
         return out.tobytes()
     return rows.astype("<f4", copy=False).tobytes()
+
+
+def shard_version(versions: Mapping[int, str]) -> str:
+    """One version for an answer built by several shards: theirs when they agree, else `K=version,...`."""
+    distinct = set(versions.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    return ",".join(f"{s}={v}" for s, v in sorted(versions.items()))
+
+
+def plan_content_digest(content: Mapping[str, Any]) -> str:
+    """`sha256:<hex>` of a plan's canonical content: every field but `digest`, as sorted compact JSON (what
+    `embserve plan` records and shard servers report)."""
+    body = {k: v for k, v in content.items() if k != "digest"}
+    return "sha256:" + hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanPlacement:
+    """A plan's placement: per shard index its whole tables and its row ranges `(table, start, end)`."""
+
+    model: str
+    model_digest: str
+    digest: str
+    tables: Mapping[int, tuple[str, ...]]
+    row_ranges: Mapping[int, tuple[tuple[str, int, int], ...]]
+
+    @property
+    def shard_count(self) -> int:
+        return len(self.tables)
+
+    @classmethod
+    def of(cls, data: Any, *, source: str = "plan") -> PlanPlacement:
+        """Reads a parsed plan (the mapping its YAML holds): its structure, shard indices `0..N-1` each once, and
+        its stored digest against its content.
+
+        Raises:
+            ValueError: one line naming `source` and the field at fault.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{source}: a plan must be a mapping, got {type(data).__name__}")
+        unknown = set(data) - {"format", "model", "model_digest", "shards", "digest"}
+        if unknown:
+            raise ValueError(f"{source}: unknown field {sorted(unknown)[0]!r}")
+        fmt = data.get("format", PLAN_FORMAT)
+        if fmt != PLAN_FORMAT:
+            raise ValueError(f"{source}: format {fmt} is not supported (this embserve reads format {PLAN_FORMAT})")
+        model, model_digest = data.get("model"), data.get("model_digest")
+        if not isinstance(model, str) or not isinstance(model_digest, str):
+            raise ValueError(f"{source}: model and model_digest must be strings")
+        shards = data.get("shards")
+        if not isinstance(shards, list) or not shards:
+            raise ValueError(f"{source}: shards must be a non-empty list")
+        canonical: list[dict[str, Any]] = []
+        tables: dict[int, tuple[str, ...]] = {}
+        ranges: dict[int, tuple[tuple[str, int, int], ...]] = {}
+        for i, shard in enumerate(shards):
+            where = f"{source}: shards.{i}"
+            if not isinstance(shard, Mapping) or set(shard) - {"index", "tables", "row_ranges"}:
+                raise ValueError(f"{where}: a shard is a mapping of index, tables and row_ranges")
+            index = shard.get("index")
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(shards):
+                raise ValueError(f"{where}.index: {index!r} is not a shard index 0 to {len(shards) - 1}")
+            if index in tables:
+                raise ValueError(f"{where}.index: shard index {index} appears twice")
+            names = shard.get("tables", [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{where}.tables: a list of table names")
+            pieces = []
+            for j, r in enumerate(shard.get("row_ranges", [])):
+                ok = isinstance(r, Mapping) and set(r) == {"table", "start", "end"} and isinstance(r["table"], str)
+                if not ok or not all(isinstance(r[f], int) and not isinstance(r[f], bool) for f in ("start", "end")):
+                    raise ValueError(f"{where}.row_ranges.{j}: a mapping of table, start and end")
+                if not 0 <= r["start"] < r["end"]:
+                    raise ValueError(f"{where}.row_ranges.{j}: rows [{r['start']}, {r['end']}) are not a range")
+                pieces.append((r["table"], r["start"], r["end"]))
+            tables[index] = tuple(names)
+            ranges[index] = tuple(pieces)
+            canonical.append(
+                {
+                    "index": index,
+                    "tables": list(names),
+                    "row_ranges": [{"table": t, "start": a, "end": b} for t, a, b in pieces],
+                }
+            )
+        digest = plan_content_digest({"format": fmt, "model": model, "model_digest": model_digest, "shards": canonical})
+        stored = data.get("digest")
+        if stored is not None and stored != digest:
+            raise ValueError(f"{source}: its digest {stored} does not match its content: write it again")
+        return cls(model, model_digest, digest, tables, ranges)
+
+    def layout(self, tables: Sequence[tuple[str, int, int, bool, bool]]) -> ShardLayout:
+        """The layout of a model whose tables are `(name, dim, rows, weighted, hashed)` in its output key order.
+
+        Raises:
+            ValueError: naming a table the plan places nowhere, twice, or in ranges that do not cover its rows.
+        """
+        pieces: dict[str, list[TablePiece]] = {}
+        rows = {name: n for name, _, n, _, _ in tables}
+        for shard in range(self.shard_count):
+            for name in self.tables[shard]:
+                if name in pieces:
+                    raise ValueError(f"table {name!r} is in two shards")
+                pieces[name] = [TablePiece(shard, 0, rows.get(name, 0))]
+            for name, start, end in self.row_ranges[shard]:
+                pieces.setdefault(name, []).append(TablePiece(shard, start, end))
+        out = []
+        for name, dim, n, weighted, hashed in tables:
+            placed = sorted(pieces.pop(name, []), key=lambda p: p.start)
+            covered = 0
+            for p in placed:
+                if p.start != covered:
+                    raise ValueError(f"table {name!r}: the plan's row ranges do not cover rows [0, {n}) once")
+                covered = p.end
+            if not placed or covered != n:
+                raise ValueError(f"table {name!r} ({n} rows) is not placed whole by the plan")
+            out.append(ShardedTable(name, dim, n, weighted, hashed, tuple(placed)))
+        if pieces:
+            raise ValueError(f"the plan places table {sorted(pieces)[0]!r}, which the model lacks")
+        return ShardLayout(out, self.shard_count)
