@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: setup serve test test-fast lint typecheck format protos bench soak gpu-check clean
+.PHONY: setup serve cluster test test-fast lint typecheck format protos bench soak gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ $(STAMP): pyproject.toml Makefile
 
 serve: $(STAMP)
 	$(BIN)/embserve serve --host $(HOST) --port $(PORT) $(ARGS)
+
+# A sharded deployment on loopback until Ctrl-C: one shard server per shard of the plan and a router in front,
+# router on PORT, shard K on PORT + 1 + K. ARGS="--model M --plan P [--shard-arg=--checkpoint=C]"
+# (docs/deployment.md, "A sharded deployment").
+cluster: $(STAMP)
+	$(BIN)/python -m embserve.benchmarks.cluster --host $(HOST) --port $(PORT) $(ARGS)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest $(ARGS)

@@ -88,7 +88,12 @@ class RouterServer:
             credentials=creds,
             token=token,
             check_interval_s=settings.plan_check_interval_ms / 1e3,
-            options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)],
+            # round_robin: a `dns:///name:port` shard address (a headless Service) spreads over every replica.
+            options=[
+                ("grpc.max_receive_message_length", -1),
+                ("grpc.max_send_message_length", -1),
+                ("grpc.lb_policy_name", "round_robin"),
+            ],
         )
         self.backend = RouterBackend(
             model,

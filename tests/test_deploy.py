@@ -175,3 +175,132 @@ def test_service_autoscaler_budget_and_scrape_select_the_deployment() -> None:
     keeps = {tuple(r["source_labels"]): r["regex"] for r in scrape["relabel_configs"] if r.get("action") == "keep"}
     assert keeps[("__meta_kubernetes_pod_container_port_name",)] == "metrics"
     assert keeps[("__meta_kubernetes_pod_label_app_kubernetes_io_name",)] == labels["app.kubernetes.io/name"]
+
+
+SHARDED = MANIFESTS / "sharded"
+
+
+def _sharded_documents() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(SHARDED.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") != "Kustomization":
+                docs.append((path.name, doc))
+    return docs
+
+
+def _sharded(kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for _, d in _sharded_documents() if d["kind"] == kind}
+
+
+def _help(command: str, capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("name", "doc"),
+    _sharded_documents(),
+    ids=[f"sharded/{n}:{d['kind']}:{d['metadata']['name']}" for n, d in _sharded_documents()],
+)
+def test_sharded_manifest_is_valid_for_the_pinned_kubernetes(name: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_sharded_kustomization_lists_every_manifest() -> None:
+    listed = yaml.safe_load((SHARDED / "kustomization.yaml").read_text())["resources"]
+    assert sorted(listed) == sorted(p.name for p in SHARDED.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def _container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    return dict(containers[0])
+
+
+def _check_pod(deployment: dict[str, Any], args: list[str]) -> None:
+    """What every embserve pod must get right: ports, probes on the health service, the drain's grace, the
+    model volume, an unprivileged user."""
+    pod = deployment["spec"]["template"]["spec"]
+    container = _container(deployment)
+    grpc_port, metrics_port = int(_flag(args, "port")), int(_flag(args, "metrics-port"))
+    assert _flag(args, "host") == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": grpc_port, "metrics": metrics_port}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port, probe
+    assert container["readinessProbe"]["grpc"]["service"] == HEALTH_SERVICE
+    grace = float(_flag(args, "grace-period"))
+    assert pod["terminationGracePeriodSeconds"] > grace + container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    live = container["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > grace
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+    for flag in ("model", "plan"):
+        assert _flag(args, flag).startswith(mount["mountPath"] + "/"), flag
+    claim = next(v for v in pod["volumes"] if v["name"] == "models")["persistentVolumeClaim"]["claimName"]
+    assert claim in _sharded("PersistentVolumeClaim")
+
+
+def test_sharded_deployments_agree_with_the_server_and_the_router(capsys: pytest.CaptureFixture[str]) -> None:
+    serve_help, route_help = _help("serve", capsys), _help("route", capsys)
+    deployments = _sharded("Deployment")
+    shards: dict[int, dict[str, Any]] = {}
+    routers = []
+    for deployment in deployments.values():
+        args = _container(deployment)["args"]
+        assert args[0] in ("serve", "route")
+        for arg in args[1:]:
+            flag = arg.split("=", 1)[0]
+            assert flag in (serve_help if args[0] == "serve" else route_help), (
+                f"{arg} is not an `embserve {args[0]}` flag"
+            )
+        _check_pod(deployment, args)
+        if args[0] == "serve":
+            shard = int(_flag(args, "shard"))
+            assert shard not in shards, f"two Deployments serve shard {shard}"
+            assert _flag(args, "checkpoint").startswith("/models/")
+            shards[shard] = deployment
+        else:
+            routers.append((deployment, args))
+    assert sorted(shards) == list(range(len(shards))) and len(shards) >= 2
+    assert len(routers) == 1
+    router, args = routers[0]
+    # One address per shard, naming that shard's Service on its gRPC port.
+    addresses = [a.split("=", 1)[1] for a in args if a.startswith("--shard-address=")]
+    given = {int(a.split("=", 1)[0]): a.split("=", 1)[1] for a in addresses}
+    assert sorted(given) == sorted(shards) and len(addresses) == len(shards)
+    services = _sharded("Service")
+    for k, target in given.items():
+        host, port = target.removeprefix("dns:///").rsplit(":", 1)
+        service = services[host.split(".")[0]]
+        assert service["spec"]["clusterIP"] == "None"  # headless: the router's dns:/// target resolves every replica
+        assert int(port) == {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+        assert _selects(service["spec"]["selector"]) == [shards[k]["metadata"]["name"]], f"shard {k}'s Service"
+    assert _flag(args, "plan") == _flag(_container(shards[0])["args"], "plan")
+
+
+def _selects(selector: dict[str, str]) -> list[str]:
+    """The sharded Deployments whose pods `selector` matches."""
+    return [
+        name
+        for name, d in _sharded("Deployment").items()
+        if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    ]
+
+
+def test_each_sharded_deployment_has_its_own_service_and_budget() -> None:
+    deployments = _sharded("Deployment")
+    for kind in ("Service", "PodDisruptionBudget"):
+        covered = []
+        for name, doc in _sharded(kind).items():
+            selector = doc["spec"]["selector"] if kind == "Service" else doc["spec"]["selector"]["matchLabels"]
+            selected = _selects(selector)
+            assert len(selected) == 1, f"{kind} {name} selects {selected}"
+            covered += selected
+        assert sorted(covered) == sorted(deployments), kind
+    for name, deployment in deployments.items():
+        assert deployment["spec"]["selector"]["matchLabels"].items() <= (
+            deployment["spec"]["template"]["metadata"]["labels"].items()
+        )
+        assert deployment["spec"]["replicas"] >= 2, f"{name}: one replica leaves its shard down during a rollout"

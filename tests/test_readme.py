@@ -7,7 +7,8 @@ documented address (`127.0.0.1:50051` / `localhost:50051`) replaced by the test 
 server (the built-in `default` model) unless `MODEL_OF_PAGE` names another.
 
 docs/weights.md is a walk-through whose blocks build on each other (train, convert, serve); `tests/test_docs_weights.py`
-runs all of its blocks, in order, in one folder.
+runs all of its blocks, in order, in one folder. docs/deployment.md's sharded walk-through is run the same way by
+`tests/test_docs_deployment.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from embserve.embeddings import build_serving_model, load_model_config
 from tests.support import ServerHandle, make_config, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-WALKTHROUGHS = {"docs/weights.md"}  # run block by block, in order, by their own tests
+WALKTHROUGHS = {"docs/weights.md", "docs/deployment.md"}  # run block by block, in order, by their own tests
 PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").glob("*.md") if f"docs/{p.name}" not in WALKTHROUGHS)]
 NOT_RUN = re.compile(r"^<!-- not run: .+ -->$")
 DOC_ADDRESSES = ("127.0.0.1:50051", "localhost:50051")
