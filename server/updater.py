@@ -99,10 +99,11 @@ class UpdatesState:
             if carried:
                 logger.info("updates carried over from the compacted base's log", extra={"updates": carried})
             started, rows = time.perf_counter(), 0
-            for record in state.pending():
-                state.writer.write(state.encode(record))
-                state.advance(record)
-                rows += len(record.ids)
+            while records := state.pending():  # read a bounded batch of records at a time, to the end
+                for record in records:
+                    state.writer.write(state.encode(record))
+                    state.advance(record)
+                    rows += len(record.ids)
             if state.sequence:
                 logger.info(
                     "delta log replayed",

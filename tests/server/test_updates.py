@@ -363,3 +363,21 @@ def test_the_async_client_updates_and_a_bad_update_in_a_stream_is_raised_after_t
         np.testing.assert_array_equal(got[0], row[0])
         assert not (got[1] == row[0]).all()
         assert client.metadata().version.endswith("+2")
+
+
+def test_a_start_replays_the_whole_log_before_it_serves(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embserve.server import updater
+
+    monkeypatch.setattr(updater, "_REPLAY_BYTES", 1)  # one record per read: the replay must read to the end
+    settings = {"updates": {"enabled": True, "log_dir": str(tmp_path / "log")}}
+    handle = server_factory(build_serving_model(config), **settings)
+    with Client(handle.address) as client:
+        for i in range(1, 6):
+            client.update_rows("user", [i], np.full((1, 16), i, np.float32))
+    handle.stop()
+    restarted = server_factory(build_serving_model(config), **settings)
+    assert restarted.server.model.version.endswith("+5")  # before any call: replayed during the start
+    with Client(restarted.address) as client:
+        np.testing.assert_array_equal(client.lookup({"user": [[5]]})["user"][0], np.full(16, 5, np.float32))
