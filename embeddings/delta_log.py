@@ -83,9 +83,11 @@ def delta_log_path(log_dir: str | Path, base_version: str) -> Path:
 
 def _encode(
     sequence: int, table: str, update_id: str, row_format: RowFormat, ids: np.ndarray, rows: np.ndarray
-) -> bytes:
+) -> list[memoryview | bytes]:
+    """A record as the buffers to write, in order: the frame, the fixed fields, and the ids and rows as they are
+    (not copied: the checksum is taken over the parts)."""
     name, uid = table.encode(), update_id.encode()
-    payload = b"".join(
+    head = b"".join(
         (
             _FIXED.pack(sequence, int(row_format)),
             struct.pack("<H", len(name)),
@@ -93,11 +95,27 @@ def _encode(
             struct.pack("<H", len(uid)),
             uid,
             _COUNTS.pack(len(ids), rows.shape[1] if rows.ndim == 2 else 0),
-            np.ascontiguousarray(ids, dtype="<i8").tobytes(),
-            np.ascontiguousarray(rows, dtype=np.uint8).tobytes(),
         )
     )
-    return _FRAME.pack(_RECORD, len(payload), zlib.crc32(payload)) + payload
+    parts = [
+        head,
+        memoryview(np.ascontiguousarray(ids, dtype="<i8")).cast("B"),
+        memoryview(np.ascontiguousarray(rows, dtype=np.uint8)).cast("B"),
+    ]
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return [_FRAME.pack(_RECORD, sum(len(x) for x in parts), crc), *parts]
+
+
+def _write(fd: int, parts: list[memoryview | bytes], offset: int) -> int:
+    """Writes a record's parts at `offset`; returns its length (a short write is an `OSError`)."""
+    length = sum(len(x) for x in parts)
+    written = os.pwritev(fd, parts, offset)
+    if written != length:
+        os.ftruncate(fd, offset)
+        raise OSError(f"short write to the delta log ({written} of {length} bytes)")
+    return length
 
 
 def _decode(payload: bytes, start: int, end: int) -> DeltaRecord:
@@ -194,16 +212,12 @@ class DeltaLog:
         with self._locked():
             self._end, self._sequence = self._scan(self._end, self._sequence, repair=True)
             sequence = self._sequence + 1
-            data = _encode(sequence, table, update_id, row_format, ids, rows)
-            written = os.pwrite(self._fd, data, self._end)
-            if written != len(data):
-                os.ftruncate(self._fd, self._end)
-                raise OSError(f"delta log {str(self.path)!r}: short write ({written} of {len(data)} bytes)")
+            start = self._end
+            self._end += _write(self._fd, _encode(sequence, table, update_id, row_format, ids, rows), start)
             if self._fsync:
                 os.fdatasync(self._fd)
-            self._end += len(data)
             self._sequence = sequence
-            return DeltaRecord(sequence, table, update_id, row_format, ids, rows, self._end - len(data), self._end)
+            return DeltaRecord(sequence, table, update_id, row_format, ids, rows, start, self._end)
 
     def append_after(
         self,
@@ -217,9 +231,8 @@ class DeltaLog:
             self._end, self._sequence = self._scan(self._end, self._sequence, repair=True)
             entries = make(scan(self.read()))
             for table, update_id, row_format, ids, rows in entries:
-                data = _encode(self._sequence + 1, table, update_id, row_format, ids, rows)
-                os.pwrite(self._fd, data, self._end)
-                self._end += len(data)
+                parts = _encode(self._sequence + 1, table, update_id, row_format, ids, rows)
+                self._end += _write(self._fd, parts, self._end)
                 self._sequence += 1
             if entries:
                 os.fdatasync(self._fd)

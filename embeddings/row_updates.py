@@ -192,13 +192,16 @@ class RowWriter:
             encoded = values
         else:
             width = target.shape[1]
-            if row_format is RowFormat.FLOAT32:
+            if row_format is RowFormat.FLOAT32 and dtype is not ServingDType.FP32:
                 stored = encode_rows(torch.from_numpy(np.array(rows).view("<f4")), dtype)
+            else:  # fp32 values, or stored rows: written as they are
+                stored = rows
+            if stored.shape[1] == width:
+                out = np.array(stored, dtype=np.uint8)  # one copy, writable (and off the batches' thread)
             else:
-                stored = np.ascontiguousarray(rows)
-            out = np.zeros((len(ids), width), dtype=np.uint8)
-            used = min(width, stored.shape[1])
-            out[:, :used] = stored[:, :used]
+                out = np.zeros((len(ids), width), dtype=np.uint8)
+                used = min(width, stored.shape[1])
+                out[:, :used] = stored[:, :used]
             encoded = torch.from_numpy(out)
         device = target.device
         return EncodedRows(table, torch.from_numpy(np.array(ids)).to(device), encoded.to(device))

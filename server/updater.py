@@ -211,15 +211,15 @@ class RowUpdater:
             UpdateRefused: the update does not fit its table; nothing of it was logged or applied.
         """
         loop = asyncio.get_running_loop()
-        checked_ids, checked_rows = await loop.run_in_executor(None, self.check, table, ids, rows, row_format)
         async with self._appending:
             state = self._state
-            encoded = await loop.run_in_executor(
-                None, state.writer.encode, table, checked_ids, checked_rows, row_format
-            )
-            record = await loop.run_in_executor(
-                None, state.log.append, table, update_id, row_format, checked_ids, checked_rows
-            )
+
+            def prepare() -> tuple[np.ndarray, EncodedRows, DeltaRecord]:  # one thread hop: check, encode, log
+                checked_ids, checked_rows = self.check(table, ids, rows, row_format)
+                encoded = state.writer.encode(table, checked_ids, checked_rows, row_format)
+                return checked_ids, encoded, state.log.append(table, update_id, row_format, checked_ids, checked_rows)
+
+            checked_ids, encoded, record = await loop.run_in_executor(None, prepare)
             await self._catch_up(state, mine=(record, encoded))
         return Applied(record.sequence, version_of(state.base, record.sequence), len(checked_ids))
 
@@ -228,6 +228,8 @@ class RowUpdater:
         while True:
             await asyncio.sleep(interval)
             state = self._state
+            if self._appending.locked():  # this process is appending: it applies what precedes its record too
+                continue
             try:
                 if state.log.size() > state.offset:
                     await self._catch_up(state)
