@@ -443,6 +443,8 @@ class AsyncShardedClient(_ShardedBase[AsyncClient]):
             return {s: t.result() for s, t in tasks.items()}
         finally:
             for task in tasks.values():
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a second shard's failure is not logged as unhandled
                 task.cancel()
 
     async def _check(self, shards: Sequence[int] | None, deadline: float | None) -> None:
