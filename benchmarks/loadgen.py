@@ -110,7 +110,7 @@ _RESPONSE_FIELDS = pb.LookupResponse.DESCRIPTOR.fields_by_name
 _REQUEST_ID_FIELD = _RESPONSE_FIELDS["request_id"].number
 _STATUS_FIELD = _RESPONSE_FIELDS["status"].number
 _CODE_FIELD = pb.Status.DESCRIPTOR.fields_by_name["code"].number
-_MAX_FIELDS = 64
+_MAX_FIELDS = 1 << 16  # a reply has a field per key (`keys`) besides a dozen others
 
 
 def reply_id_and_code(raw: bytes) -> tuple[bytes, int]:

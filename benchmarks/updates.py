@@ -151,7 +151,10 @@ def _lookups(address: str, rate: float, seconds: float, payloads: list[bytes], s
     }
 
 
-def _under_load(address: str, seconds: float, update_rate: float) -> dict[str, Any]:
+def _under_load(address: str, other: str, seconds: float, update_rate: float) -> dict[str, Any]:
+    """The lookups' p50/p99 without updates, with updates of the fp32 and the fp16 table, with the same updates
+    sent to another server process on the same machine (what the machine's shared cores cost, not the server),
+    and without updates again (the run-to-run spread)."""
     workload = WORKLOADS["small"]()
     requests = workload.requests(2048)
     payloads, sizes = encode_lookups(requests), [r.batch_size for r in requests]
@@ -170,8 +173,12 @@ def _under_load(address: str, seconds: float, update_rate: float) -> dict[str, A
     rate = peak / 2
     out: dict[str, Any] = {"peak_lookups_per_s": round(peak, 1), "offered_lookups_per_s": round(rate, 1)}
     out["without_updates"] = _lookups(address, rate, seconds, payloads, sizes)
-    for table, dtype in (("f0", "fp32"), ("f1", "fp16")):
-        updater = Updater(address, table, update_rate, seconds + 3.0)  # from before the lookups to after
+    for name, target, table in (
+        ("with_fp32_updates", address, "f0"),
+        ("with_fp16_updates", address, "f1"),
+        ("fp32_updates_to_another_server", other, "f0"),
+    ):
+        updater = Updater(target, table, update_rate, seconds + 3.0)  # from before the lookups to after
         updater.start()
         time.sleep(1.0)
         point = _lookups(address, rate, seconds, payloads, sizes)
@@ -180,7 +187,10 @@ def _under_load(address: str, seconds: float, update_rate: float) -> dict[str, A
         point["update_refused"] = updater.refused
         point["p99_vs_without"] = round(point["p99_ms"] / out["without_updates"]["p99_ms"], 3)
         point["throughput_vs_without"] = round(point["lookups_per_s"] / out["without_updates"]["lookups_per_s"], 3)
-        out[f"with_{dtype}_updates"] = point
+        out[name] = point
+    again = _lookups(address, rate, seconds, payloads, sizes)
+    again["p99_vs_without"] = round(again["p99_ms"] / out["without_updates"]["p99_ms"], 3)
+    out["without_updates_again"] = again
     return out
 
 
@@ -252,12 +262,21 @@ def markdown(r: dict[str, Any]) -> str:
     ]
     w = load["without_updates"]
     lines.append(f"| without updates | 0 | {w['lookups_per_s']:,} | {w['p50_ms']} ms | {w['p99_ms']} ms | 1.0 | 1.0 |")
-    for dtype in ("fp32", "fp16"):
-        p = load[f"with_{dtype}_updates"]
+    for key, label in (
+        ("with_fp32_updates", "fp32 updates"),
+        ("with_fp16_updates", "fp16 updates"),
+        ("fp32_updates_to_another_server", "fp32 updates sent to another server process"),
+    ):
+        p = load[key]
         lines.append(
-            f"| {dtype} updates | {p['update_rows_per_s']:,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
+            f"| {label} | {p['update_rows_per_s']:,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
             f"{p['p99_ms']} ms | {p['p99_vs_without']} | {p['throughput_vs_without']} |"
         )
+    a = load["without_updates_again"]
+    lines.append(
+        f"| without updates, again | 0 | {a['lookups_per_s']:,} | {a['p50_ms']} ms | {a['p99_ms']} ms | "
+        f"{a['p99_vs_without']} | - |"
+    )
     lines += [
         "",
         f"Visible in every worker (`--workers 2`, 8 connections) after the answer: p50 {vis['p50_ms']} ms, p99 "
@@ -284,13 +303,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command": "python -m embserve.benchmarks.updates " + " ".join(argv or sys.argv[1:]),
         }
         server, _ = _start(model, checkpoint, base / "log-a")
+        other, _ = _start(model, checkpoint, base / "log-c")
         try:
             with Client(server.address) as client:
                 version = client.metadata().version
             results["updates_alone"] = _updates_alone(server.address, args.duration)
-            results["under_load"] = _under_load(server.address, args.duration, args.update_rows_per_s)
+            results["under_load"] = _under_load(server.address, other.address, args.duration, args.update_rows_per_s)
         finally:
             server.stop()
+            other.stop()
         server, _ = _start(model, checkpoint, base / "log-b", "--workers", "2")
         try:
             results["visibility"] = _visibility(server.address, args.trials)

@@ -184,15 +184,17 @@ class RowWriter:
             raise UpdateRefused(f"table {table!r} cannot be updated: {reason}")
         target = self._targets[table]
         dtype = self.model.serving_dtype(table)
+        # Float conversions in numpy (round to nearest even, as torch's): a torch op here would take the intra-op
+        # thread pool from the forward running beside it.
         if self.model.engine is Engine.EAGER:
-            if row_format is RowFormat.FLOAT32:
-                values = torch.from_numpy(np.array(rows).view("<f4")).to(target.dtype)
-            else:
-                values = torch.from_numpy(np.array(rows).view(_FLOAT_TYPES[dtype])).to(target.dtype)
-            encoded = values
+            kind = "<f4" if row_format is RowFormat.FLOAT32 else _FLOAT_TYPES[dtype]
+            want = np.float16 if target.dtype == torch.float16 else np.float32
+            encoded = torch.from_numpy(np.array(rows).view(kind).astype(want))
         else:
             width = target.shape[1]
-            if row_format is RowFormat.FLOAT32 and dtype is not ServingDType.FP32:
+            if row_format is RowFormat.FLOAT32 and dtype is ServingDType.FP16:
+                stored = np.array(rows).view("<f4").astype("<f2").view(np.uint8)
+            elif row_format is RowFormat.FLOAT32 and dtype is not ServingDType.FP32:
                 stored = encode_rows(torch.from_numpy(np.array(rows).view("<f4")), dtype)
             else:  # fp32 values, or stored rows: written as they are
                 stored = rows

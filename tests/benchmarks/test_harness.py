@@ -140,6 +140,8 @@ def test_reply_parser_reads_id_and_status_as_protobuf_does() -> None:
     assert reply_id_and_code(ok.SerializeToString()) == (b"r-17", 0)
     failed = pb.LookupResponse(request_id="x" * 300, status=pb.Status(code=8, message="queue full"))
     assert reply_id_and_code(failed.SerializeToString()) == (b"x" * 300, 8)
+    many_keys = pb.LookupResponse(keys=[f"t{i}" for i in range(200)], request_id="r-200")  # a field per key
+    assert reply_id_and_code(many_keys.SerializeToString()) == (b"r-200", 0)
 
 
 @pytest.mark.slow
