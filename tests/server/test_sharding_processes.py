@@ -11,12 +11,14 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embserve.benchmarks.cluster import Cluster
 from embserve.client import Client, EmbserveError, ShardedClient, Unavailable
 from embserve.embeddings import LargeEmbeddings, init_weights, save_checkpoint
 from embserve.embeddings.plan import dump_plan
+from embserve.server.config import ServerConfig
 from tests.server.test_sharding_router import table_wise_plan
 from tests.support import make_config, wait_until, write_model_config
 
@@ -120,3 +122,40 @@ def test_a_rolling_reload_across_shards_fails_no_call(cluster: Cluster) -> None:
     ok, errors = load.counts()
     assert not errors, {k: [repr(e) for e in v[:3]] for k, v in load.errors.items()}
     assert all(ok[k] > 0 for k in ("router/shard0", "router/both", "sdk/shard0", "sdk/both"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_shard_processes_answer_as_one_server_through_the_router_and_the_sdk(
+    cluster: Cluster, tmp_path: Path, dtype: str
+) -> None:
+    """Random weighted and unweighted features, keys left out, over unary and stream transports: the router's and
+    the fan-out's answers equal one in-process server's over the same checkpoint bit for bit (table-wise plan)."""
+    from embserve.embeddings import build_serving_model
+    from tests.support import start_server
+
+    config = make_config()
+    single = start_server(
+        ServerConfig.model_validate({"port": 0, "metrics_port": None}),
+        build_serving_model(config, checkpoint=tmp_path / "w.safetensors"),
+    )
+    rows = {t.name: t.num_embeddings for t in config.tables}
+    rng = np.random.default_rng(11)
+    try:
+        with Client(single.address) as one, ShardedClient(cluster.plan, cluster.shard_addresses) as sdk:
+            routers = [Client(cluster.router_address, transport=t) for t in ("unary", "stream")]
+            for _ in range(8):  # topics left out: zero columns
+                ids = {
+                    k: [rng.integers(0, rows[k], int(rng.integers(0, 6))).tolist() for _ in range(5)]
+                    for k in ("user", "author", "hashtags")
+                }
+                weights = {"hashtags": [rng.uniform(0.5, 2, len(bag)).tolist() for bag in ids["hashtags"]]}
+                want = one.lookup(ids, weights=weights, output_dtype=dtype)
+                for client in (*routers, sdk):
+                    got = client.lookup(ids, weights=weights, output_dtype=dtype)
+                    assert got.keys == want.keys
+                    np.testing.assert_array_equal(got.embeddings, want.embeddings)
+            for r in routers:
+                r.close()
+    finally:
+        single.stop()
