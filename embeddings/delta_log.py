@@ -97,10 +97,10 @@ def _encode(
             _COUNTS.pack(len(ids), rows.shape[1] if rows.ndim == 2 else 0),
         )
     )
-    parts = [
+    parts: list[memoryview | bytes] = [
         head,
-        memoryview(np.ascontiguousarray(ids, dtype="<i8")).cast("B"),
-        memoryview(np.ascontiguousarray(rows, dtype=np.uint8)).cast("B"),
+        np.ascontiguousarray(ids, dtype="<i8").data.cast("B"),
+        np.ascontiguousarray(rows, dtype=np.uint8).data.cast("B"),
     ]
     crc = 0
     for part in parts:

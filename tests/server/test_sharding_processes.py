@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from embserve.benchmarks.cluster import Cluster
-from embserve.client import Client, EmbserveError, ShardedClient, Unavailable
+from embserve.client import Client, EmbserveError, OutputDTypeName, ShardedClient, Unavailable
 from embserve.embeddings import LargeEmbeddings, init_weights, save_checkpoint
 from embserve.embeddings.plan import dump_plan
 from embserve.server.config import ServerConfig
@@ -127,7 +127,7 @@ def test_a_rolling_reload_across_shards_fails_no_call(cluster: Cluster) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_shard_processes_answer_as_one_server_through_the_router_and_the_sdk(
-    cluster: Cluster, tmp_path: Path, dtype: str
+    cluster: Cluster, tmp_path: Path, dtype: OutputDTypeName
 ) -> None:
     """Random weighted and unweighted features, keys left out, over unary and stream transports: the router's and
     the fan-out's answers equal one in-process server's over the same checkpoint bit for bit (table-wise plan)."""
@@ -151,7 +151,8 @@ def test_shard_processes_answer_as_one_server_through_the_router_and_the_sdk(
                 }
                 weights = {"hashtags": [rng.uniform(0.5, 2, len(bag)).tolist() for bag in ids["hashtags"]]}
                 want = one.lookup(ids, weights=weights, output_dtype=dtype)
-                for client in (*routers, sdk):
+                clients: list[Client | ShardedClient] = [*routers, sdk]
+                for client in clients:
                     got = client.lookup(ids, weights=weights, output_dtype=dtype)
                     assert got.keys == want.keys
                     np.testing.assert_array_equal(got.embeddings, want.embeddings)
