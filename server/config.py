@@ -74,6 +74,7 @@ DEFAULT_MAX_DECODE_QUEUE = 16
 DEFAULT_MAX_UPDATE_ROWS = 65_536
 DEFAULT_MAX_UPDATE_STREAMS = 8
 DEFAULT_UPDATES_POLL_MS = 10.0
+DEFAULT_MAX_LOG_BYTES = 8 << 30
 
 
 @enum.unique
@@ -331,6 +332,12 @@ class UpdatesConfig(_Strict):
     )
     poll_interval_ms: float = _field(
         DEFAULT_UPDATES_POLL_MS, "how often a process reads the updates other processes appended, ms", gt=0
+    )
+    max_log_bytes: int = _field(
+        DEFAULT_MAX_LOG_BYTES,
+        "bytes the delta log of the served base may hold; beyond it updates are RESOURCE_EXHAUSTED until it is "
+        "compacted (embserve compact)",
+        gt=0,
     )
 
 

@@ -34,6 +34,7 @@ from embserve.embeddings.errors import UpdateRefused
 from embserve.embeddings.row_updates import EncodedRows, RowWriter, check_rows
 
 from .config import UpdatesConfig
+from .errors import Overloaded
 from .metrics import ServerMetrics
 
 __all__ = ["Applied", "RowUpdater", "UpdatesState", "log_dir_for", "version_of", "versioned"]
@@ -167,14 +168,6 @@ class RowUpdater:
         self._follower: asyncio.Task[None] | None = None
         metrics.update_sequence.set(state.sequence)
 
-    @property
-    def version(self) -> str:
-        return self._state.model.version
-
-    @property
-    def state(self) -> UpdatesState:
-        return self._state
-
     def start(self) -> None:
         self._follower = asyncio.get_running_loop().create_task(self._follow(), name="embserve-updates-follower")
 
@@ -209,6 +202,7 @@ class RowUpdater:
 
         Raises:
             UpdateRefused: the update does not fit its table; nothing of it was logged or applied.
+            Overloaded: the log is at its bound (`max_log_bytes`); nothing of it was logged or applied.
         """
         loop = asyncio.get_running_loop()
         async with self._appending:
@@ -216,6 +210,12 @@ class RowUpdater:
 
             def prepare() -> tuple[np.ndarray, EncodedRows, DeltaRecord]:  # one thread hop: check, encode, log
                 checked_ids, checked_rows = self.check(table, ids, rows, row_format)
+                held = state.log.size()
+                if held + checked_ids.nbytes + checked_rows.nbytes > self.config.max_log_bytes:
+                    raise Overloaded(
+                        f"the delta log holds {held} bytes and this update would take it over the server's "
+                        f"max_log_bytes {self.config.max_log_bytes}: compact it (embserve compact) and reload"
+                    )
                 encoded = state.writer.encode(table, checked_ids, checked_rows, row_format)
                 return checked_ids, encoded, state.log.append(table, update_id, row_format, checked_ids, checked_rows)
 

@@ -52,6 +52,7 @@ class RouterHandle:
             self.loop.run_until_complete(boot())
             if "error" not in box:
                 self.loop.run_forever()
+            self.loop.close()
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()

@@ -381,3 +381,30 @@ def test_a_start_replays_the_whole_log_before_it_serves(
     assert restarted.server.model.version.endswith("+5")  # before any call: replayed during the start
     with Client(restarted.address) as client:
         np.testing.assert_array_equal(client.lookup({"user": [[5]]})["user"][0], np.full(16, 5, np.float32))
+
+
+def test_the_delta_log_is_bounded_and_the_bound_refuses_no_update_within_it(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig
+) -> None:
+    row = np.ones((1, 16), np.float32)
+    handle = server_factory(
+        build_serving_model(config),
+        updates={"enabled": True, "log_dir": str(tmp_path / "log"), "max_log_bytes": 1000},
+    )
+    accepted = 0
+    with Client(handle.address) as client:
+        outcomes = client.update_many(RowUpdate("user", [i], row * i) for i in range(1, 30))
+        for outcome in outcomes:
+            if isinstance(outcome, Overloaded):
+                break
+            assert not isinstance(outcome, Exception), outcome
+            accepted += 1
+        assert accepted >= 5  # everything under the bound was taken
+        refused = outcomes[accepted]
+        assert isinstance(refused, Overloaded) and "max_log_bytes 1000" in str(refused)
+        assert all(isinstance(o, Overloaded) for o in outcomes[accepted:])  # and nothing after it
+        assert client.metadata().version.endswith(f"+{accepted}")
+        refused_row = client.lookup({"user": [[accepted + 1]]})["user"][0]
+        assert not (refused_row == row[0] * (accepted + 1)).any()  # the refused update was not applied
+    log = next((tmp_path / "log").glob("*.deltas"))
+    assert log.stat().st_size <= 1000
