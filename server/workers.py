@@ -381,7 +381,7 @@ def run_workers(config: ServerConfig, workers: int) -> int:
             current.close()
             current.signal_all(signal.SIGTERM)  # they drain while the new generation takes new connections
             retiring.append(current)
-            logger.info("reloaded", extra={"old_version": current.version, "version": new_version})
+            logger.info("reloaded", extra={"old_version": current.version, "version": new_version, "in_place": False})
             current = fresh
     for gen in [current, *retiring]:
         gen.signal_all(signal.SIGTERM)

@@ -3,6 +3,7 @@ round-robin over replica processes, rolling reload, replacement of a dead worker
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -14,6 +15,7 @@ import yaml
 
 from embserve.benchmarks.procs import ServerProcess, metrics_text, pss_bytes
 from embserve.client import Client
+from tests.support import wait_until
 
 BIN = Path(sys.executable).parent / "embserve"
 
@@ -24,6 +26,15 @@ PROCESS_OVERHEAD_BYTES = 150 << 20  # one server process without its weights: in
 def _metric(port: int, name: str) -> float:
     text = metrics_text(port)
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _supervisor_reloads(server: ServerProcess) -> list[dict[str, object]]:
+    """The supervisor's `reloaded` log lines (they say whether the reload was in place; the workers' do not)."""
+    return [e for e in server.logs.wait("reloaded", timeout=120) if "in_place" in e]
+
+
+def _reloads_reached(server: ServerProcess, count: int) -> bool:
+    return len(_supervisor_reloads(server)) >= count
 
 
 def _lookups_ok(port: int) -> float:
@@ -100,7 +111,8 @@ def test_workers_share_port_and_weights_reload_and_recover(tmp_path: Path) -> No
         save_checkpoint(lm, tmp_path / "next.safetensors")
         (tmp_path / "next.safetensors").replace(ckpt)
         server.signal(signal.SIGHUP)
-        reloaded = log.wait("reloaded")[0]
+        wait_until(functools.partial(_reloads_reached, server, 1), timeout=120, what="the reload")
+        reloaded = _supervisor_reloads(server)[0]  # once every worker serves it
         with Client(address) as client:
             second = client.lookup({"a": [[1, 2]], "b": [[3]]})
         assert second.model_version == reloaded["version"] != first.model_version
@@ -250,7 +262,9 @@ def test_reload_never_resets_a_new_connection(tmp_path: Path) -> None:
             for n in range(1, 6):
                 write(n)
                 server.signal(signal.SIGHUP)
-                reloaded = server.logs.wait("reloaded", n, timeout=120)[-1]
+                # The supervisor's line (each worker logs "reloaded" too, without `in_place`).
+                wait_until(functools.partial(_reloads_reached, server, n), timeout=120, what=f"reload {n}")
+                reloaded = _supervisor_reloads(server)[-1]
                 assert reloaded.get("in_place") is True
         finally:
             stop.set()
