@@ -11,26 +11,22 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import descriptor_pb2, descriptor_pool
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
-from prometheus_client import start_http_server
+from grpc_health.v1 import health_pb2
 
 from embserve.embeddings import ServingModel, build_serving_model, load_model_config
 from embserve.oip import wire as oip
-from embserve.v1 import embserve_pb2
 from embserve.v1.wire import SERVICE_NAME
 
 from .bounds import Bounds
 from .config import EventLoop, ServerConfig
-from .connections import grpc_options as connection_options
 from .connections import max_connections
 from .frontdoor import FrontDoor
 from .inference import InferenceServicer
+from .listening import add_services, bind, grpc_options, start_metrics
 from .local_backend import LocalBackend
 from .metrics import ServerMetrics
 from .placement import Placement, shard_placement
-from .security import peer_guards, server_credentials
+from .security import peer_guards
 from .servicer import EmbeddingServicer
 from .startup import StartupError
 from .streams import StreamServicer
@@ -109,18 +105,6 @@ def _placement(config: ServerConfig) -> Placement | None:
     if config.plan is None or config.shard is None:
         return None
     return shard_placement(load_model_config(config.model), config.plan, config.shard)
-
-
-def _reflection_pool() -> descriptor_pool.DescriptorPool:
-    """The descriptors reflection serves: the OIP ones live in a pool of their own (see embserve.oip.wire), the
-    others in protobuf's default pool, so reflection gets a pool with all of them."""
-    pool = descriptor_pool.DescriptorPool()
-    for module in (embserve_pb2, health_pb2, reflection_pb2):
-        pool.Add(descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb))
-    file = descriptor_pb2.FileDescriptorProto()
-    oip.POOL.FindFileByName(oip.PROTO_FILE).CopyToProto(file)
-    pool.Add(file)
-    return pool
 
 
 class EmbserveServer:
@@ -234,65 +218,20 @@ class EmbserveServer:
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
-    def grpc_options(self) -> list[tuple[str, Any]]:
-        return [
-            ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 1 if self.reuse_port else 0),
-            *connection_options(self.config.connections),
-        ]
-
     async def start(self) -> None:
-        server = grpc.aio.server(options=self.grpc_options(), interceptors=self._interceptors)
+        server = grpc.aio.server(
+            options=grpc_options(self.config, reuse_port=self.reuse_port), interceptors=self._interceptors
+        )
         embserve_handlers = {name: h for front in self._front_ends for name, h in front.handlers().items()}
         embserve_handlers.update(self._updates.handlers())
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(SERVICE_NAME, embserve_handlers),
-                grpc.method_handlers_generic_handler(oip.SERVICE_NAME, self._inference.handlers()),
-            )
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                oip.SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            server,
-            pool=_reflection_pool(),
-        )
-        address = f"{self.config.host}:{self.config.port}"
+        add_services(server, embserve_handlers, self._inference.handlers(), self.health)
         try:
-            if self.config.tls is not None:
-                self.port = server.add_secure_port(address, server_credentials(self.config.tls))
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
+            self.port = bind(server, self.config)
+            self._metrics_http, self.metrics_port = start_metrics(self.config, self.metrics.registry)
+        except StartupError:
             await server.stop(None)
             await self.backend.close()
-            raise StartupError(
-                f"gRPC port {self.config.port} on {self.config.host} could not be bound (in use by another process, "
-                "or not an address of this host): choose another with --port"
-            )
-        # The metrics endpoint binds before the gRPC server starts, so a port in use fails the start cleanly.
-        if self.config.metrics_port is not None:
-            try:
-                httpd, _ = start_http_server(
-                    self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
-                )
-            except OSError as err:
-                await server.stop(None)
-                await self.backend.close()
-                raise StartupError(
-                    f"metrics port {self.config.metrics_port} on {self.config.host} could not be bound "
-                    f"({err.strerror}): choose another with --metrics-port, or --no-metrics"
-                ) from None
-            self._metrics_http = httpd
-            self.metrics_port = httpd.server_port
+            raise
         await server.start()
         self._server = server
         self.backend.start()

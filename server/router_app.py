@@ -11,26 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from grpc_health.v1 import health_pb2
 
 from embserve.embeddings.config import load_model_config
 from embserve.embeddings.plan import load_plan
 from embserve.oip import wire as oip
 from embserve.v1.wire import SERVICE_NAME
 
-from .app import _reflection_pool
 from .bounds import Bounds
 from .config import ServerConfig
-from .connections import grpc_options as connection_options
 from .connections import max_connections
 from .frontdoor import FrontDoor
 from .inference import InferenceServicer
+from .listening import add_services, bind, grpc_options, start_metrics
 from .metrics import ServerMetrics
 from .placement import Placement
 from .router import RouterBackend
-from .security import peer_guards, server_credentials
+from .security import peer_guards
 from .servicer import EmbeddingServicer
 from .shard_channels import ShardChannels, parse_shard_addresses
 from .startup import StartupError
@@ -127,49 +124,15 @@ class RouterServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> None:
-        options = [
-            ("grpc.max_receive_message_length", self.config.limits.max_message_bytes),
-            ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
-            *connection_options(self.config.connections),
-        ]
-        server = grpc.aio.server(options=options, interceptors=self._interceptors)
+        server = grpc.aio.server(options=grpc_options(self.config, reuse_port=False), interceptors=self._interceptors)
         handlers = {name: h for front in self._front_ends for name, h in front.handlers().items()}
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),
-                grpc.method_handlers_generic_handler(oip.SERVICE_NAME, self._inference.handlers()),
-            )
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, oip.SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
-            server,
-            pool=_reflection_pool(),
-        )
-        address = f"{self.config.host}:{self.config.port}"
+        add_services(server, handlers, self._inference.handlers(), self.health)
         try:
-            if self.config.tls is not None:
-                self.port = server.add_secure_port(address, server_credentials(self.config.tls))
-            else:
-                self.port = server.add_insecure_port(address)
-        except RuntimeError:
-            self.port = 0
-        if self.port == 0:
+            self.port = bind(server, self.config)
+            self._metrics_http, self.metrics_port = start_metrics(self.config, self.metrics.registry)
+        except StartupError:
             await server.stop(None)
-            raise StartupError(f"gRPC port {self.config.port} on {self.config.host} could not be bound: use --port")
-        if self.config.metrics_port is not None:
-            try:
-                httpd, _ = start_http_server(
-                    self.config.metrics_port, addr=self.config.host, registry=self.metrics.registry
-                )
-            except OSError as err:
-                await server.stop(None)
-                raise StartupError(
-                    f"metrics port {self.config.metrics_port} could not be bound ({err.strerror}): use --metrics-port"
-                ) from None
-            self._metrics_http = httpd
-            self.metrics_port = httpd.server_port
+            raise
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME, oip.SERVICE_NAME):
