@@ -15,7 +15,7 @@ HOST ?= 127.0.0.1
 PORT ?= 50051
 ARGS ?=
 
-.PHONY: setup serve cluster test test-fast lint typecheck format protos bench soak gpu-check clean
+.PHONY: setup serve cluster test test-fast lint typecheck format protos bench bench-ray soak gpu-check clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,23 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m embserve.benchmarks.run $(ARGS)
+
+# The CPU benchmark beside Ray Serve (benchmarks/ray_server.py: the same model, direct gRPC ingress, @serve.batch).
+# Ray is not part of embserve's stack: it gets a virtual environment of its own, RAY_VENV, with the same torch stack
+# and embserve installed from this checkout. ARGS: more `embserve.benchmarks.cpu` flags.
+RAY_VENV ?= .venv-ray
+RAY_VERSION := 2.60.0
+RAY_STAMP := $(RAY_VENV)/.embserve-installed
+$(RAY_STAMP): pyproject.toml Makefile
+	test -x $(RAY_VENV)/bin/python || $(PYTHON) -m venv $(RAY_VENV)
+	$(RAY_VENV)/bin/pip install --quiet "torch==$(TORCH_VERSION)" "$(FBGEMM)==$(FBGEMM_VERSION)"
+	$(RAY_VENV)/bin/pip install --quiet --no-deps "torchrec==$(TORCHREC_VERSION)"
+	$(RAY_VENV)/bin/pip install --quiet -e ".[server]" "ray[serve]==$(RAY_VERSION)"
+	touch $@
+
+bench-ray: $(STAMP) $(RAY_STAMP)
+	$(BIN)/python -m embserve.benchmarks.cpu --ray-python $(RAY_VENV)/bin/python --apis Lookup LookupStream --no-sdk \
+		--out benchmarks/results/cpu-ray $(ARGS)
 
 soak: $(STAMP)
 	$(BIN)/python -m embserve.benchmarks.soak $(ARGS)

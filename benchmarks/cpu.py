@@ -10,6 +10,12 @@ transports) at half the peak, read from this process's CPU time (all its threads
     python -m embserve.benchmarks.cpu                              # every workload, 5 s per point
     python -m embserve.benchmarks.cpu --workloads small --duration 0.5 --out /tmp/cpu
     python -m embserve.benchmarks.cpu --server-args '--batch-policy budget' --out benchmarks/results/cpu-budget
+    python -m embserve.benchmarks.cpu --ray-python .venv-ray/bin/python     # beside Ray Serve (make bench-ray)
+
+With `--ray-python`, the same model served by Ray Serve (`ray_server`: direct gRPC ingress, `@serve.batch`, run
+by a Python that has Ray) takes the same unary Lookup loads, and a closed loop of 64 callers on one channel gives
+each server's peak examples/s: embserve over Lookup and over LookupStream, Ray over Lookup (its gRPC ingress has
+no bidirectional streams).
 """
 
 from __future__ import annotations
@@ -50,7 +56,9 @@ APIS: dict[str, tuple[str, str, str]] = {
     "LookupStream": ("stream", LOOKUP_METHOD, "v1"),
     "ModelInfer": ("unary", oip.MODEL_INFER_METHOD, "oip"),
 }
-SERVERS = ("embserve", "no-op")
+SERVERS = ("embserve", "no-op", "ray")
+RAY_APIS = ("Lookup",)  # Ray Serve's gRPC ingress: unary and server-streaming calls only
+CLOSED_CALLERS = 64
 
 
 @dataclasses.dataclass
@@ -87,6 +95,36 @@ class CallerRecord:
     caller_cpu_us_per_lookup: float
     p50_ms: float
     p99_ms: float
+
+
+@dataclasses.dataclass
+class ClosedRecord:
+    """One server and API in closed loop: `callers` callers on one channel, each sending its next call on an answer."""
+
+    workload: str
+    server: str
+    api: str
+    callers: int
+    duration_s: float
+    calls_per_s: float
+    examples_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: dict[str, int]
+    server_cpu_s: float
+
+
+def ray_command(ray_python: str, model_path: Path, max_batch_size: int) -> list[str]:
+    """`ray_server` for a model YAML under a Python that has Ray Serve."""
+    return [
+        ray_python,
+        "-m",
+        "embserve.benchmarks.ray_server",
+        "--model",
+        str(model_path),
+        "--max-batch-size",
+        str(max_batch_size),
+    ]
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -221,17 +259,20 @@ def measure_workload(
     peak: float | None = None,
     sdk: bool = True,
     server_args: Sequence[str] = (),
+    ray_python: str | None = None,
     progress: Callable[[str], None] = lambda line: None,
-) -> tuple[list[CpuRecord], list[CallerRecord], float]:
-    """Every API's CPU per 1,000 examples at each offered load, on embserve and the no-op server, and the SDK's
-    own CPU per lookup; `peak`: unary embserve's calls/s (measured here when not given). Returns the records and
-    the peak the loads were taken from."""
+) -> tuple[list[CpuRecord], list[CallerRecord], list[ClosedRecord], float]:
+    """Every API's CPU per 1,000 examples at each offered load, on embserve and the no-op server (and Ray Serve,
+    unary Lookup, under `ray_python`), and the SDK's own CPU per lookup; `peak`: unary embserve's calls/s (measured
+    here when not given). Returns the records, the closed-loop records (with Ray only) and the peak the loads were
+    taken from."""
     requests = workload.requests(DISTINCT_REQUESTS.get(workload.name, 64), seed=0)
     sizes = [r.batch_size for r in requests]
     payloads = {"v1": encode_lookups(requests), "oip": encode_model_infer(requests, workload.config.name)}
     out_dim = workload.config.output_dim
     records: list[CpuRecord] = []
     callers: list[CallerRecord] = []
+    closed: list[ClosedRecord] = []
     with tempfile.TemporaryDirectory() as tmp:
         model_path = Path(tmp) / f"{workload.name}.yaml"
         model_path.write_text(yaml.safe_dump(workload.config.model_dump(mode="json", exclude_none=True)))
@@ -241,13 +282,16 @@ def measure_workload(
             "embserve": ServerProcess(embserve_command(model_path, *common), "embserve"),
             "no-op": ServerProcess(noop_command(out_dim), "no-op server"),
         }
+        if ray_python:  # Ray's batches as large in examples as embserve's (max_batch_size 2,048 examples)
+            most = max(sizes)
+            servers["ray"] = ServerProcess(ray_command(ray_python, model_path, max(1, 2048 // most)), "Ray Serve")
         for s in servers.values():
             s.start()
         try:
             for s in servers.values():
                 s.wait_ready()
             for name, s in servers.items():  # every distinct request once, over every API, before measuring
-                for api in apis:
+                for api in _apis_of(name, apis):
                     transport, method, protocol = APIS[api]
                     asyncio.run(
                         closed_loop(
@@ -269,7 +313,9 @@ def measure_workload(
                 rate = max(1.0, fraction * peak)
                 for api in apis:
                     transport, method, protocol = APIS[api]
-                    for name in SERVERS:  # alternated, so that a drift of a shared machine hits both alike
+                    for name in servers:  # alternated, so that a drift of a shared machine hits all alike
+                        if api not in _apis_of(name, apis):
+                            continue
                         res, cpu, caller_cpu = _server_point(
                             servers[name],
                             payloads[protocol],
@@ -299,6 +345,13 @@ def measure_workload(
                         )
                         records.append(rec)
                         progress(_line(rec))
+            if ray_python:
+                for name, api in (("embserve", "Lookup"), ("embserve", "LookupStream"), ("ray", "Lookup")):
+                    if api in apis:
+                        closed.append(
+                            _closed_point(workload.name, name, servers[name], api, payloads, sizes, duration_s)
+                        )
+                        progress(_closed_line(closed[-1]))
             if sdk:
                 features = [_features(r) for r in requests]
                 for transport in ("unary", "stream"):
@@ -319,7 +372,59 @@ def measure_workload(
             for s in servers.values():
                 s.stop()
     assert peak is not None
-    return records, callers, peak
+    return records, callers, closed, peak
+
+
+def _apis_of(server: str, apis: Sequence[str]) -> list[str]:
+    return [a for a in apis if a in RAY_APIS] if server == "ray" else list(apis)
+
+
+def _closed_point(
+    workload: str,
+    name: str,
+    server: ServerProcess,
+    api: str,
+    payloads: dict[str, list[bytes]],
+    sizes: Sequence[int],
+    duration_s: float,
+) -> ClosedRecord:
+    transport, method, protocol = APIS[api]
+    before = process_tree_cpu(server.pid)
+    res = asyncio.run(
+        closed_loop(
+            server.address,
+            payloads[protocol],
+            sizes,
+            [0] * len(sizes),
+            concurrency=CLOSED_CALLERS,
+            duration_s=duration_s,
+            warmup_s=min(1.0, duration_s),
+            transport=transport,
+            method=method,
+            connections=1,
+        )
+    )
+    return ClosedRecord(
+        workload=workload,
+        server=name,
+        api=api,
+        callers=CLOSED_CALLERS,
+        duration_s=duration_s,
+        calls_per_s=res.rps,
+        examples_per_s=res.eps,
+        p50_ms=res.percentile(50),
+        p99_ms=res.percentile(99),
+        errors=res.errors,
+        server_cpu_s=process_tree_cpu(server.pid) - before,
+    )
+
+
+def _closed_line(r: ClosedRecord) -> str:
+    return (
+        f"{r.workload:9s} {r.api:12s} {r.server:8s} closed loop, {r.callers} callers on one channel: "
+        f"{r.calls_per_s:8,.0f} calls/s {r.examples_per_s:9,.0f} examples/s p99 {r.p99_ms:7.2f} ms "
+        f"errors {r.errors or '-'}"
+    )
 
 
 def _line(r: CpuRecord) -> str:
@@ -330,7 +435,13 @@ def _line(r: CpuRecord) -> str:
     )
 
 
-def markdown(records: Sequence[CpuRecord], callers: Sequence[CallerRecord], hw: dict[str, Any], command: str) -> str:
+def markdown(
+    records: Sequence[CpuRecord],
+    callers: Sequence[CallerRecord],
+    hw: dict[str, Any],
+    command: str,
+    closed: Sequence[ClosedRecord] = (),
+) -> str:
     lines = [
         "# CPU per lookup",
         "",
@@ -358,6 +469,7 @@ def markdown(records: Sequence[CpuRecord], callers: Sequence[CallerRecord], hw: 
             f"{1e3 * n.cpu_s_per_1k_examples:,.2f} | {r.cpu_us_per_request:,.0f} | {n.cpu_us_per_request:,.0f} | "
             f"{r.p50_ms:.2f} | {r.p99_ms:.2f} | {n.p99_ms:.2f} | {errors or '-'} |"
         )
+    lines += _ray_tables(by_key, closed)
     if callers:
         lines += [
             "",
@@ -374,8 +486,62 @@ def markdown(records: Sequence[CpuRecord], callers: Sequence[CallerRecord], hw: 
     return "\n".join(lines) + "\n"
 
 
+def _ray_tables(by_key: dict[tuple[str, str, float, str], CpuRecord], closed: Sequence[ClosedRecord]) -> list[str]:
+    """embserve against Ray Serve: CPU per 1,000 examples at each load (Ray over unary Lookup), and closed loop."""
+    rays = {(w, f): r for (w, api, f, server), r in by_key.items() if server == "ray" and api == "Lookup"}
+    if not rays:
+        return []
+    lines = [
+        "",
+        "Against Ray Serve (unary Lookup, direct gRPC ingress, `@serve.batch`) at the same loads: CPU ms per 1,000 "
+        "examples, and embserve's as a fraction of Ray's:",
+        "",
+        "| workload | load | calls/s | Ray CPU ms / 1k ex | Lookup CPU | LookupStream CPU | Lookup / Ray | "
+        "LookupStream / Ray | Ray p99 ms | Lookup p99 ms | LookupStream p99 ms | Ray errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for (workload, fraction), ray in rays.items():
+        unary = by_key.get((workload, "Lookup", fraction, "embserve"))
+        stream = by_key.get((workload, "LookupStream", fraction, "embserve"))
+        cells = []
+        for r in (unary, stream):
+            cells.append(f"{1e3 * r.cpu_s_per_1k_examples:,.2f}" if r else "-")
+        for r in (unary, stream):
+            cells.append(f"{r.cpu_s_per_1k_examples / ray.cpu_s_per_1k_examples:.2f}x" if r else "-")
+        for r in (ray, unary, stream):
+            cells.append(f"{r.p99_ms:.2f}" if r else "-")
+        lines.append(
+            f"| {workload} | {fraction:.0%} | {ray.rate:,.0f} | {1e3 * ray.cpu_s_per_1k_examples:,.2f} | "
+            + " | ".join(cells)
+            + f" | {ray.errors or '-'} |"
+        )
+    if closed:
+        lines += [
+            "",
+            f"Closed loop, {CLOSED_CALLERS} callers on one channel:",
+            "",
+            "| workload | server | API | calls/s | examples/s | vs Ray | p50 ms | p99 ms | server CPU us / call | errors |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        ray_eps = {c.workload: c.examples_per_s for c in closed if c.server == "ray"}
+        for c in closed:
+            base = ray_eps.get(c.workload)
+            versus = f"{c.examples_per_s / base:.2f}x" if base else "-"
+            per_call = 1e6 * c.server_cpu_s / max(1.0, c.calls_per_s * c.duration_s)
+            lines.append(
+                f"| {c.workload} | {c.server} | {c.api} | {c.calls_per_s:,.0f} | {c.examples_per_s:,.0f} | {versus} | "
+                f"{c.p50_ms:.2f} | {c.p99_ms:.2f} | {per_call:,.0f} | {c.errors or '-'} |"
+            )
+    return lines
+
+
 def write_results(
-    records: Sequence[CpuRecord], callers: Sequence[CallerRecord], out_dir: Path, command: str, peaks: dict[str, float]
+    records: Sequence[CpuRecord],
+    callers: Sequence[CallerRecord],
+    out_dir: Path,
+    command: str,
+    peaks: dict[str, float],
+    closed: Sequence[ClosedRecord] = (),
 ) -> dict[str, Path]:
     """Writes cpu.json and cpu.md into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -387,9 +553,10 @@ def write_results(
         "unary_peaks": peaks,
         "records": [dataclasses.asdict(r) for r in records],
         "callers": [dataclasses.asdict(c) for c in callers],
+        "closed_loop": [dataclasses.asdict(c) for c in closed],
     }
     paths["json"].write_text(json.dumps(data, indent=1))
-    paths["markdown"].write_text(markdown(records, callers, hw, command))
+    paths["markdown"].write_text(markdown(records, callers, hw, command, closed))
     return paths
 
 
@@ -406,14 +573,16 @@ def run(
     rows: int | None = None,
     sdk: bool = True,
     server_args: Sequence[str] = (),
+    ray_python: str | None = None,
 ) -> dict[str, Path]:
     """Measures every workload and writes the results; `peaks`: unary calls/s per workload, where known."""
     records: list[CpuRecord] = []
     callers: list[CallerRecord] = []
+    closed: list[ClosedRecord] = []
     used: dict[str, float] = {}
     for name in workloads:
         workload = WORKLOADS[name](rows) if rows else WORKLOADS[name]()
-        recs, calls, used[name] = measure_workload(
+        recs, calls, closes, used[name] = measure_workload(
             workload,
             duration_s=duration_s,
             warmup_s=warmup_s,
@@ -422,11 +591,13 @@ def run(
             peak=(peaks or {}).get(name),
             sdk=sdk,
             server_args=server_args,
+            ray_python=ray_python,
             progress=lambda line: print(line, file=sys.stderr, flush=True),
         )
         records += recs
         callers += calls
-    return write_results(records, callers, out_dir, command, used)
+        closed += closes
+    return write_results(records, callers, out_dir, command, used, closed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -441,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-sdk", action="store_true", help="skip the SDK's caller CPU")
     parser.add_argument(
         "--server-args", default="", help="more `embserve serve` flags, e.g. '--batch-policy budget' (one string)"
+    )
+    parser.add_argument(
+        "--ray-python", help="a Python with Ray Serve and embserve installed: measure Ray Serve beside (make bench-ray)"
     )
     parser.add_argument("--out", default="benchmarks/results/cpu")
     args = parser.parse_args(argv)
@@ -458,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows=args.rows,
         sdk=not args.no_sdk,
         server_args=shlex.split(args.server_args),
+        ray_python=args.ray_python,
     )
     print(paths["markdown"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -8,7 +8,11 @@ Model: the `small` workload's 26 tables x 100,000 x 64, table f0 fp32 and f1 fp1
 
 - updates alone: one UpdateRows stream sending 4,096-row messages back to back (rows/s and MB/s applied);
 - the `small` workload, open loop at 50% of its closed-loop peak, without updates, then with a stream of updates at
-  `--update-rows-per-s` (fp32 table, then fp16 table): lookup p50/p99 and throughput against the run without;
+  `--update-rows-per-s` (fp32 table, then fp16 table), then with the same updates sent to another server process
+  (a control: what the update traffic costs the shared cores, whichever server takes it): lookup p50/p99 and
+  throughput against the run without. The points are taken in turn, `--rounds` times (4), so that a drift of the
+  shared machine falls on all of them alike, and each point's answers are pooled over its rounds. The sender runs
+  `--sender-nice` steps nicer (10), standing in for a trainer on another host;
 - `--workers 2`: the time from `update_rows` returning (the worker that took it serves it) to every worker serving
   it, read by lookups over 8 connections;
 - start-up with a delta log of `--replay-rows` rows against without (time to SERVING).
@@ -20,6 +24,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -35,7 +41,7 @@ from embserve.client import Client, RowUpdate
 from embserve.embeddings import LargeEmbeddings, init_weights, model_config_from_dict, save_checkpoint
 from embserve.embeddings.delta_log import DeltaLog, RowFormat, delta_log_path
 
-from .loadgen import closed_loop, open_loop
+from .loadgen import LoadResult, closed_loop, open_loop
 from .procs import ServerProcess, embserve_command
 from .report import hardware
 from .workloads import WORKLOADS, encode_lookups
@@ -56,9 +62,12 @@ def _model(directory: Path) -> tuple[Path, Path]:
     return directory / "model.yaml", directory / "w.safetensors"
 
 
+SERVER_ARGS: list[str] = []  # more `serve` flags for every server (--server-args)
+
+
 def _start(model: Path, checkpoint: Path, log_dir: Path, *extra: str) -> tuple[ServerProcess, float]:
     command = embserve_command(
-        model, "--checkpoint", str(checkpoint), "--updates", "--updates-dir", str(log_dir), *extra
+        model, "--checkpoint", str(checkpoint), "--updates", "--updates-dir", str(log_dir), *SERVER_ARGS, *extra
     )
     command += ["--max-queue-wait-ms", "30000"]
     server = ServerProcess(command, "embserve --updates")
@@ -72,10 +81,11 @@ def _start(model: Path, checkpoint: Path, log_dir: Path, *extra: str) -> tuple[S
     return server, time.perf_counter() - start
 
 
-def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, results: Any) -> None:
+def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, nice: int, results: Any) -> None:
     """Sends 4,096-row updates of one table over one stream for `seconds`, at `rows_per_s` (0: as fast as they
-    apply); puts (rows applied, seconds, refused) on `results`. Runs in a process of its own, so that the
-    updates' client work does not slow the lookups' load generator."""
+    apply); puts (rows applied, seconds, refused) on `results`. Runs in a process of its own, `nice` steps nicer,
+    standing in for a trainer on another host: its client work should not slow the lookups' load generator."""
+    os.nice(nice)
     rng = np.random.default_rng(3)
     pool = [  # made before the clock starts, so that the sender's own CPU is the SDK's, not numpy's
         RowUpdate(
@@ -107,11 +117,13 @@ def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, r
 class Updater:
     """`_send_updates` in a spawned process."""
 
+    nice = 10  # the sender's niceness (--sender-nice)
+
     def __init__(self, address: str, table: str, rows_per_s: float, seconds: float) -> None:
         context = multiprocessing.get_context("spawn")
         self._results = context.Queue()
         self._process = context.Process(
-            target=_send_updates, args=(address, table, rows_per_s, seconds, self._results), daemon=True
+            target=_send_updates, args=(address, table, rows_per_s, seconds, self.nice, self._results), daemon=True
         )
         self.rows = 0
         self.seconds = 1.0
@@ -136,25 +148,44 @@ def _updates_alone(address: str, seconds: float) -> dict[str, Any]:
     }
 
 
-def _lookups(address: str, rate: float, seconds: float, payloads: list[bytes], sizes: list[int]) -> dict[str, Any]:
+def _lookups(address: str, rate: float, seconds: float, payloads: list[bytes], sizes: list[int]) -> LoadResult:
     out_dim = 26 * DIM
-    result = asyncio.run(
+    return asyncio.run(
         open_loop(
             address, payloads, sizes, [s * out_dim * 4 for s in sizes], rate=rate, duration_s=seconds, warmup_s=1.0
         )
     )
+
+
+def _pooled(results: list[LoadResult]) -> dict[str, Any]:
+    """The rounds of one point: p50/p99 of all their answers together, and each round's p99."""
+    latencies = np.concatenate([r.latencies_ms for r in results])
+    errors: dict[str, int] = {}
+    for r in results:
+        for code, n in r.errors.items():
+            errors[code] = errors.get(code, 0) + n
     return {
-        "lookups_per_s": round(result.rps, 1),
-        "p50_ms": round(result.percentile(50), 2),
-        "p99_ms": round(result.percentile(99), 2),
-        "errors": dict(result.errors),
+        "lookups_per_s": round(sum(r.ok for r in results) / sum(r.duration_s for r in results), 1),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 2),
+        "round_p99_ms": [round(r.percentile(99), 2) for r in results],
+        "errors": errors,
     }
 
 
-def _under_load(address: str, other: str, seconds: float, update_rate: float) -> dict[str, Any]:
-    """The lookups' p50/p99 without updates, with updates of the fp32 and the fp16 table, with the same updates
-    sent to another server process on the same machine (what the machine's shared cores cost, not the server),
-    and without updates again (the run-to-run spread)."""
+POINTS = (  # name, where the updates go ("" none, "same" this server, "other" another server process), table
+    ("without_updates", "", ""),
+    ("with_fp32_updates", "same", "f0"),
+    ("with_fp16_updates", "same", "f1"),
+    ("fp32_updates_to_another_server", "other", "f0"),
+)
+
+
+def _under_load(address: str, other: str, seconds: float, update_rate: float, rounds: int) -> dict[str, Any]:
+    """The lookups' p50/p99 without updates, with updates of the fp32 and the fp16 table, and with the same updates
+    sent to another server process on the same machine (what the machine's shared cores cost, not the server): the
+    points taken in turn, `rounds` times, so that a drift of the shared machine falls on all of them alike; each
+    point's answers pooled over its rounds."""
     workload = WORKLOADS["small"]()
     requests = workload.requests(2048)
     payloads, sizes = encode_lookups(requests), [r.batch_size for r in requests]
@@ -171,26 +202,34 @@ def _under_load(address: str, other: str, seconds: float, update_rate: float) ->
         )
     ).rps
     rate = peak / 2
-    out: dict[str, Any] = {"peak_lookups_per_s": round(peak, 1), "offered_lookups_per_s": round(rate, 1)}
-    out["without_updates"] = _lookups(address, rate, seconds, payloads, sizes)
-    for name, target, table in (
-        ("with_fp32_updates", address, "f0"),
-        ("with_fp16_updates", address, "f1"),
-        ("fp32_updates_to_another_server", other, "f0"),
-    ):
-        updater = Updater(target, table, update_rate, seconds + 3.0)  # from before the lookups to after
-        updater.start()
-        time.sleep(1.0)
-        point = _lookups(address, rate, seconds, payloads, sizes)
-        updater.join()
-        point["update_rows_per_s"] = round(updater.rows / updater.seconds)
-        point["update_refused"] = updater.refused
-        point["p99_vs_without"] = round(point["p99_ms"] / out["without_updates"]["p99_ms"], 3)
-        point["throughput_vs_without"] = round(point["lookups_per_s"] / out["without_updates"]["lookups_per_s"], 3)
+    out: dict[str, Any] = {
+        "peak_lookups_per_s": round(peak, 1),
+        "offered_lookups_per_s": round(rate, 1),
+        "rounds": rounds,
+    }
+    taken: dict[str, list[LoadResult]] = {name: [] for name, _, _ in POINTS}
+    sent: dict[str, list[Updater]] = {name: [] for name, _, _ in POINTS}
+    for _ in range(rounds):
+        for name, where, table in POINTS:
+            if not where:
+                taken[name].append(_lookups(address, rate, seconds, payloads, sizes))
+                continue
+            updater = Updater(address if where == "same" else other, table, update_rate, seconds + 3.0)
+            updater.start()  # from before the lookups to after
+            time.sleep(1.0)
+            taken[name].append(_lookups(address, rate, seconds, payloads, sizes))
+            updater.join()
+            sent[name].append(updater)
+    base = _pooled(taken["without_updates"])
+    out["without_updates"] = base
+    for name, where, _ in POINTS[1:]:
+        point = _pooled(taken[name])
+        updaters = sent[name]
+        point["update_rows_per_s"] = round(sum(u.rows for u in updaters) / sum(u.seconds for u in updaters))
+        point["update_refused"] = sum(u.refused for u in updaters)
+        point["p99_vs_without"] = round(point["p99_ms"] / base["p99_ms"], 3)
+        point["throughput_vs_without"] = round(point["lookups_per_s"] / base["lookups_per_s"], 3)
         out[name] = point
-    again = _lookups(address, rate, seconds, payloads, sizes)
-    again["p99_vs_without"] = round(again["p99_ms"] / out["without_updates"]["p99_ms"], 3)
-    out["without_updates_again"] = again
     return out
 
 
@@ -250,33 +289,29 @@ def markdown(r: dict[str, Any]) -> str:
     u, load, vis, rep = r["updates_alone"], r["under_load"], r["visibility"], r["replay"]
     lines = [
         f"Model: 26 tables x {ROWS:,} x {DIM} (f0 fp32, f1 fp16); updates of {MESSAGE_ROWS:,} rows per message, fsync "
-        "before each answer.",
+        f"before each answer. Command: `{r['command']}`.",
         "",
         f"Updates alone (fp32 table): {u['rows_per_s']:,} rows/s, {u['mb_per_s']} MB/s.",
         "",
         f"`small` workload at 50% of its peak ({load['offered_lookups_per_s']:,} of {load['peak_lookups_per_s']:,} "
-        "lookups/s), open loop:",
+        f"lookups/s), open loop; the points taken in turn, {load['rounds']} rounds, each point's answers pooled:",
         "",
-        "| point | update rows/s | lookups/s | p50 | p99 | p99 vs without | throughput vs without |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| point | update rows/s | lookups/s | p50 | p99 | p99 vs without | throughput vs without | p99 of each round |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    w = load["without_updates"]
-    lines.append(f"| without updates | 0 | {w['lookups_per_s']:,} | {w['p50_ms']} ms | {w['p99_ms']} ms | 1.0 | 1.0 |")
     for key, label in (
+        ("without_updates", "without updates"),
         ("with_fp32_updates", "fp32 updates"),
         ("with_fp16_updates", "fp16 updates"),
         ("fp32_updates_to_another_server", "fp32 updates sent to another server process"),
     ):
         p = load[key]
+        rounds = ", ".join(f"{v}" for v in p["round_p99_ms"])
         lines.append(
-            f"| {label} | {p['update_rows_per_s']:,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
-            f"{p['p99_ms']} ms | {p['p99_vs_without']} | {p['throughput_vs_without']} |"
+            f"| {label} | {p.get('update_rows_per_s', 0):,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
+            f"{p['p99_ms']} ms | {p.get('p99_vs_without', 1.0)} | {p.get('throughput_vs_without', 1.0)} | "
+            f"{rounds} ms |"
         )
-    a = load["without_updates_again"]
-    lines.append(
-        f"| without updates, again | 0 | {a['lookups_per_s']:,} | {a['p50_ms']} ms | {a['p99_ms']} ms | "
-        f"{a['p99_vs_without']} | - |"
-    )
     lines += [
         "",
         f"Visible in every worker (`--workers 2`, 8 connections) after the answer: p50 {vis['p50_ms']} ms, p99 "
@@ -291,10 +326,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured point")
     parser.add_argument("--update-rows-per-s", type=float, default=100_000, help="update rate beside the lookups")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the points under load, taken in turn")
     parser.add_argument("--trials", type=int, default=200, help="updates timed for visibility")
     parser.add_argument("--replay-rows", type=int, default=1_000_000, help="rows in the replayed delta log")
+    parser.add_argument(
+        "--sender-nice", type=int, default=10, help="niceness of the update sender (a trainer elsewhere, in production)"
+    )
+    parser.add_argument("--server-args", default="", help="more `serve` flags for every server (one string)")
     parser.add_argument("--out", default="benchmarks/results/updates", help="where to write JSON and Markdown")
     args = parser.parse_args(argv)
+    Updater.nice = args.sender_nice
+    SERVER_ARGS[:] = shlex.split(args.server_args)
     base = Path(tempfile.mkdtemp(prefix="embserve-updates-"))
     try:
         model, checkpoint = _model(base)
@@ -308,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             with Client(server.address) as client:
                 version = client.metadata().version
             results["updates_alone"] = _updates_alone(server.address, args.duration)
-            results["under_load"] = _under_load(server.address, other.address, args.duration, args.update_rows_per_s)
+            results["under_load"] = _under_load(
+                server.address, other.address, args.duration, args.update_rows_per_s, args.rounds
+            )
         finally:
             server.stop()
             other.stop()

@@ -58,6 +58,7 @@ class BaseClient(Generic[ChannelT]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         transport: str = DEFAULT_TRANSPORT,
         streams: int = DEFAULT_STREAMS,
+        coalesce: bool = True,
     ) -> None:
         if transport not in ("unary", "stream"):
             raise ValueError(f"transport must be 'unary' or 'stream', got {transport!r}")
@@ -71,6 +72,7 @@ class BaseClient(Generic[ChannelT]):
         self._retry = retry
         self._transport = transport
         self._stream_count = streams
+        self._coalesce = coalesce
         self._max_message_bytes = max_message_bytes
         self._channel = self._open_channel(self._target, credentials(tls), self._options)
         self._stub = pb_grpc.EmbeddingServiceStub(self._channel)  # type: ignore[no-untyped-call]  # generated, untyped
@@ -114,7 +116,7 @@ class BaseClient(Generic[ChannelT]):
     def _coalescing(self) -> dict[str, int]:
         """How many lookups (and bytes) one stream message may carry: what the server takes, when it says."""
         info = self._info
-        if info is None or info.max_stream_batch <= 1:
+        if not self._coalesce or info is None or info.max_stream_batch <= 1:
             return {"max_batch": 1, "max_bytes": 0}
         limit = min(info.max_message_bytes or self._max_message_bytes, self._max_message_bytes)
         return {"max_batch": min(MAX_COALESCED, info.max_stream_batch), "max_bytes": int(limit * _HEADROOM)}

@@ -36,6 +36,9 @@ class Client(BaseClient[grpc.Channel]):
         transport: `unary` (one Lookup call per request) or `stream` (messages multiplexed over a few
             LookupStream calls; see README "Transports").
         streams: with `stream`, the streams per client.
+        coalesce: with `stream`, `AsyncClient` sends lookups issued together (while a stream is writing, or in one
+            turn of the event loop) in one message when the server takes several per message; False: one lookup
+            per message. (The blocking client sends one per message.)
     """
 
     _streams: StreamPool | None = None  # opened by the first lookup over streams

@@ -74,6 +74,7 @@ DEFAULT_MAX_DECODE_QUEUE = 16
 DEFAULT_MAX_UPDATE_ROWS = 65_536
 DEFAULT_MAX_UPDATE_STREAMS = 8
 DEFAULT_UPDATES_POLL_MS = 10.0
+DEFAULT_UPDATES_NICE = 10
 DEFAULT_MAX_LOG_BYTES = 8 << 30
 
 
@@ -338,6 +339,13 @@ class UpdatesConfig(_Strict):
         "bytes the delta log of the served base may hold; beyond it updates are RESOURCE_EXHAUSTED until it is "
         "compacted (embserve compact)",
         gt=0,
+    )
+    nice: int = _field(
+        DEFAULT_UPDATES_NICE,
+        "scheduling niceness of the thread that checks, encodes and logs updates (0: the server's own; Linux): "
+        "when the cores are busy, lookups get them first",
+        ge=0,
+        le=19,
     )
 
 

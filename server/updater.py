@@ -1,8 +1,9 @@
 """Row updates in one server process: the delta log of the served base, appending to it, and applying what every
 process appended, in order, between batches.
 
-An update is checked (`row_updates.check_rows`) and encoded off the event loop, appended to the delta log (durable
-before it is answered, when the log fsyncs), then applied: its rows are written on the thread that runs the
+An update is checked (`row_updates.check_rows`) and encoded off the event loop, on a thread of its own that runs at a
+lower scheduling priority (`nice`) so that lookups get the cores first when both want them, appended to the delta log
+(durable before it is answered, when the log fsyncs), then applied: its rows are written on the thread that runs the
 forwards (`BatchExecutor.between_batches`), so no batch sees half of it, and the version lookups report becomes
 `<base>+<sequence>`. A process applies the log's records strictly in order, its own and those other processes of
 `--workers N` appended (read every `poll_interval_ms`), so every process serves the same rows for the same
@@ -17,9 +18,13 @@ folds a log into a new base).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -140,6 +145,15 @@ class UpdatesState:
         self.offset, self.sequence = record.end, record.sequence
 
 
+def _lower_priority(nice: int) -> None:
+    """Makes the calling thread `nice` steps nicer (Linux schedules threads alone; elsewhere nothing changes)."""
+    if nice and sys.platform == "linux":
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as err:  # refused by a sandbox: the thread keeps the server's priority
+            logger.warning("could not lower the updates thread's priority", extra={"error": str(err)})
+
+
 class _Executor(Protocol):  # what the updater needs of BatchExecutor
     @property
     def model(self) -> ServingModel: ...
@@ -166,6 +180,9 @@ class RowUpdater:
         self._lock = asyncio.Lock()  # one catch-up at a time: records are applied in order
         self._appending = asyncio.Lock()  # an update is logged and applied before a rebase moves to another log
         self._follower: asyncio.Task[None] | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(  # checks, encodes and logs, below the lookups' priority
+            1, thread_name_prefix="embserve-updates", initializer=_lower_priority, initargs=(config.nice,)
+        )
         metrics.update_sequence.set(state.sequence)
 
     def start(self) -> None:
@@ -176,6 +193,7 @@ class RowUpdater:
             self._follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._follower
+        self._pool.shutdown(wait=True)
         self._state.log.close()
 
     def check(self, table: str, ids: bytes, rows: bytes, row_format: RowFormat) -> tuple[np.ndarray, np.ndarray]:
@@ -219,7 +237,7 @@ class RowUpdater:
                 encoded = state.writer.encode(table, checked_ids, checked_rows, row_format)
                 return checked_ids, encoded, state.log.append(table, update_id, row_format, checked_ids, checked_rows)
 
-            checked_ids, encoded, record = await loop.run_in_executor(None, prepare)
+            checked_ids, encoded, record = await loop.run_in_executor(self._pool, prepare)
             await self._catch_up(state, mine=(record, encoded))
         return Applied(record.sequence, version_of(state.base, record.sequence), len(checked_ids))
 
@@ -247,14 +265,14 @@ class RowUpdater:
                 if mine is not None and mine[0].start == state.offset:
                     await self._write(state, *mine)
                     return
-                records = await loop.run_in_executor(None, state.pending)
+                records = await loop.run_in_executor(self._pool, state.pending)
                 if not records:
                     return
                 for record in records:
                     if mine is not None and record.sequence == mine[0].sequence:
                         await self._write(state, record, mine[1])
                     elif record.sequence > state.sequence:
-                        await self._write(state, record, await loop.run_in_executor(None, state.encode, record))
+                        await self._write(state, record, await loop.run_in_executor(self._pool, state.encode, record))
                 if mine is None:
                     return
 

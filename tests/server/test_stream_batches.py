@@ -114,3 +114,23 @@ async def test_the_sdk_sends_concurrent_lookups_together(server_factory: Factory
     assert not isinstance(outcomes[1], Exception)
     messages = server.metric("embserve_requests_total", {"method": "LookupStream", "code": "OK"})
     assert messages == 42  # every lookup counted on its own
+
+
+async def test_an_sdk_told_not_to_coalesce_sends_one_lookup_per_message(
+    server_factory: Factory, small_serving: ServingModel
+) -> None:
+    server = server_factory(small_serving)
+    async with AsyncClient(server.address, streams=1, coalesce=False) as client:
+        await client.lookup({"user": [[1]]})
+        sent: list[pb.LookupRequest] = []
+        assert client._streams is not None
+        (stream,) = client._streams._streams
+        write = stream._call.write
+
+        async def recording(message: pb.LookupRequest) -> None:
+            sent.append(message)
+            await write(message)
+
+        stream._call.write = recording
+        await asyncio.gather(*(client.lookup({"user": [[i]]}) for i in range(20)))
+    assert len(sent) == 20 and not any(m.requests for m in sent)

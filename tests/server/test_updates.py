@@ -5,6 +5,8 @@ servers, permissions and the stream bound; durability across restarts and reload
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -236,6 +238,24 @@ def test_serving_format_rows_are_stored_as_sent(tmp_path: Path, server_factory: 
         client.update_rows("author", [4], halves.tobytes(), serving=True)
         got = client.lookup({"author": [[4]]})["author"]
     np.testing.assert_array_equal(got, halves.astype(np.float32))
+
+
+@pytest.mark.parametrize("nice", [0, 10])
+def test_updates_are_checked_and_logged_on_a_thread_below_the_lookups_priority(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig, nice: int
+) -> None:
+    """The thread that checks, encodes and logs updates runs `nice` steps nicer than the server (Linux)."""
+    if sys.platform != "linux":
+        pytest.skip("per-thread niceness is Linux's")
+    model = build_serving_model(config)
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    handle = server_factory(model, updates={"enabled": True, "log_dir": str(tmp_path / "log"), "nice": nice})
+    with Client(handle.address) as client:
+        client.update_rows("user", [3], np.ones((1, 16), np.float32))
+        np.testing.assert_array_equal(client.lookup({"user": [[3]]})["user"], np.ones((1, 16), np.float32))
+    threads = [t for t in threading.enumerate() if t.name.startswith("embserve-updates")]
+    assert len(threads) == 1 and threads[0].native_id is not None
+    assert os.getpriority(os.PRIO_PROCESS, threads[0].native_id) == min(19, own + nice)
 
 
 def test_a_read_only_server_refuses_updates(server_factory: Factory, small_serving: ServingModel) -> None:
