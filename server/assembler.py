@@ -21,13 +21,17 @@ __all__ = ["AssembledBatch", "assemble"]
 @dataclasses.dataclass(frozen=True)
 class AssembledBatch:
     """The arrays of a KJT with every canonical key: `lengths` int32 `[T * B]`, `values` int64, `weights`
-    float32 or None; `example_offsets[r]` is where request r's rows start in the batch output."""
+    float32 or None; `example_offsets[r]` is where request r's rows start in the batch output; `length_per_key`
+    and `offset_per_key` the ids of each key and where they start in `values` (given to the KJT, so that torchrec
+    does not compute them with tensor operations per batch)."""
 
     batch_size: int
     lengths: np.ndarray
     values: np.ndarray
     weights: np.ndarray | None
     example_offsets: np.ndarray
+    length_per_key: list[int]
+    offset_per_key: list[int]
 
 
 def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
@@ -73,10 +77,13 @@ def assemble(requests: Sequence[SparseRequest], num_keys: int, *, with_weights: 
         gather = np.repeat(seg_src[order] - dst, count) + np.arange(int(count.sum()), dtype=np.int64)
         values = all_values[gather]
         weights = all_weights[gather] if all_weights is not None else None
+    per_key = np.bincount(seg_key, weights=seg_count, minlength=num_keys).astype(np.int64)
     return AssembledBatch(
         batch_size=total_examples,
         lengths=lengths.reshape(-1),
         values=values,
         weights=weights,
         example_offsets=example_offsets,
+        length_per_key=per_key.tolist(),
+        offset_per_key=_exclusive_cumsum(per_key).tolist(),
     )

@@ -106,7 +106,15 @@ class BatchExecutor:
                     weights = weights.pin_memory().to(model.device, non_blocking=True)
                 copied = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 copied.record(self._copy_stream)
-        features = KeyedJaggedTensor(keys=list(model.keys), values=values, lengths=lengths, weights=weights)
+        features = KeyedJaggedTensor(
+            keys=list(model.keys),
+            values=values,
+            lengths=lengths,
+            weights=weights,
+            stride=batch.batch_size,
+            length_per_key=batch.length_per_key,
+            offset_per_key=batch.offset_per_key,
+        )
         return _Prepared(batch, features, model, encoder, copied)
 
     def _compute(self, prepared: _Prepared, requests: list[SparseRequest]) -> list[BatchOutput]:

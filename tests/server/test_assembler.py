@@ -58,6 +58,9 @@ def test_assemble_matches_reference(seed: int) -> None:
     sizes = [r.batch_size for r in requests]
     np.testing.assert_array_equal(batch.example_offsets, np.concatenate([[0], np.cumsum(sizes)]))
     assert batch.batch_size == sum(sizes)
+    per_key = [sum(lengths[k * batch.batch_size : (k + 1) * batch.batch_size]) for k in range(num_keys)]
+    assert batch.length_per_key == per_key  # what the KJT is given instead of computing it
+    assert batch.offset_per_key == [sum(per_key[:k]) for k in range(num_keys + 1)]
 
 
 def test_unweighted_batches_carry_no_weights() -> None:
