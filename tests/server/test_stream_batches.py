@@ -84,22 +84,28 @@ def test_nested_lookups_are_refused_alone(server_factory: Factory, small_serving
     assert not answers["ok"].HasField("status")
 
 
+def _record_messages(client: AsyncClient) -> list[pb.LookupRequest]:
+    """The messages the client's one open stream writes from now on."""
+    sent: list[pb.LookupRequest] = []
+    assert client._streams is not None
+    (stream,) = client._streams._streams
+    write = stream._call.write
+
+    async def recording(message: pb.LookupRequest) -> None:
+        sent.append(message)
+        await write(message)
+
+    stream._call.write = recording
+    return sent
+
+
 async def test_the_sdk_sends_concurrent_lookups_together(server_factory: Factory, small_serving: ServingModel) -> None:
     server = server_factory(small_serving)
     async with AsyncClient(server.address, streams=1) as client:
         info = await client.metadata()
         assert info.max_stream_batch == info.max_stream_outstanding > 1
         await client.lookup({"user": [[1]]})  # the stream is open: record what it writes from here
-        sent: list[pb.LookupRequest] = []
-        assert client._streams is not None
-        (stream,) = client._streams._streams
-        write = stream._call.write
-
-        async def recording(message: pb.LookupRequest) -> None:
-            sent.append(message)
-            await write(message)
-
-        stream._call.write = recording
+        sent = _record_messages(client)
         features = [{"user": [[i % 1000]], "author": [[i % 500]]} for i in range(40)]
         results = await asyncio.gather(*(client.lookup(f) for f in features))
         assert sum(len(m.requests) or 1 for m in sent) == 40 and len(sent) < 40  # several lookups per message
@@ -122,15 +128,6 @@ async def test_an_sdk_told_not_to_coalesce_sends_one_lookup_per_message(
     server = server_factory(small_serving)
     async with AsyncClient(server.address, streams=1, coalesce=False) as client:
         await client.lookup({"user": [[1]]})
-        sent: list[pb.LookupRequest] = []
-        assert client._streams is not None
-        (stream,) = client._streams._streams
-        write = stream._call.write
-
-        async def recording(message: pb.LookupRequest) -> None:
-            sent.append(message)
-            await write(message)
-
-        stream._call.write = recording
+        sent = _record_messages(client)
         await asyncio.gather(*(client.lookup({"user": [[i]]}) for i in range(20)))
     assert len(sent) == 20 and not any(m.requests for m in sent)
