@@ -20,7 +20,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
@@ -130,22 +130,63 @@ def _remaining(deadline: float | None, request: pb.LookupRequest | None = None) 
     return left
 
 
-class _SyncStream:
-    """One LookupStream call of a blocking channel: a request queue feeding gRPC, a thread reading answers."""
+MAX_COALESCED = 64  # lookups in one message, at most (and at most what the server states)
 
-    def __init__(self, channel: grpc.Channel, metadata: Any) -> None:
+
+def _coalesced(
+    first: pb.LookupRequest, take: Callable[[], pb.LookupRequest | None], max_batch: int, max_bytes: int
+) -> tuple[list[pb.LookupRequest], bool]:
+    """The messages to write for `first` and the lookups queued behind it (`take` returns the next one, or raises
+    when none is queued): up to `max_batch` lookups per message and `max_bytes` in all, one lookup alone as itself.
+    Also whether the queue's end (None) was reached."""
+    messages: list[pb.LookupRequest] = []
+    batch, size, closing = [first], first.ByteSize() if max_batch > 1 else 0, False
+    while len(batch) < max_batch:
+        try:
+            more = take()
+        except (queue.Empty, asyncio.QueueEmpty):
+            break
+        if more is None:
+            closing = True
+            break
+        more_size = more.ByteSize()
+        if size + more_size > max_bytes:
+            messages.append(batch[0] if len(batch) == 1 else pb.LookupRequest(requests=batch))
+            batch, size = [], 0
+        batch.append(more)
+        size += more_size
+    messages.append(batch[0] if len(batch) == 1 else pb.LookupRequest(requests=batch))
+    return messages, closing
+
+
+class _SyncStream:
+    """One LookupStream call of a blocking channel: a request queue feeding gRPC, a thread reading answers.
+
+    gRPC takes the next message from the queue once it has sent the previous one; the lookups queued meanwhile go
+    out in one message, as `_AioStream`'s do, when the server takes several per message (`max_batch` > 1)."""
+
+    def __init__(self, channel: grpc.Channel, metadata: Any, max_batch: int = 1, max_bytes: int = 0) -> None:
         method = channel.stream_stream(
             method_path("LookupStream"),
             request_serializer=pb.LookupRequest.SerializeToString,
             response_deserializer=pb.LookupResponse.FromString,
         )
+        self._max_batch = max_batch
+        self._max_bytes = max_bytes
         self._outbox: queue.SimpleQueue[pb.LookupRequest | None] = queue.SimpleQueue()
         self._pending: dict[str, concurrent.futures.Future[pb.LookupResponse]] = {}
         self._lock = threading.Lock()
         self.broken = False
         self.cause: EmbserveError | None = None
-        self._call = method(iter(self._outbox.get, None), metadata=metadata)
+        self._call = method(self._messages(), metadata=metadata)
         threading.Thread(target=self._read, name="embserve-stream-reader", daemon=True).start()
+
+    def _messages(self) -> Iterator[pb.LookupRequest]:
+        while (request := self._outbox.get()) is not None:
+            messages, closing = _coalesced(request, self._outbox.get_nowait, self._max_batch, self._max_bytes)
+            yield from messages
+            if closing:
+                return
 
     @property
     def outstanding(self) -> int:
@@ -154,11 +195,12 @@ class _SyncStream:
     def _read(self) -> None:
         cause: EmbserveError | None = None
         try:
-            for response in self._call:
-                with self._lock:
-                    future = self._pending.pop(response.request_id, None)
-                if future is not None and not future.done():
-                    future.set_result(response)
+            for message in self._call:
+                for response in message.responses or (message,):  # several answers may come in one message
+                    with self._lock:
+                        future = self._pending.pop(response.request_id, None)
+                    if future is not None and not future.done():
+                        future.set_result(response)
         except grpc.RpcError as err:
             cause = from_rpc_error(err)
         finally:
@@ -190,8 +232,17 @@ class _SyncStream:
 class StreamPool(_Pool[_SyncStream]):
     """The blocking client's streams."""
 
-    def __init__(self, channel: grpc.Channel, metadata: Any, size: int, retry: RetryPolicy | None) -> None:
-        super().__init__(lambda: _SyncStream(channel, metadata), size, retry)
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        metadata: Any,
+        size: int,
+        retry: RetryPolicy | None,
+        *,
+        max_batch: int = 1,
+        max_bytes: int = 0,
+    ) -> None:
+        super().__init__(lambda: _SyncStream(channel, metadata, max_batch, max_bytes), size, retry)
         self._lock = threading.Lock()
 
     def lookup(self, request: pb.LookupRequest, timeout: float | None) -> pb.LookupResponse:
@@ -222,9 +273,6 @@ class StreamPool(_Pool[_SyncStream]):
     def close(self) -> None:
         for stream in self._streams:
             stream.close()
-
-
-MAX_COALESCED = 64  # lookups in one message, at most (and at most what the server states)
 
 
 class _AioStream:
@@ -259,19 +307,9 @@ class _AioStream:
     async def _write(self) -> None:
         try:
             while (request := await self._outbox.get()) is not None:
-                batch, size, closing = [request], request.ByteSize(), False
-                while len(batch) < self._max_batch and not self._outbox.empty():
-                    more = self._outbox.get_nowait()
-                    if more is None:
-                        closing = True
-                        break
-                    more_size = more.ByteSize()
-                    if size + more_size > self._max_bytes:
-                        await self._call.write(batch[0] if len(batch) == 1 else pb.LookupRequest(requests=batch))
-                        batch, size = [], 0
-                    batch.append(more)
-                    size += more_size
-                await self._call.write(batch[0] if len(batch) == 1 else pb.LookupRequest(requests=batch))
+                messages, closing = _coalesced(request, self._outbox.get_nowait, self._max_batch, self._max_bytes)
+                for message in messages:
+                    await self._call.write(message)
                 if closing:
                     break
             await self._call.done_writing()

@@ -36,9 +36,9 @@ class Client(BaseClient[grpc.Channel]):
         transport: `unary` (one Lookup call per request) or `stream` (messages multiplexed over a few
             LookupStream calls; see README "Transports").
         streams: with `stream`, the streams per client.
-        coalesce: with `stream`, `AsyncClient` sends lookups issued together (while a stream is writing, or in one
-            turn of the event loop) in one message when the server takes several per message; False: one lookup
-            per message. (The blocking client sends one per message.)
+        coalesce: with `stream`, lookups issued together (by several threads or tasks while a stream is writing,
+            or by `AsyncClient` in one turn of the event loop) go out in one message when the server takes several
+            per message; False: one lookup per message.
     """
 
     _streams: StreamPool | None = None  # opened by the first lookup over streams
@@ -92,7 +92,9 @@ class Client(BaseClient[grpc.Channel]):
 
     def _over_streams(self, requests: list[pb.LookupRequest], deadline: float | None) -> list[pb.LookupResponse]:
         if self._streams is None:
-            self._streams = StreamPool(self._channel, self._metadata, self._stream_count, self._retry)
+            self._streams = StreamPool(
+                self._channel, self._metadata, self._stream_count, self._retry, **self._coalescing()
+            )
         if len(requests) == 1:
             return [self._streams.lookup(requests[0], deadline)]
         with concurrent.futures.ThreadPoolExecutor(min(len(requests), 8)) as pool:

@@ -117,11 +117,12 @@ def test_cpu_benchmark_beside_ray_serve(tmp_path: Path) -> None:
     assert all(c["calls_per_s"] > 0 and c["errors"] == {} for c in data["closed_loop"])
 
 
-def test_coalescing_benchmark_runs_both_modes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", ["async", "sync"])
+def test_coalescing_benchmark_runs_both_modes(tmp_path: Path, client: str) -> None:
     from embserve.benchmarks import coalescing
 
     out = tmp_path / "coalescing"
-    argv = ["--callers", "4", "--duration", "0.3", "--rounds", "1", "--out", str(out)]
+    argv = ["--callers", "4", "--duration", "0.3", "--rounds", "1", "--client", client, "--out", str(out)]
     assert coalescing.main(argv) == 0
     records = json.loads((out / "coalescing.json").read_text())["records"]
     assert [r["mode"] for r in records] == ["coalesced", "one per message"]

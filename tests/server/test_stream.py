@@ -244,7 +244,7 @@ def test_sdk_resends_what_a_broken_stream_left_unanswered(
             t.start()
         for t in threads:
             t.join(CALL_TIMEOUT)
-    assert flaky_first_stream["received"] == 3  # three lookups were lost with the first stream ...
+    assert flaky_first_stream["received"] >= 3  # lookups lost with the first stream (several may share a message)
     assert sorted(results) == list(range(6))  # ... and every lookup has exactly its own answer
     keys = list(small_serving.keys)
     for i, got in results.items():

@@ -1,16 +1,20 @@
 """Several lookups in one LookupStream message: each is handled as if it came alone (its own id, status and
 deadline), a bad one does not fail its neighbours, answers may come several to a message, the stream's bounds hold
-per lookup, and the SDK sends concurrent lookups together."""
+per lookup, and the SDK (async and blocking) sends concurrent lookups together."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import time
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 
-from embserve.client import AsyncClient
+from embserve.client import AsyncClient, Client, InvalidRequest, _streams
 from embserve.embeddings import ModelConfig, ServingModel
 from embserve.v1 import embserve_pb2 as pb
 from tests.server.helpers import wrapped
@@ -131,3 +135,38 @@ async def test_an_sdk_told_not_to_coalesce_sends_one_lookup_per_message(
         sent = _record_messages(client)
         await asyncio.gather(*(client.lookup({"user": [[i]]}) for i in range(20)))
     assert len(sent) == 20 and not any(m.requests for m in sent)
+
+
+def test_the_blocking_sdk_sends_lookups_of_several_threads_together(
+    server_factory: Factory, small_serving: ServingModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups that threads queue while the stream is sending go out in one message; each thread gets its own
+    answer, and a bad lookup among them fails alone."""
+    server = server_factory(small_serving)
+    sent: list[pb.LookupRequest] = []
+    original = _streams._coalesced
+
+    def held(first: pb.LookupRequest, take: Any, max_batch: int, max_bytes: int) -> Any:
+        deadline = time.monotonic() + 10
+        while client._streams is not None and time.monotonic() < deadline:  # the other threads' lookups queue up
+            (stream,) = client._streams._streams
+            if stream._outbox.qsize() >= 7:
+                break
+            time.sleep(0.005)
+        messages, closing = original(first, take, max_batch, max_bytes)
+        sent.extend(messages)
+        return messages, closing
+
+    features = [{"user": [[i]], "author": [[i % 500]]} for i in range(7)] + [{"user": [[5000]]}]
+    with Client(server.address, transport="stream", streams=1) as client:
+        client.lookup({"user": [[1]]})  # the stream is open
+        monkeypatch.setattr(_streams, "_coalesced", held)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(client.lookup, f) for f in features]
+            outcomes = [f.exception() or f.result() for f in futures]
+    with Client(server.address, transport="unary") as unary:
+        alone = [unary.lookup(f) for f in features[:7]]
+    assert max(len(m.requests) for m in sent) == 8  # all eight in one message
+    for got, want in zip(outcomes[:7], alone):
+        assert not isinstance(got, BaseException) and np.array_equal(got.embeddings, want.embeddings)
+    assert isinstance(outcomes[7], InvalidRequest) and "out of range" in str(outcomes[7])
