@@ -37,6 +37,7 @@ import numpy as np
 import yaml
 
 from embserve.oip import wire as oip
+from embserve.server.config import DEFAULT_MAX_BATCH_SIZE
 from embserve.v1.wire import LOOKUP_METHOD
 
 from .loadgen import LoadResult, closed_loop, open_loop
@@ -56,7 +57,6 @@ APIS: dict[str, tuple[str, str, str]] = {
     "LookupStream": ("stream", LOOKUP_METHOD, "v1"),
     "ModelInfer": ("unary", oip.MODEL_INFER_METHOD, "oip"),
 }
-SERVERS = ("embserve", "no-op", "ray")
 RAY_APIS = ("Lookup",)  # Ray Serve's gRPC ingress: unary and server-streaming calls only
 CLOSED_CALLERS = 64
 
@@ -282,9 +282,9 @@ def measure_workload(
             "embserve": ServerProcess(embserve_command(model_path, *common), "embserve"),
             "no-op": ServerProcess(noop_command(out_dim), "no-op server"),
         }
-        if ray_python:  # Ray's batches as large in examples as embserve's (max_batch_size 2,048 examples)
-            most = max(sizes)
-            servers["ray"] = ServerProcess(ray_command(ray_python, model_path, max(1, 2048 // most)), "Ray Serve")
+        if ray_python:  # Ray's batches as large in examples as embserve's (its default max_batch_size)
+            requests_per_batch = max(1, DEFAULT_MAX_BATCH_SIZE // max(sizes))
+            servers["ray"] = ServerProcess(ray_command(ray_python, model_path, requests_per_batch), "Ray Serve")
         for s in servers.values():
             s.start()
         try:
