@@ -11,14 +11,22 @@ The new base records the log it was folded from and how far (`compacted-from.jso
 place. When a server opens the new base's log, updates the old log gained after that point (answered while the
 compaction ran, or by servers still on the old base) are carried over into the new log first (`carry_over`), so
 that moving to the compacted base loses no answered update.
+
+`compact_in_place` compacts the base a server's `--checkpoint` names and puts the new base at that same path, so a
+reload or a restart serves it: a safetensors file is replaced (renamed over), a row directory is written beside
+the directory a symbolic link points to and the link is swapped. One compaction of a log runs at a time (an
+exclusive lock in the log's folder), and a compaction that finds the path already holding another base than the
+one it was asked to fold does nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,12 +41,26 @@ from .row_directory import MODEL_FILE, is_row_directory, row_directory_version, 
 from .row_files import DATA_OFFSET, RowFileWriter, encode_rows, read_header
 from .weights import checkpoint_digest, checkpoint_version, load_checkpoint, table_weights
 
-__all__ = ["Compaction", "base_version", "carry_over", "compact", "compacted_from"]
+__all__ = [
+    "Compaction",
+    "base_version",
+    "carry_over",
+    "compact",
+    "CompactionRunning",
+    "compact_in_place",
+    "compacted_from",
+    "in_place_problem",
+]
 
 _CHUNK_ROWS_BYTES = 64 << 20
 _CARRIED = "carried:"
 FOLDED_FILE = "compacted-from.json"
 FOLDED_KEY = "embserve.compacted_from"
+LOCK_FILE = "compact.lock"
+
+
+class CompactionRunning(CheckpointError):
+    """Another process is compacting the same logs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +138,9 @@ def _compact_rows(
         del data
     shutil.copyfile(directory / MODEL_FILE, output / MODEL_FILE)
     (output / FOLDED_FILE).write_text(json.dumps({**folded, "through": through}))
+    for name in (MODEL_FILE, FOLDED_FILE):  # the row files sync themselves
+        _fsync(output / name)
+    _fsync(output)
     return through, rows
 
 
@@ -149,12 +174,16 @@ def _compact_file(
             through, rows = record.sequence, rows + len(record.ids)
     state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(output), metadata={FOLDED_KEY: json.dumps({**folded, "through": through})})
+    _fsync(output)
     return through, rows
 
 
-def compact(config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, output: str | Path) -> Compaction:
+def compact(
+    config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, output: str | Path, *, replace: bool = False
+) -> Compaction:
     """Folds the delta log of `checkpoint`'s base (in `log_dir`) into a new base at `output` (a row directory for a
-    row directory, else a safetensors file), written under a temporary name and renamed, with what it folded.
+    row directory, else a safetensors file), written under a temporary name, synced and renamed, with what it
+    folded. `replace`: a file at `output` (the checkpoint itself, say) is replaced; otherwise it is refused.
 
     Raises:
         CheckpointError: no log for the base, an output that exists, or updates a float checkpoint cannot hold.
@@ -164,7 +193,7 @@ def compact(config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, ou
     path = delta_log_path(log_dir, base)
     if not path.is_file():
         raise CheckpointError(f"no delta log of base {base!r} in {str(log_dir)!r} (looked for {path.name})")
-    if output.exists():
+    if output.exists() and not (replace and output.is_file()):
         raise CheckpointError(f"{str(output)!r} exists; compact into a new path")
     if not output.parent.is_dir():
         raise CheckpointError(f"cannot write {str(output)!r}: folder {str(output.parent)!r} does not exist")
@@ -179,6 +208,7 @@ def compact(config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, ou
         else:
             through, rows = _compact_file(config, checkpoint, log, tmp, folded)
         os.replace(tmp, output)
+        _fsync(output.parent)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -188,6 +218,83 @@ def compact(config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, ou
     finally:
         log.close()
     return Compaction(output, base_version(config, output), base, through, rows)
+
+
+def in_place_problem(checkpoint: str | Path) -> str | None:
+    """Why `compact_in_place` cannot compact `checkpoint`, or None when it can."""
+    path = Path(checkpoint)
+    if path.is_symlink() and is_row_directory(path):
+        return None
+    if is_row_directory(path):
+        return (
+            "a row directory is not replaced in place: point the checkpoint at a symbolic link to it (the compaction "
+            "writes a new directory beside it and swaps the link)"
+        )
+    if path.is_file() and path.suffix == ".safetensors":
+        return None
+    return "only a .safetensors file, or a symbolic link to a row directory, is compacted in place"
+
+
+def compact_in_place(
+    config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, *, if_base: str | None = None
+) -> Compaction | None:
+    """Compacts `checkpoint`'s base into a new base at the same path (see the module): a safetensors file replaced,
+    or, for a symbolic link to a row directory, a new directory beside the one it points to and the link swapped.
+    The earlier base's directory and log stay (servers still on them, and the carry-over, read them).
+
+    Args:
+        if_base: compact only if `checkpoint` still holds this base; None (nothing done) when it holds another
+            (someone compacted it meanwhile).
+
+    Raises:
+        CompactionRunning: another compaction of the logs in `log_dir` is running.
+        CheckpointError: a checkpoint that cannot be compacted in place, or any failure of `compact` (the
+            checkpoint is then as it was).
+    """
+    checkpoint, log_dir = Path(checkpoint), Path(log_dir)
+    problem = in_place_problem(checkpoint)
+    if problem is not None:
+        raise CheckpointError(f"{str(checkpoint)!r}: {problem}")
+    if not log_dir.is_dir():
+        raise CheckpointError(f"no delta logs in {str(log_dir)!r}: not a folder")
+    fd = os.open(log_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CompactionRunning(f"another compaction of the logs in {str(log_dir)!r} is running") from None
+        if if_base is not None and base_version(config, checkpoint) != if_base:
+            return None
+        if not checkpoint.is_symlink():
+            return compact(config, checkpoint, log_dir, checkpoint, replace=True)
+        target = checkpoint.resolve()
+        output = _beside(target.parent, checkpoint.name)
+        result = compact(config, checkpoint, log_dir, output)
+        link = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.link")
+        link.unlink(missing_ok=True)
+        os.symlink(output.name if output.parent == checkpoint.parent.resolve() else str(output), link)
+        os.replace(link, checkpoint)
+        _fsync(checkpoint.parent)
+        return dataclasses.replace(result, output=checkpoint)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _beside(folder: Path, name: str) -> Path:
+    """A new directory name in `folder`: `<name>.<UTC time>` (and a count, if taken)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    output, n = folder / f"{name}.{stamp}", 1
+    while output.exists() or output.is_symlink():
+        output, n = folder / f"{name}.{stamp}.{n}", n + 1
+    return output
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def compacted_from(checkpoint: str | Path) -> dict[str, object] | None:

@@ -18,6 +18,7 @@ from embserve.oip import wire as oip
 from embserve.v1.wire import SERVICE_NAME
 
 from .bounds import Bounds
+from .compactor import Compactor
 from .config import EventLoop, ServerConfig
 from .connections import max_connections
 from .frontdoor import FrontDoor
@@ -121,6 +122,7 @@ class EmbserveServer:
         reuse_port: share the port with other processes (SO_REUSEPORT), as the workers of `--workers N` do;
             off otherwise, so that a port already in use is an error.
         worker: this process's worker index, for logs.
+        supervised: a worker of `--workers N`, whose supervisor reloads it (a background compaction asks it to).
     """
 
     def __init__(
@@ -131,10 +133,12 @@ class EmbserveServer:
         bounds: Bounds | None = None,
         reuse_port: bool = False,
         worker: int = 0,
+        supervised: bool = False,
     ) -> None:
         self.config = config
         self.reuse_port = reuse_port
         self.worker = worker
+        self.supervised = supervised
         self.metrics = ServerMetrics()
         self.bounds = bounds or Bounds.of(config)
         self.backend = LocalBackend(
@@ -145,6 +149,7 @@ class EmbserveServer:
             trim_after_bytes=config.limits.offload_decode_bytes,
             on_storage_failure=self._storage_failed,
         )
+        self.compactor: Compactor | None = None
         self.updater = self._open_updates()
         self._replayed: dict[int, UpdatesState] = {}  # prepared versions' replayed updates, by id of the model
         self._cap = max_connections(config.connections)
@@ -187,11 +192,34 @@ class EmbserveServer:
         if not settings.enabled:
             return None
         checkpoint = self.config.checkpoint
-        state = UpdatesState.open(
-            self.backend.model, log_dir_for(settings, checkpoint), fsync=settings.fsync, checkpoint=checkpoint
-        )
+        log_dir = log_dir_for(settings, checkpoint)
+        state = UpdatesState.open(self.backend.model, log_dir, fsync=settings.fsync, checkpoint=checkpoint)
         self.backend.swap_model(state.model)
-        return RowUpdater(settings, state, executor=self.backend.executor, metrics=self.metrics)
+        self.compactor = (
+            Compactor(self.config, log_dir, reload=self._serve_compacted, metrics=self.metrics)
+            if settings.compact_after_bytes
+            else None
+        )
+        return RowUpdater(
+            settings,
+            state,
+            executor=self.backend.executor,
+            metrics=self.metrics,
+            log_grew=self.compactor.log_grew if self.compactor is not None else None,
+        )
+
+    async def _serve_compacted(self, base: str) -> None:
+        """After a background compaction of `base`: serves the checkpoint's new content, unless this process has
+        moved on from `base` already (a worker asks its supervisor, which moves every worker)."""
+        if self.updater is None or self.updater.base != base:
+            return
+        if self.supervised:
+            os.kill(os.getppid(), signal.SIGHUP)
+            return
+        try:
+            await self.reload()
+        except ReloadFailed:
+            pass  # logged and counted by reload(); the old version keeps serving
 
     def replay_updates(self, model: ServingModel, checkpoint: str | None = None) -> ServingModel:
         """A new version (of `checkpoint`, by default the configured one) with its base's delta log replayed
@@ -334,6 +362,8 @@ class EmbserveServer:
             await self._server.stop(max(0.0, deadline - loop.time()))
         if self._reaper is not None:
             self._reaper.cancel()
+        if self.compactor is not None:
+            await self.compactor.close()
         await self.backend.close()
         if self.updater is not None:
             await self.updater.close()
@@ -365,7 +395,14 @@ async def serve_until_signal(
 ) -> None:
     """Runs a server until SIGTERM/SIGINT, then drains. SIGHUP reloads the checkpoint, except in a worker of
     `--workers N`, whose supervisor reloads it: over `control` (`worker_control`), or by replacing the workers."""
-    server = EmbserveServer(config, model=model, bounds=bounds, reuse_port=worker is not None, worker=worker or 0)
+    server = EmbserveServer(
+        config,
+        model=model,
+        bounds=bounds,
+        reuse_port=worker is not None,
+        worker=worker or 0,
+        supervised=worker is not None,
+    )
     await server.start()
     channel = (
         WorkerChannel(control, server.swap_in, prepare=server.replay_updates, copy_on_write=config.updates.enabled)

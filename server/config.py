@@ -340,6 +340,13 @@ class UpdatesConfig(_Strict):
         "compacted (embserve compact)",
         gt=0,
     )
+    compact_after_bytes: int = _field(
+        0,
+        "compact the delta log in the background once it holds this many bytes, into a new base at the checkpoint's "
+        "path (a .safetensors file, or a symbolic link to a row directory), then reload it; 0: never (embserve "
+        "compact by hand)",
+        ge=0,
+    )
     nice: int = _field(
         DEFAULT_UPDATES_NICE,
         "scheduling niceness of the thread that checks, encodes and logs updates (0: the server's own; Linux): "
@@ -347,6 +354,15 @@ class UpdatesConfig(_Strict):
         ge=0,
         le=19,
     )
+
+    @pydantic.model_validator(mode="after")
+    def _compaction_before_the_bound(self) -> UpdatesConfig:
+        if self.compact_after_bytes >= self.max_log_bytes:
+            raise ValueError(
+                f"updates.compact_after_bytes ({self.compact_after_bytes}) must be below updates.max_log_bytes "
+                f"({self.max_log_bytes}): the log would refuse updates before it is compacted"
+            )
+        return self
 
 
 class ServerConfig(_Strict):
@@ -426,6 +442,22 @@ class ServerConfig(_Strict):
     def _plan_and_shard(self) -> ServerConfig:
         if (self.plan is None) != (self.shard is None) and not self.router.shards:
             raise ValueError("plan and shard go together: a shard server needs --plan and --shard")
+        return self
+
+    @pydantic.model_validator(mode="after")
+    def _compaction_of_a_checkpoint(self) -> ServerConfig:
+        if self.updates.compact_after_bytes and self.checkpoint is None:
+            raise ValueError("updates.compact_after_bytes needs a checkpoint to compact into (--checkpoint)")
+        if self.updates.compact_after_bytes and self.plan is not None:
+            raise ValueError(
+                "updates.compact_after_bytes is not for a shard server (--plan): its log holds the shard's rows, "
+                "not the checkpoint's"
+            )
+        if self.updates.compact_after_bytes and self.model_version is not None:
+            raise ValueError(
+                "updates.compact_after_bytes and model_version do not go together: a compacted base is named after "
+                "its weights"
+            )
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> ServerConfig:

@@ -112,6 +112,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("updates.max_streams", "--max-update-streams"),
     Setting("updates.poll_interval_ms", "--updates-poll-ms"),
     Setting("updates.max_log_bytes", "--max-update-log-bytes"),
+    Setting("updates.compact_after_bytes", "--compact-after-bytes"),
     Setting("updates.nice", "--updates-nice"),
     Setting("limits.max_request_examples", "--max-request-examples"),
     Setting("limits.max_request_ids", "--max-request-ids"),

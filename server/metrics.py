@@ -89,6 +89,15 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.update_log_bytes = Gauge(
+            "embserve_update_log_bytes", "Bytes the delta log of the served base holds on disk", registry=r
+        )
+        self.compactions = Counter(
+            "embserve_compactions",
+            "Background compactions this process ran, by outcome (ok, failed, or other_base: already compacted)",
+            ["outcome"],
+            registry=r,
+        )
 
     def track_tables(self, tables: Sequence[str], resident: Callable[[str], int], disk: Callable[[str], int]) -> None:
         """Each table's bytes in memory now and its row file's bytes on disk, read when `/metrics` is scraped (the

@@ -126,6 +126,12 @@ def check_startup(config: ServerConfig) -> None:
             "--updates: the delta log lives next to the checkpoint, and there is none (a seeded init): give "
             "--updates-dir"
         )
+    if config.updates.enabled and config.updates.compact_after_bytes and config.checkpoint is not None:
+        from embserve.embeddings.compact import in_place_problem
+
+        problem = in_place_problem(config.checkpoint)
+        if problem is not None:
+            raise StartupError(f"--compact-after-bytes with --checkpoint {config.checkpoint}: {problem}")
     if config.tls is not None:
         _check_file(config.tls.cert_file, "--tls-cert")
         _check_file(config.tls.key_file, "--tls-key")

@@ -170,10 +170,20 @@ class RowUpdater:
         executor: runs the writes between two batches (`between_batches`) and serves each new version
             (`swap_model`: the same weights under `<base>+<sequence>`) from the next batch on.
         metrics: rows, bytes, sequence and apply times are reported there.
+        log_grew: told the base and its log's bytes after each update applied (the background compaction).
     """
 
-    def __init__(self, config: UpdatesConfig, state: UpdatesState, *, executor: _Executor, metrics: ServerMetrics):
+    def __init__(
+        self,
+        config: UpdatesConfig,
+        state: UpdatesState,
+        *,
+        executor: _Executor,
+        metrics: ServerMetrics,
+        log_grew: Callable[[str, int], None] | None = None,
+    ):
         self.config = config
+        self._log_grew = log_grew
         self._state = state
         self._executor = executor
         self._metrics = metrics
@@ -184,6 +194,12 @@ class RowUpdater:
             1, thread_name_prefix="embserve-updates", initializer=_lower_priority, initargs=(config.nice,)
         )
         metrics.update_sequence.set(state.sequence)
+        metrics.update_log_bytes.set(state.log.size())
+
+    @property
+    def base(self) -> str:
+        """The base whose log this process follows."""
+        return self._state.base
 
     def start(self) -> None:
         self._follower = asyncio.get_running_loop().create_task(self._follow(), name="embserve-updates-follower")
@@ -293,6 +309,10 @@ class RowUpdater:
         self._metrics.update_rows.inc(len(record.ids))
         self._metrics.update_bytes.inc(record.rows.nbytes)
         self._metrics.update_sequence.set(state.sequence)
+        log_bytes = state.log.size()
+        self._metrics.update_log_bytes.set(log_bytes)
+        if self._log_grew is not None and state is self._state:
+            self._log_grew(state.base, log_bytes)
 
     async def rebase(self, state: UpdatesState) -> None:
         """Follows `state` (a new base, already replayed, now swapped in) from now on; the old log is closed. Updates
@@ -304,3 +324,4 @@ class RowUpdater:
             if await asyncio.get_running_loop().run_in_executor(None, carry_over, state.log, state.checkpoint):
                 await self._catch_up(state)
         self._metrics.update_sequence.set(state.sequence)
+        self._metrics.update_log_bytes.set(state.log.size())

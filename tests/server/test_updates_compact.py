@@ -3,6 +3,7 @@ those answered after the compaction included (carried over once, however often t
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,14 +15,21 @@ import torch
 
 from embserve.client import Client
 from embserve.embeddings import LargeEmbeddings, ModelConfig, build_serving_model, load_checkpoint, table_weights
-from embserve.embeddings.compact import compact
+from embserve.embeddings.compact import (
+    LOCK_FILE,
+    CompactionRunning,
+    base_version,
+    compact,
+    compact_in_place,
+    in_place_problem,
+)
 from embserve.embeddings.config import ServingDType
-from embserve.embeddings.delta_log import default_log_dir
+from embserve.embeddings.delta_log import DeltaLog, RowFormat, default_log_dir, delta_log_path
 from embserve.embeddings.errors import CheckpointError
-from embserve.embeddings.row_directory import write_row_directory
-from embserve.embeddings.row_files import encode_rows
+from embserve.embeddings.row_directory import row_file_path, write_row_directory
+from embserve.embeddings.row_files import DATA_OFFSET, encode_rows, read_header
 from tests.server.test_updates import FEATURES, TABLES, WEIGHTS, _checkpoint, _floats
-from tests.support import ServerHandle, make_config, write_model_config
+from tests.support import ServerHandle, make_config, wait_until, write_model_config
 
 Factory = Callable[..., ServerHandle]
 BIN = Path(sys.executable).parent / "embserve"
@@ -126,3 +134,122 @@ def test_compaction_refuses_what_it_cannot_do_in_one_line(
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "exists; compact into a new path" in proc.stderr
+
+
+def _append(log_dir: Path, base: str, ids: list[int], value: float) -> None:
+    """One update of table user in the log of `base`, as a server appends it."""
+    log = DeltaLog(delta_log_path(log_dir, base), base)
+    try:
+        rows = np.full((len(ids), 16), value, "<f4").view(np.uint8)
+        log.append("user", "u", RowFormat.FLOAT32, np.array(ids, np.int64), rows)
+    finally:
+        log.close()
+
+
+def test_in_place_compaction_keeps_the_path_and_the_rows_and_runs_once(tmp_path: Path, config: ModelConfig) -> None:
+    weights = _floats(config)
+    checkpoint = _checkpoint(config, weights, tmp_path / "a.safetensors")
+    log_dir = default_log_dir(checkpoint)
+    log_dir.mkdir()
+    old_base = base_version(config, checkpoint)
+    _append(log_dir, old_base, [3, 9], 0.25)
+    with open(log_dir / LOCK_FILE, "w") as held:  # another compaction at work
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CompactionRunning, match="another compaction"):
+            compact_in_place(config, checkpoint, log_dir)
+    result = compact_in_place(config, checkpoint, log_dir, if_base=old_base)
+    assert result is not None and result.output == checkpoint and result.version != old_base
+    assert base_version(config, checkpoint) == result.version and (result.folded_through, result.rows) == (1, 2)
+    module = LargeEmbeddings(config)
+    load_checkpoint(module, checkpoint)
+    expected = weights["user"].numpy().copy()
+    expected[[3, 9]] = 0.25
+    np.testing.assert_array_equal(table_weights(module)["user"].detach().numpy(), expected)
+    assert compact_in_place(config, checkpoint, log_dir, if_base=old_base) is None  # folded already: nothing done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.updates"]
+
+
+def test_in_place_compaction_of_a_linked_row_directory_swaps_the_link(tmp_path: Path, config: ModelConfig) -> None:
+    weights = _floats(config)
+    write_row_directory(config, weights, tmp_path / "rows-1")
+    link = tmp_path / "rows"
+    link.symlink_to("rows-1")
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    old_base = base_version(config, link)
+    _append(log_dir, old_base, [1999], -1.5)
+    result = compact_in_place(config, link, log_dir)
+    assert result is not None and link.is_symlink() and link.resolve().parent == tmp_path
+    assert link.resolve().name.startswith("rows.") and result.version.startswith(f"{link.resolve().name}-")
+    assert (tmp_path / "rows-1").is_dir()  # the earlier base stays for the servers still on it
+    header = read_header(row_file_path(link, "user"))
+    stored = np.fromfile(row_file_path(link, "user"), np.uint8, offset=DATA_OFFSET).reshape(2000, header.row_bytes)
+    expected = weights["user"].numpy().copy()
+    expected[1999] = -1.5
+    np.testing.assert_array_equal(stored[:, :64].copy().view("<f4"), expected)
+    assert "symbolic link" in str(in_place_problem(tmp_path / "rows-1")) and in_place_problem(link) is None
+    assert ".safetensors file" in str(in_place_problem(tmp_path / "w.pt"))
+
+
+def test_the_server_compacts_its_log_in_the_background_and_serves_the_new_base(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig
+) -> None:
+    weights = _floats(config)
+    checkpoint = _checkpoint(config, weights, tmp_path / "a.safetensors")
+    settings = {
+        "model": str(write_model_config(config, tmp_path / "m.yaml")),
+        "checkpoint": str(checkpoint),
+        "updates": {"enabled": True, "compact_after_bytes": 4096},
+    }
+    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    old_base = handle.server.updater.base
+    expected = weights["user"].numpy().copy()
+    with Client(handle.address) as client:
+        client.update_rows("user", list(range(100)), np.full((100, 16), 0.5, np.float32))  # 6.4 kB: over the mark
+        expected[:100] = 0.5
+        for i in (150, 151):  # answered while the fold runs, or after it: kept either way
+            client.update_rows("user", [i], _row(i))
+            expected[i] = i
+        wait_until(lambda: handle.metric("embserve_compactions_total", {"outcome": "ok"}) == 1, 120, "a compaction")
+        wait_until(lambda: handle.server.updater.base != old_base, 30, "the reload of the compacted base")
+        served = client.lookup({"user": [[i] for i in range(2000)]})
+        new_base = handle.server.updater.base
+        assert served.model_version.split("+")[0] == new_base == base_version(config, checkpoint)
+        client.update_rows("user", [1999], _row(-3))  # the new base's log takes updates
+        expected[1999] = -3
+    np.testing.assert_array_equal(served["user"][:1999], expected[:1999])
+    assert handle.metric("embserve_update_log_bytes") < 4096
+    assert handle.metric("embserve_compactions_total", {"outcome": "failed"}) == 0
+    handle.stop()
+    # A restart on the same path serves the compacted base and the updates after it.
+    again = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    with Client(again.address) as client:
+        restarted = client.lookup({"user": [[i] for i in range(2000)]})
+    assert restarted.model_version.split("+")[0] == new_base
+    np.testing.assert_array_equal(restarted["user"], expected)
+
+
+def test_background_compaction_settings_are_checked(tmp_path: Path, config: ModelConfig) -> None:
+    from embserve.server.config import ServerConfig
+    from embserve.server.startup import StartupError, check_startup
+
+    with pytest.raises(ValueError, match="must be below updates.max_log_bytes"):
+        ServerConfig.model_validate({"updates": {"compact_after_bytes": 10, "max_log_bytes": 10}})
+    with pytest.raises(ValueError, match="needs a checkpoint"):
+        ServerConfig.model_validate({"updates": {"compact_after_bytes": 10}})
+    with pytest.raises(ValueError, match="model_version do not go together"):
+        ServerConfig.model_validate(
+            {"checkpoint": "a.safetensors", "model_version": "v", "updates": {"compact_after_bytes": 10}}
+        )
+    write_row_directory(config, _floats(config), tmp_path / "rows")
+    settings = ServerConfig.model_validate(
+        {
+            "model": str(write_model_config(config, tmp_path / "m.yaml")),
+            "checkpoint": str(tmp_path / "rows"),
+            "port": 0,
+            "metrics_port": None,
+            "updates": {"enabled": True, "compact_after_bytes": 10},
+        }
+    )
+    with pytest.raises(StartupError, match="--compact-after-bytes with --checkpoint .*symbolic link to it"):
+        check_startup(settings)

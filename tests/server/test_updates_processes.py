@@ -120,3 +120,31 @@ def test_workers_serve_each_others_updates_and_keep_them_across_a_reload(tmp_pat
         wait_until(lambda: everywhere(_row(9)[0], 9), timeout=10, what="an update after the reload")
         with Client(address) as client:
             np.testing.assert_array_equal(client.lookup({"user": [[10]]})["user"][0], base["user"][10])
+
+
+@pytest.mark.slow
+def test_workers_compact_the_log_in_the_background_and_all_move_to_the_new_base(tmp_path: Path) -> None:
+    model, checkpoint, base = _files(tmp_path)
+    with _serve(model, checkpoint, "--workers", "2", "--compact-after-bytes", "4096") as server:
+        server.logs.wait("serving", 2)
+        address = str(server.logs.wait("workers serving")[0]["address"])
+        with Client(address) as client:
+            old = client.metadata().version
+            client.update_rows("user", list(range(100)), np.full((100, 16), 0.5, np.float32))  # over the mark
+        compacted = server.logs.wait("compacted the delta log", timeout=120)
+        server.logs.wait("reloaded", 3, timeout=120)  # the supervisor and both workers
+        assert len(compacted) == 1  # one fold, whichever worker saw the log grow first
+
+        def everywhere() -> bool:
+            """Fresh connections land on both workers: all of them serve the new base with the update in it."""
+            for _ in range(12):
+                with Client(address) as client:
+                    served = client.lookup({"user": [[5], [150]]})
+                    if served.model_version == old or not (served["user"][0] == 0.5).all():
+                        return False
+            return True
+
+        wait_until(everywhere, timeout=30, what="the compacted base in every worker")
+        with Client(address) as client:
+            assert client.update_rows("user", [150], _row(150)).sequence == 1  # the new base's log
+            np.testing.assert_array_equal(client.lookup({"user": [[151]]})["user"][0], base["user"][151])
