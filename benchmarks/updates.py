@@ -15,13 +15,19 @@ Model: the `small` workload's 26 tables x 100,000 x 64, table f0 fp32 and f1 fp1
   `--sender-nice` steps nicer (10), standing in for a trainer on another host;
 - `--workers 2`: the time from `update_rows` returning (the worker that took it serves it) to every worker serving
   it, read by lookups over 8 connections;
-- start-up with a delta log of `--replay-rows` rows against without (time to SERVING).
+- start-up with a delta log of `--replay-rows` rows against without (time to SERVING);
+- background compaction (`--compact-after-bytes`) of that log: the time to fold it into a new checkpoint and
+  reload it, and the lookups' p50/p99 at 50% of their peak while it runs against the same run without.
+
+`--message-rows` sets the rows of one update message (4,096); `--phases` runs some of the phases (alone, load,
+visibility, replay, compaction).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import multiprocessing
 import os
@@ -29,6 +35,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,6 +47,7 @@ import yaml
 from embserve.client import Client, RowUpdate
 from embserve.embeddings import LargeEmbeddings, init_weights, model_config_from_dict, save_checkpoint
 from embserve.embeddings.delta_log import DeltaLog, RowFormat, delta_log_path
+from embserve.embeddings.weights import checkpoint_digest, checkpoint_version
 
 from .loadgen import LoadResult, closed_loop, open_loop
 from .procs import ServerProcess, embserve_command
@@ -48,7 +56,9 @@ from .workloads import WORKLOADS, encode_lookups
 
 __all__ = ["main"]
 
-ROWS, DIM, MESSAGE_ROWS = 100_000, 64, 4096
+ROWS, DIM = 100_000, 64
+MESSAGE_ROWS = 4096  # rows of one update message (--message-rows)
+PHASES = ("alone", "load", "visibility", "replay", "compaction")
 
 
 def _model(directory: Path) -> tuple[Path, Path]:
@@ -81,8 +91,10 @@ def _start(model: Path, checkpoint: Path, log_dir: Path, *extra: str) -> tuple[S
     return server, time.perf_counter() - start
 
 
-def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, nice: int, results: Any) -> None:
-    """Sends 4,096-row updates of one table over one stream for `seconds`, at `rows_per_s` (0: as fast as they
+def _send_updates(
+    address: str, table: str, rows_per_s: float, seconds: float, nice: int, message_rows: int, results: Any
+) -> None:
+    """Sends `message_rows`-row updates of one table over one stream for `seconds`, at `rows_per_s` (0: as fast as they
     apply); puts (rows applied, seconds, refused) on `results`. Runs in a process of its own, `nice` steps nicer,
     standing in for a trainer on another host: its client work should not slow the lookups' load generator."""
     os.nice(nice)
@@ -90,8 +102,8 @@ def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, n
     pool = [  # made before the clock starts, so that the sender's own CPU is the SDK's, not numpy's
         RowUpdate(
             table,
-            rng.choice(ROWS, MESSAGE_ROWS, replace=False),
-            rng.standard_normal((MESSAGE_ROWS, DIM), dtype=np.float32) * 0.01,
+            rng.choice(ROWS, message_rows, replace=False),
+            rng.standard_normal((message_rows, DIM), dtype=np.float32) * 0.01,
         )
         for _ in range(16)
     ]
@@ -103,8 +115,8 @@ def _send_updates(address: str, table: str, rows_per_s: float, seconds: float, n
                 delay = start + sent / rows_per_s - time.perf_counter()
                 if delay > 0:
                     time.sleep(delay)
-            yield pool[(sent // MESSAGE_ROWS) % len(pool)]
-            sent += MESSAGE_ROWS
+            yield pool[(sent // message_rows) % len(pool)]
+            sent += message_rows
 
     started = time.perf_counter()
     with Client(address, timeout=None) as client:
@@ -118,12 +130,15 @@ class Updater:
     """`_send_updates` in a spawned process."""
 
     nice = 10  # the sender's niceness (--sender-nice)
+    message_rows = MESSAGE_ROWS  # --message-rows
 
     def __init__(self, address: str, table: str, rows_per_s: float, seconds: float) -> None:
         context = multiprocessing.get_context("spawn")
         self._results = context.Queue()
         self._process = context.Process(
-            target=_send_updates, args=(address, table, rows_per_s, seconds, self.nice, self._results), daemon=True
+            target=_send_updates,
+            args=(address, table, rows_per_s, seconds, self.nice, self.message_rows, self._results),
+            daemon=True,
         )
         self.rows = 0
         self.seconds = 1.0
@@ -173,6 +188,26 @@ def _pooled(results: list[LoadResult]) -> dict[str, Any]:
     }
 
 
+def _half_peak(address: str, seconds: float) -> tuple[float, list[bytes], list[int]]:
+    """Half the `small` workload's closed-loop peak (64 callers), and its requests."""
+    workload = WORKLOADS["small"]()
+    requests = workload.requests(2048)
+    payloads, sizes = encode_lookups(requests), [r.batch_size for r in requests]
+    out_dim = 26 * DIM
+    peak = asyncio.run(
+        closed_loop(
+            address,
+            payloads,
+            sizes,
+            [s * out_dim * 4 for s in sizes],
+            concurrency=64,
+            duration_s=seconds,
+            warmup_s=1.0,
+        )
+    ).rps
+    return peak / 2, payloads, sizes
+
+
 POINTS = (  # name, where the updates go ("" none, "same" this server, "other" another server process), table
     ("without_updates", "", ""),
     ("with_fp32_updates", "same", "f0"),
@@ -186,24 +221,9 @@ def _under_load(address: str, other: str, seconds: float, update_rate: float, ro
     sent to another server process on the same machine (what the machine's shared cores cost, not the server): the
     points taken in turn, `rounds` times, so that a drift of the shared machine falls on all of them alike; each
     point's answers pooled over its rounds."""
-    workload = WORKLOADS["small"]()
-    requests = workload.requests(2048)
-    payloads, sizes = encode_lookups(requests), [r.batch_size for r in requests]
-    out_dim = 26 * DIM
-    peak = asyncio.run(
-        closed_loop(
-            address,
-            payloads,
-            sizes,
-            [s * out_dim * 4 for s in sizes],
-            concurrency=64,
-            duration_s=seconds / 2,
-            warmup_s=1.0,
-        )
-    ).rps
-    rate = peak / 2
+    rate, payloads, sizes = _half_peak(address, seconds / 2)
     out: dict[str, Any] = {
-        "peak_lookups_per_s": round(peak, 1),
+        "peak_lookups_per_s": round(2 * rate, 1),
         "offered_lookups_per_s": round(rate, 1),
         "rounds": rounds,
     }
@@ -260,65 +280,140 @@ def _visibility(address: str, trials: int) -> dict[str, Any]:
     }
 
 
+LOG_RECORD_ROWS = 4096  # rows of each update in the logs written for the replay and compaction phases
+
+
+def _write_log(log_dir: Path, version: str, rows: int) -> tuple[int, int]:
+    """A delta log of `rows` rows (updates of f0) over base `version`; returns (rows written, its bytes)."""
+    log = DeltaLog(delta_log_path(log_dir, version), version, fsync=False)
+    rng = np.random.default_rng(5)
+    for _ in range(rows // LOG_RECORD_ROWS):
+        ids = rng.choice(ROWS, LOG_RECORD_ROWS, replace=False).astype(np.int64)
+        values = (rng.standard_normal((LOG_RECORD_ROWS, DIM), dtype=np.float32) * 0.01).view(np.uint8)
+        log.append("f0", "", RowFormat.FLOAT32, ids, values.reshape(LOG_RECORD_ROWS, DIM * 4))
+    size = log.size()
+    log.close()
+    return rows // LOG_RECORD_ROWS * LOG_RECORD_ROWS, size
+
+
 def _replay(model: Path, checkpoint: Path, base: Path, version: str, rows: int) -> dict[str, Any]:
     clean = base / "log-none"
     server, without = _start(model, checkpoint, clean)
     server.stop()
     logged = base / "log-replay"
-    log = DeltaLog(delta_log_path(logged, version), version, fsync=False)
-    rng = np.random.default_rng(5)
-    for _ in range(rows // MESSAGE_ROWS):
-        ids = rng.choice(ROWS, MESSAGE_ROWS, replace=False).astype(np.int64)
-        values = (rng.standard_normal((MESSAGE_ROWS, DIM), dtype=np.float32) * 0.01).view(np.uint8)
-        log.append("f0", "", RowFormat.FLOAT32, ids, values.reshape(MESSAGE_ROWS, DIM * 4))
-    log.close()
+    written, _ = _write_log(logged, version, rows)
     server, with_log = _start(model, checkpoint, logged)
     try:
         replayed = server.logs.wait("delta log replayed", timeout=10)[0]
     finally:
         server.stop()
     return {
-        "rows": rows // MESSAGE_ROWS * MESSAGE_ROWS,
+        "rows": written,
         "start_s_without_log": round(without, 2),
         "start_s_with_log": round(with_log, 2),
         "replay_s": replayed.get("seconds"),
     }
 
 
+def _compaction(model: Path, checkpoint: Path, base: Path, version: str, rows: int, window: float) -> dict[str, Any]:
+    """A server whose log holds `rows` rows, with `--compact-after-bytes` just above it: lookups at 50% of its peak
+    for `window` seconds without a compaction, then for `window` seconds from the update that starts one."""
+    work = base / "compaction"
+    work.mkdir()
+    served = work / checkpoint.name  # a copy: the compaction replaces it
+    shutil.copyfile(checkpoint, served)
+    written, size = _write_log(work / "log", version, rows)
+    server, _ = _start(model, served, work / "log", "--compact-after-bytes", str(size + 1))
+    try:
+        rate, payloads, sizes = _half_peak(server.address, window / 2)
+        without = _lookups(server.address, rate, window, payloads, sizes)
+        trigger = threading.Timer(1.0, _one_update, args=(server.address,))  # after the lookups' warm-up
+        trigger.start()
+        during = _lookups(server.address, rate, window, payloads, sizes)
+        trigger.join()
+        folded = server.logs.wait("compacted the delta log", timeout=600)[0]
+        reloaded = server.logs.wait("reloaded", timeout=600)[0]
+    finally:
+        server.stop()
+    started = _seconds(server.logs.wait("compacting the delta log")[0])
+    return {
+        "rows": written,
+        "log_mb": round(size / 1e6, 1),
+        "offered_lookups_per_s": round(rate, 1),
+        "window_s": window,
+        "fold_s": folded.get("seconds"),
+        "fold_and_reload_s": round(_seconds(reloaded) - started, 2),
+        "without": _pooled([without]),
+        "during": _pooled([during]),
+    }
+
+
+def _seconds(entry: dict[str, object]) -> float:
+    """A server log entry's time, in seconds since the epoch."""
+    return datetime.datetime.fromisoformat(str(entry["ts"])).timestamp()
+
+
+def _one_update(address: str) -> None:
+    with Client(address) as client:
+        client.update_rows("f0", [0], np.zeros((1, DIM), np.float32))
+
+
 def markdown(r: dict[str, Any]) -> str:
-    u, load, vis, rep = r["updates_alone"], r["under_load"], r["visibility"], r["replay"]
     lines = [
-        f"Model: 26 tables x {ROWS:,} x {DIM} (f0 fp32, f1 fp16); updates of {MESSAGE_ROWS:,} rows per message, fsync "
-        f"before each answer. Command: `{r['command']}`.",
-        "",
-        f"Updates alone (fp32 table): {u['rows_per_s']:,} rows/s, {u['mb_per_s']} MB/s.",
-        "",
-        f"`small` workload at 50% of its peak ({load['offered_lookups_per_s']:,} of {load['peak_lookups_per_s']:,} "
-        f"lookups/s), open loop; the points taken in turn, {load['rounds']} rounds, each point's answers pooled:",
-        "",
-        "| point | update rows/s | lookups/s | p50 | p99 | p99 vs without | throughput vs without | p99 of each round |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        f"Model: 26 tables x {ROWS:,} x {DIM} (f0 fp32, f1 fp16); updates of {r['message_rows']:,} rows per message, "
+        f"fsync before each answer. Command: `{r['command']}`.",
     ]
-    for key, label in (
-        ("without_updates", "without updates"),
-        ("with_fp32_updates", "fp32 updates"),
-        ("with_fp16_updates", "fp16 updates"),
-        ("fp32_updates_to_another_server", "fp32 updates sent to another server process"),
-    ):
-        p = load[key]
-        rounds = ", ".join(f"{v}" for v in p["round_p99_ms"])
+    if "updates_alone" in r:
+        u = r["updates_alone"]
+        lines += ["", f"Updates alone (fp32 table): {u['rows_per_s']:,} rows/s, {u['mb_per_s']} MB/s."]
+    if "under_load" in r:
+        load = r["under_load"]
+        lines += [
+            "",
+            f"`small` workload at 50% of its peak ({load['offered_lookups_per_s']:,} of "
+            f"{load['peak_lookups_per_s']:,} lookups/s), open loop; the points taken in turn, {load['rounds']} rounds, "
+            "each point's answers pooled:",
+            "",
+            "| point | update rows/s | lookups/s | p50 | p99 | p99 vs without | throughput vs without | p99 of each "
+            "round |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for key, label in (
+            ("without_updates", "without updates"),
+            ("with_fp32_updates", "fp32 updates"),
+            ("with_fp16_updates", "fp16 updates"),
+            ("fp32_updates_to_another_server", "fp32 updates sent to another server process"),
+        ):
+            p = load[key]
+            rounds = ", ".join(f"{v}" for v in p["round_p99_ms"])
+            lines.append(
+                f"| {label} | {p.get('update_rows_per_s', 0):,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
+                f"{p['p99_ms']} ms | {p.get('p99_vs_without', 1.0)} | {p.get('throughput_vs_without', 1.0)} | "
+                f"{rounds} ms |"
+            )
+    lines.append("")
+    if "visibility" in r:
+        vis = r["visibility"]
         lines.append(
-            f"| {label} | {p.get('update_rows_per_s', 0):,} | {p['lookups_per_s']:,} | {p['p50_ms']} ms | "
-            f"{p['p99_ms']} ms | {p.get('p99_vs_without', 1.0)} | {p.get('throughput_vs_without', 1.0)} | "
-            f"{rounds} ms |"
+            f"Visible in every worker (`--workers 2`, 8 connections) after the answer: p50 {vis['p50_ms']} ms, p99 "
+            f"{vis['p99_ms']} ms over {vis['trials']} updates."
         )
-    lines += [
-        "",
-        f"Visible in every worker (`--workers 2`, 8 connections) after the answer: p50 {vis['p50_ms']} ms, p99 "
-        f"{vis['p99_ms']} ms over {vis['trials']} updates.",
-        f"Start-up with a delta log of {rep['rows']:,} rows: {rep['start_s_with_log']} s to SERVING (replay "
-        f"{rep['replay_s']} s) against {rep['start_s_without_log']} s without.",
-    ]
+    if "replay" in r:
+        rep = r["replay"]
+        lines.append(
+            f"Start-up with a delta log of {rep['rows']:,} rows: {rep['start_s_with_log']} s to SERVING (replay "
+            f"{rep['replay_s']} s) against {rep['start_s_without_log']} s without."
+        )
+    if "compaction" in r:
+        c = r["compaction"]
+        lines.append(
+            f"Background compaction of a log of {c['rows']:,} rows ({c['log_mb']} MB): folded in {c['fold_s']} s, "
+            f"serving the new base {c['fold_and_reload_s']} s after it started; lookups at "
+            f"{c['offered_lookups_per_s']:,}/s over {c['window_s']} s from the update that started it: p50 "
+            f"{c['during']['p50_ms']} ms, p99 {c['during']['p99_ms']} ms, against p50 {c['without']['p50_ms']} ms, "
+            f"p99 {c['without']['p99_ms']} ms without ({c['during']['lookups_per_s']:,} against "
+            f"{c['without']['lookups_per_s']:,} lookups/s, errors {c['during']['errors'] or 'none'})."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -333,35 +428,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--sender-nice", type=int, default=10, help="niceness of the update sender (a trainer elsewhere, in production)"
     )
     parser.add_argument("--server-args", default="", help="more `serve` flags for every server (one string)")
+    parser.add_argument("--message-rows", type=int, default=MESSAGE_ROWS, help="rows of one update message")
+    parser.add_argument(
+        "--compaction-window", type=float, default=30.0, help="seconds of lookups measured from the compaction's start"
+    )
+    parser.add_argument("--phases", nargs="+", choices=PHASES, default=list(PHASES), help="the phases to run")
     parser.add_argument("--out", default="benchmarks/results/updates", help="where to write JSON and Markdown")
     args = parser.parse_args(argv)
     Updater.nice = args.sender_nice
+    Updater.message_rows = args.message_rows
     SERVER_ARGS[:] = shlex.split(args.server_args)
+    phases = set(args.phases)
     base = Path(tempfile.mkdtemp(prefix="embserve-updates-"))
     try:
         model, checkpoint = _model(base)
+        version = checkpoint_version(checkpoint, checkpoint_digest(checkpoint))
         results: dict[str, Any] = {
             "hardware": hardware(),
             "command": "python -m embserve.benchmarks.updates " + " ".join(argv or sys.argv[1:]),
+            "message_rows": args.message_rows,
         }
-        server, _ = _start(model, checkpoint, base / "log-a")
-        other, _ = _start(model, checkpoint, base / "log-c")
-        try:
-            with Client(server.address) as client:
-                version = client.metadata().version
-            results["updates_alone"] = _updates_alone(server.address, args.duration)
-            results["under_load"] = _under_load(
-                server.address, other.address, args.duration, args.update_rows_per_s, args.rounds
+        if phases & {"alone", "load"}:
+            server, _ = _start(model, checkpoint, base / "log-a")
+            other, _ = _start(model, checkpoint, base / "log-c")
+            try:
+                if "alone" in phases:
+                    results["updates_alone"] = _updates_alone(server.address, args.duration)
+                if "load" in phases:
+                    results["under_load"] = _under_load(
+                        server.address, other.address, args.duration, args.update_rows_per_s, args.rounds
+                    )
+            finally:
+                server.stop()
+                other.stop()
+        if "visibility" in phases:
+            server, _ = _start(model, checkpoint, base / "log-b", "--workers", "2")
+            try:
+                results["visibility"] = _visibility(server.address, args.trials)
+            finally:
+                server.stop()
+        if "replay" in phases:
+            results["replay"] = _replay(model, checkpoint, base, version, args.replay_rows)
+        if "compaction" in phases:
+            results["compaction"] = _compaction(
+                model, checkpoint, base, version, args.replay_rows, args.compaction_window
             )
-        finally:
-            server.stop()
-            other.stop()
-        server, _ = _start(model, checkpoint, base / "log-b", "--workers", "2")
-        try:
-            results["visibility"] = _visibility(server.address, args.trials)
-        finally:
-            server.stop()
-        results["replay"] = _replay(model, checkpoint, base, version.split("+")[0], args.replay_rows)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     out = Path(args.out)

@@ -36,10 +36,10 @@ import torch
 from .config import ModelConfig, ServingDType
 from .delta_log import DeltaLog, DeltaRecord, RowFormat, delta_log_path
 from .errors import CheckpointError
-from .large_embeddings import LargeEmbeddings
 from .row_directory import MODEL_FILE, is_row_directory, row_directory_version, row_file_path
 from .row_files import DATA_OFFSET, RowFileWriter, encode_rows, read_header
-from .weights import checkpoint_digest, checkpoint_version, load_checkpoint, table_weights
+from .state_keys import match_tables
+from .weights import checkpoint_digest, checkpoint_version, read_state_dict
 
 __all__ = [
     "Compaction",
@@ -161,18 +161,22 @@ def _float_rows(config: ModelConfig, record: DeltaRecord) -> torch.Tensor:
 def _compact_file(
     config: ModelConfig, checkpoint: Path, log: DeltaLog, output: Path, folded: dict[str, object]
 ) -> tuple[int, int]:
-    from safetensors.torch import save_file
+    """The checkpoint's state dict with the log's rows written into its tables, saved as safetensors: every key
+    and dtype as the checkpoint has them (the loader converts them as it converted the original)."""
+    from safetensors.torch import load_file, save_file
 
-    module = LargeEmbeddings(config)
-    load_checkpoint(module, checkpoint)
-    weights = table_weights(module)
+    if checkpoint.suffix == ".safetensors":
+        state = load_file(str(checkpoint))
+    else:
+        state = read_state_dict(checkpoint)[0]
+    keys = match_tables(config, {k: tuple(v.shape) for k, v in state.items()}, checkpoint)
     through = rows = 0
     with torch.no_grad():
         for record in _records(log):
-            target = weights[record.table]
+            target = state[keys[record.table]]
             target[torch.from_numpy(np.array(record.ids))] = _float_rows(config, record).to(target.dtype)
             through, rows = record.sequence, rows + len(record.ids)
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(output), metadata={FOLDED_KEY: json.dumps({**folded, "through": through})})
     _fsync(output)
     return through, rows

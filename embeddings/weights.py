@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
+import os
 import zlib
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import torch
 
 from .errors import CheckpointError
 from .large_embeddings import LargeEmbeddings
-from .state_keys import check_checkpoint, match_tables
+from .state_keys import MAX_HEADER_BYTES, check_checkpoint, match_tables
 
 __all__ = [
     "CheckpointError",
@@ -29,6 +31,7 @@ __all__ = [
     "checkpoint_version",
     "init_weights",
     "load_checkpoint",
+    "read_state_dict",
     "save_checkpoint",
     "table_weights",
 ]
@@ -58,19 +61,36 @@ def init_weights(model: LargeEmbeddings, seed: int = 0) -> None:
         weight.copy_(values)
 
 
-def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict and the content digest of the same bytes: the file is read once, so a file replaced
     during loading can never pair one version's weights with another's digest."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()[:12]
+    data = _read_whole(path)
+    digest = hashlib.sha256(memoryview(data.numpy())).hexdigest()[:12]
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load
-
-            return dict(load(data)), digest
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            return _safetensors_views(data, path), digest
+        state = torch.load(io.BytesIO(memoryview(data.numpy())), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:  # any parse failure of an untrusted file is reported, never propagated raw
@@ -80,12 +100,67 @@ def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, digest
 
 
+_READ_CHUNK = 16 << 20
+
+
+def _read_whole(path: Path) -> torch.Tensor:
+    """The file's bytes (uint8), read in chunks into memory that is not zeroed first: the interpreter lock is
+    free during each read, and no long call takes it."""
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        data = torch.empty(size, dtype=torch.uint8)
+        view, done = memoryview(data.numpy()), 0
+        while done < size and (n := f.readinto(view[done : done + _READ_CHUNK])):
+            done += n
+    if done != size:
+        raise CheckpointError(f"checkpoint {str(path)!r} changed size while it was read")
+    return data
+
+
+def _safetensors_views(data: torch.Tensor, path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of its bytes (`data`, read whole): no copy, and no long call that
+    holds the interpreter lock, so that a server keeps answering while a reload reads its weights."""
+    size = data.numel()
+    length = int.from_bytes(data[:8].numpy().tobytes(), "little") if size >= 8 else -1
+    if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a safetensors file (no header)")
+    try:
+        header = json.loads(data[8 : 8 + length].numpy().tobytes())
+    except ValueError as err:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: its header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: its header is not a mapping")
+    base, state = 8 + length, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            start, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"cannot read checkpoint {str(path)!r}: tensor {name!r} has no valid dtype, shape and offsets"
+            ) from None
+        if min(shape, default=0) < 0 or not 0 <= start <= end <= size - base:
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or damaged: tensor {name!r}")
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(
+                f"cannot read checkpoint {str(path)!r}: tensor {name!r} has {end - start} bytes for shape {shape}"
+            )
+        raw = data[base + start : base + end]
+        if (base + start) % dtype.itemsize:  # not aligned for its type: a copy that is
+            raw = raw.clone()
+        state[name] = raw.view(dtype).view(shape)
+    return state
+
+
 @torch.no_grad()
 def load_checkpoint(model: LargeEmbeddings, path: str | Path) -> str:
     """Copies every table's weights from a checkpoint and returns the digest of the bytes it read (the model
     version); a missing table or a shape mismatch is a `CheckpointError`."""
     path = Path(path)
-    state, digest = _read_state_dict(path)
+    state, digest = read_state_dict(path)
     keys = match_tables(model.config, {k: tuple(v.shape) for k, v in state.items()}, path)
     for name, weight in table_weights(model).items():
         tensor = state[keys[name]]

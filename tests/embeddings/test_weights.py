@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from embserve.embeddings import (
     save_checkpoint,
     table_weights,
 )
+from embserve.embeddings.weights import checkpoint_digest, read_state_dict
 from tests.support import SMALL_TABLES, float_tables, make_config
 
 
@@ -139,3 +142,55 @@ def test_broadcastable_shapes_are_refused(tmp_path: Path, shape: tuple[int, ...]
     with pytest.raises(CheckpointError, match=rf"table 'user': checkpoint shape \({shape[0]},"):
         load_checkpoint(model, tmp_path / "w.pt")
     np.testing.assert_array_equal(_weights(model)["user"], before)  # nothing written
+
+
+def _safetensors_file(path: Path, entries: dict[str, tuple[str, list[int], int, int]], data: bytes) -> Path:
+    """A safetensors file written by hand: header entries (dtype, shape, start, end) over `data`."""
+    header = {k: {"dtype": d, "shape": s, "data_offsets": [a, b]} for k, (d, s, a, b) in entries.items()}
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def test_safetensors_reads_as_the_safetensors_library_reads_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = {
+        "a": torch.randn(7, 5),
+        "b": torch.randn(3, 4).half(),
+        "c": torch.randn(6).bfloat16(),
+        "d": torch.arange(9, dtype=torch.int64).reshape(3, 3),
+        "e": torch.tensor([True, False, True]),
+        "f": torch.zeros(0, 4),
+        "g": torch.tensor(2.5),
+        "h": torch.randn(4).to(torch.float8_e4m3fn),
+    }
+    save_file(state, str(tmp_path / "w.safetensors"))
+    read, digest = read_state_dict(tmp_path / "w.safetensors")
+    reference = load_file(str(tmp_path / "w.safetensors"))
+    assert read.keys() == reference.keys() and digest == checkpoint_digest(tmp_path / "w.safetensors")
+    for key, tensor in reference.items():
+        assert read[key].dtype == tensor.dtype and read[key].shape == tensor.shape
+        assert torch.equal(read[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), key
+    # A tensor whose bytes start off its type's alignment is read too (copied to an aligned place).
+    values = np.arange(6, dtype="<f4")
+    odd = _safetensors_file(tmp_path / "odd.safetensors", {"x": ("F32", [2, 3], 1, 25)}, b"\0" + values.tobytes())
+    np.testing.assert_array_equal(read_state_dict(odd)[0]["x"].numpy(), values.reshape(2, 3))
+
+
+@pytest.mark.parametrize(
+    ("entries", "data", "problem"),
+    [
+        ({"x": ("F32", [4], 0, 16)}, b"\0" * 8, "truncated or damaged: tensor 'x'"),
+        ({"x": ("F32", [4], 0, 12)}, b"\0" * 16, "tensor 'x' has 12 bytes for shape [4]"),
+        ({"x": ("F32", [-4], 0, 0)}, b"", "truncated or damaged: tensor 'x'"),
+        ({"x": ("Q4", [4], 0, 16)}, b"\0" * 16, "tensor 'x' has no valid dtype, shape and offsets"),
+        ({"x": ("F32", [4], 8, 0)}, b"\0" * 16, "truncated or damaged: tensor 'x'"),
+    ],
+)
+def test_damaged_safetensors_headers_are_refused_naming_the_tensor(
+    tmp_path: Path, entries: dict[str, tuple[str, list[int], int, int]], data: bytes, problem: str
+) -> None:
+    path = _safetensors_file(tmp_path / "bad.safetensors", entries, data)
+    with pytest.raises(CheckpointError, match=re.escape(problem)):
+        read_state_dict(path)
