@@ -86,11 +86,11 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     data = _read_whole(path)
-    digest = hashlib.sha256(memoryview(data.numpy())).hexdigest()[:12]
+    digest = hashlib.sha256(data.numpy().data).hexdigest()[:12]
     try:
         if path.suffix == ".safetensors":
             return _safetensors_views(data, path), digest
-        state = torch.load(io.BytesIO(memoryview(data.numpy())), map_location="cpu", weights_only=True)
+        state = torch.load(io.BytesIO(data.numpy().data), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:  # any parse failure of an untrusted file is reported, never propagated raw
@@ -109,7 +109,7 @@ def _read_whole(path: Path) -> torch.Tensor:
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
         data = torch.empty(size, dtype=torch.uint8)
-        view, done = memoryview(data.numpy()), 0
+        view, done = data.numpy().data, 0
         while done < size and (n := f.readinto(view[done : done + _READ_CHUNK])):
             done += n
     if done != size:
