@@ -100,7 +100,7 @@ class Compactor:
                     await self._task
 
     async def _run(self, base: str, log_bytes: int) -> None:
-        outcome = "failed"
+        outcome: str | None = "failed"
         try:
             outcome = await self._fold(base, log_bytes)
         except Exception as err:
@@ -109,12 +109,13 @@ class Compactor:
             self._task = None
             if outcome != "ok":
                 self._not_before = asyncio.get_running_loop().time() + RETRY_S
-        if outcome != "running":
+        if outcome is not None:
             self._metrics.compactions.labels(outcome).inc()
 
-    async def _fold(self, base: str, log_bytes: int) -> str:
+    async def _fold(self, base: str, log_bytes: int) -> str | None:
+        """Runs one fold; its outcome (None: not run, another process folding, or this server stopping)."""
         if self._lock_taken():
-            return "running"
+            return None
         config = self._config
         assert config.checkpoint is not None  # the settings refuse compaction without one
         command = [sys.executable, "-m", "embserve.client.cli", "compact", "--model", config.model]
@@ -138,8 +139,11 @@ class Compactor:
         code = await child.wait()
         self._child = None
         said = tail.decode(errors="replace").strip()
+        if self._closed:
+            logger.info("compaction stopped with the server", extra={"base": base, "exit_code": code})
+            return None
         if code == EXIT_RUNNING:
-            return "running"
+            return None
         if code == EXIT_OTHER_BASE:
             logger.info("the checkpoint holds a newer base already", extra={"base": base})
             await self._reload(base)

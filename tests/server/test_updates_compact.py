@@ -253,3 +253,51 @@ def test_background_compaction_settings_are_checked(tmp_path: Path, config: Mode
     )
     with pytest.raises(StartupError, match="--compact-after-bytes with --checkpoint .*symbolic link to it"):
         check_startup(settings)
+
+
+def test_a_failed_background_compaction_is_counted_and_the_old_base_keeps_serving(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig
+) -> None:
+    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    before = checkpoint.read_bytes()
+    settings = {
+        "model": str(write_model_config(config, tmp_path / "m.yaml")),
+        "checkpoint": str(checkpoint),
+        "updates": {"enabled": True, "compact_after_bytes": 64},
+    }
+    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    base = handle.server.updater.base
+    int8 = encode_rows(torch.full((1, 8), 0.3), ServingDType.INT8)[:, :12]  # a float checkpoint cannot hold it
+    with Client(handle.address) as client:
+        client.update_rows("topics", [3], int8.tobytes(), serving=True)
+        wait_until(lambda: handle.metric("embserve_compactions_total", {"outcome": "failed"}) == 1, 120, "a failure")
+        client.update_rows("user", [1], _row(1))  # within the minute after a failure: no second try
+        served = client.lookup({"user": [[1]]})
+    assert served.model_version == f"{base}+2" and handle.server.compactor is not None
+    np.testing.assert_array_equal(served["user"][0], _row(1)[0])
+    assert not handle.server.compactor.running and checkpoint.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.updates", "m.yaml"]
+
+
+def test_a_stop_during_a_background_compaction_ends_it_and_leaves_the_checkpoint(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig
+) -> None:
+    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    before = checkpoint.read_bytes()
+    settings = {
+        "model": str(write_model_config(config, tmp_path / "m.yaml")),
+        "checkpoint": str(checkpoint),
+        "updates": {"enabled": True, "compact_after_bytes": 64},
+    }
+    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    compactor = handle.server.compactor
+    assert compactor is not None
+    with Client(handle.address) as client:
+        client.update_rows("user", [1], _row(1))
+    wait_until(lambda: compactor._child is not None, 30, "the compaction's child process")
+    child = compactor._child
+    handle.stop()
+    assert child.returncode is not None and not compactor.running
+    assert handle.metric("embserve_compactions_total", {"outcome": "ok"}) == 0
+    assert checkpoint.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.updates", "m.yaml"]
