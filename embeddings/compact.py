@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -183,11 +183,18 @@ def _compact_file(
 
 
 def compact(
-    config: ModelConfig, checkpoint: str | Path, log_dir: str | Path, output: str | Path, *, replace: bool = False
+    config: ModelConfig,
+    checkpoint: str | Path,
+    log_dir: str | Path,
+    output: str | Path,
+    *,
+    replace: bool = False,
+    unchanged: Callable[[], None] | None = None,
 ) -> Compaction:
     """Folds the delta log of `checkpoint`'s base (in `log_dir`) into a new base at `output` (a row directory for a
     row directory, else a safetensors file), written under a temporary name, synced and renamed, with what it
     folded. `replace`: a file at `output` (the checkpoint itself, say) is replaced; otherwise it is refused.
+    `unchanged`: called just before the rename, raises to drop the output (the checkpoint changed meanwhile).
 
     Raises:
         CheckpointError: no log for the base, an output that exists, or updates a float checkpoint cannot hold.
@@ -211,6 +218,8 @@ def compact(
             through, rows = _compact_rows(config, checkpoint, log, tmp, f"{base}+{log.sequence}", folded)
         else:
             through, rows = _compact_file(config, checkpoint, log, tmp, folded)
+        if unchanged is not None:
+            unchanged()
         os.replace(tmp, output)
         _fsync(output.parent)
     except BaseException:
@@ -229,6 +238,8 @@ def in_place_problem(checkpoint: str | Path) -> str | None:
     path = Path(checkpoint)
     if path.is_symlink() and is_row_directory(path):
         return None
+    if path.is_symlink():
+        return "a symbolic link to a file is not replaced in place: point the checkpoint at the file itself"
     if is_row_directory(path):
         return (
             "a row directory is not replaced in place: point the checkpoint at a symbolic link to it (the compaction "
@@ -267,21 +278,60 @@ def compact_in_place(
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CompactionRunning(f"another compaction of the logs in {str(log_dir)!r} is running") from None
+        _remove_stale(checkpoint)
+        before = _identity(checkpoint)
         if if_base is not None and base_version(config, checkpoint) != if_base:
             return None
+
+        def unchanged() -> None:
+            if _identity(checkpoint) != before:
+                raise CheckpointError(f"{str(checkpoint)!r} changed while it was compacted; nothing was replaced")
+
         if not checkpoint.is_symlink():
-            return compact(config, checkpoint, log_dir, checkpoint, replace=True)
+            return compact(config, checkpoint, log_dir, checkpoint, replace=True, unchanged=unchanged)
         target = checkpoint.resolve()
         output = _beside(target.parent, checkpoint.name)
         result = compact(config, checkpoint, log_dir, output)
         link = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.link")
-        link.unlink(missing_ok=True)
-        os.symlink(output.name if output.parent == checkpoint.parent.resolve() else str(output), link)
-        os.replace(link, checkpoint)
+        try:
+            unchanged()
+            link.unlink(missing_ok=True)
+            os.symlink(output.name if output.parent == checkpoint.parent.resolve() else str(output), link)
+            os.replace(link, checkpoint)
+        except BaseException:
+            link.unlink(missing_ok=True)
+            shutil.rmtree(output, ignore_errors=True)
+            raise
         _fsync(checkpoint.parent)
         return dataclasses.replace(result, output=checkpoint)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _identity(checkpoint: Path) -> object:
+    """What changes when someone replaces or rewrites the checkpoint: a file's inode, size and time; for a link to a
+    row directory, where it points and the same of each of the directory's files."""
+
+    def stat(path: Path) -> tuple[int, int, int, int]:
+        st = path.stat()
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    if not checkpoint.is_symlink():
+        return stat(checkpoint)
+    return (os.readlink(checkpoint), [(f.name, stat(f)) for f in sorted(checkpoint.resolve().iterdir())])
+
+
+def _remove_stale(checkpoint: Path) -> None:
+    """Removes what an in-place compaction of `checkpoint` that was killed left (its temporary output and link);
+    called under the lock, so no compaction is writing them."""
+    if checkpoint.is_symlink():
+        for tmp in checkpoint.resolve().parent.glob(f".{checkpoint.name}.*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for link in checkpoint.parent.glob(f".{checkpoint.name}.*.link"):
+            link.unlink(missing_ok=True)
+    else:
+        for tmp in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp{checkpoint.suffix}"):
+            tmp.unlink(missing_ok=True)
 
 
 def _beside(folder: Path, name: str) -> Path:

@@ -17,6 +17,7 @@ import math
 import os
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,12 +86,13 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     during loading can never pair one version's weights with another's digest."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    data = _read_whole(path)
-    digest = hashlib.sha256(data.numpy().data).hexdigest()[:12]
     try:
         if path.suffix == ".safetensors":
-            return _safetensors_views(data, path), digest
-        state = torch.load(io.BytesIO(data.numpy().data), map_location="cpu", weights_only=True)
+            data = _read_whole(path)
+            return _safetensors_views(data, path), hashlib.sha256(data.numpy().data).hexdigest()[:12]
+        raw = path.read_bytes()  # a torch file: BytesIO shares `bytes` without a copy
+        digest = hashlib.sha256(raw).hexdigest()[:12]
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
     except Exception as err:  # any parse failure of an untrusted file is reported, never propagated raw
@@ -119,35 +121,60 @@ def _read_whole(path: Path) -> torch.Tensor:
 
 def _safetensors_views(data: torch.Tensor, path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file's tensors as views of its bytes (`data`, read whole): no copy, and no long call that
-    holds the interpreter lock, so that a server keeps answering while a reload reads its weights."""
+    holds the interpreter lock, so that a server keeps answering while a reload reads its weights. The header is
+    checked as the safetensors library checks it: integer shapes and offsets, each tensor's bytes matching its
+    shape and dtype, the tensors laid end to end over the whole data, no name twice, string metadata."""
     size = data.numel()
     length = int.from_bytes(data[:8].numpy().tobytes(), "little") if size >= 8 else -1
     if not 0 < length <= min(MAX_HEADER_BYTES, size - 8):
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: not a safetensors file (no header)")
+
+    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise CheckpointError(f"cannot read checkpoint {str(path)!r}: its header names a tensor twice")
+        return dict(pairs)
+
     try:
-        header = json.loads(data[8 : 8 + length].numpy().tobytes())
+        header = json.loads(data[8 : 8 + length].numpy().tobytes(), object_pairs_hook=no_repeats)
     except ValueError as err:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: its header is not JSON: {err}") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: its header is not a mapping")
-    base, state = 8 + length, {}
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: its metadata is not a mapping of strings")
+    base, spans = 8 + length, []
     for name, entry in header.items():
-        if name == "__metadata__":
-            continue
         try:
             dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            start, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = entry["shape"], entry["data_offsets"]
+            if not all(type(x) is int and x >= 0 for x in [*shape, *offsets]) or len(offsets) != 2:
+                raise TypeError
+        except (KeyError, TypeError):
             raise CheckpointError(
                 f"cannot read checkpoint {str(path)!r}: tensor {name!r} has no valid dtype, shape and offsets"
             ) from None
-        if min(shape, default=0) < 0 or not 0 <= start <= end <= size - base:
-            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or damaged: tensor {name!r}")
+        start, end = offsets
         if end - start != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(
                 f"cannot read checkpoint {str(path)!r}: tensor {name!r} has {end - start} bytes for shape {shape}"
             )
+        spans.append((start, end, name, dtype, shape))
+    spans.sort(key=lambda span: span[:2])
+    ends = [0] + [end for _, end, *_ in spans]
+    for (start, _, name, *_), previous_end in zip(spans, ends):
+        if start != previous_end:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is damaged: tensor {name!r} does not follow the one before"
+            )
+    if ends[-1] != size - base:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or damaged: its tensors take {ends[-1]} bytes and its data has "
+            f"{size - base}"
+        )
+    state = {}
+    for start, end, name, dtype, shape in spans:
         raw = data[base + start : base + end]
         if (base + start) % dtype.itemsize:  # not aligned for its type: a copy that is
             raw = raw.clone()

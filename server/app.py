@@ -208,13 +208,15 @@ class EmbserveServer:
             log_grew=self.compactor.log_grew if self.compactor is not None else None,
         )
 
-    async def _serve_compacted(self, base: str) -> None:
-        """After a background compaction of `base`: serves the checkpoint's new content, unless this process has
-        moved on from `base` already (a worker asks its supervisor, which moves every worker)."""
+    async def _serve_compacted(self, base: str, here: bool) -> None:
+        """After a compaction of `base` (`here`: by this process): serves the checkpoint's new content, unless this
+        process has moved on from `base` already. A worker that folded asks its supervisor, which moves every worker;
+        the other workers leave it to that one."""
         if self.updater is None or self.updater.base != base:
             return
         if self.supervised:
-            os.kill(os.getppid(), signal.SIGHUP)
+            if here:
+                os.kill(os.getppid(), signal.SIGHUP)
             return
         try:
             await self.reload()
@@ -352,6 +354,8 @@ class EmbserveServer:
         """Drains: health NOT_SERVING, new calls UNAVAILABLE, accepted calls finish within `grace` seconds."""
         grace = self.config.grace_period_s if grace is None else grace
         self.door.begin_drain()
+        if self.compactor is not None:  # before the grace period: a fold ending now must not start a reload
+            await self.compactor.close()
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -362,8 +366,6 @@ class EmbserveServer:
             await self._server.stop(max(0.0, deadline - loop.time()))
         if self._reaper is not None:
             self._reaper.cancel()
-        if self.compactor is not None:
-            await self.compactor.close()
         await self.backend.close()
         if self.updater is not None:
             await self.updater.close()

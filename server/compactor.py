@@ -9,12 +9,16 @@ holding a newer base, and do nothing. Lookups and updates go on meanwhile: the u
 to the old log and are carried over when the new base loads (`carry_over`).
 
 After a fold the server reloads: a single server itself, a worker by asking its supervisor (SIGHUP), which moves
-every worker. A failed fold is logged and counted, and tried again at the first update a minute later.
+every worker. A process that finds the path holding a compaction of its base that another process made reloads too
+(a worker leaves that to the worker that folded); a path holding some other checkpoint is left to the operator (a
+SIGHUP serves it). A base is folded or found folded once: its log growing further starts nothing more. A failed fold
+is logged and counted, and tried again at the first update a minute later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import fcntl
 import logging
@@ -24,7 +28,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from embserve.embeddings.compact import LOCK_FILE
+from embserve.embeddings.compact import LOCK_FILE, compacted_from
 from embserve.embeddings.compact_cli import EXIT_OTHER_BASE, EXIT_RUNNING
 
 from .config import ServerConfig
@@ -34,7 +38,7 @@ __all__ = ["Compactor"]
 
 logger = logging.getLogger(__name__)
 
-RETRY_S = 60.0  # after a fold that did not happen, the next try waits this long
+RETRY_S = 60.0  # after a fold that failed or found another running, the next try waits this long
 _OUTPUT_TAIL = 4096  # bytes of the child's output kept for the log
 _STOP_WAIT_S = 10.0
 
@@ -45,17 +49,19 @@ class Compactor:
     Args:
         config: the server's settings (model, checkpoint, updates).
         log_dir: where the delta logs live.
-        reload: called with the base just folded (or found folded by another process already): serves the
-            checkpoint's new content, if this process still serves that base.
+        reload: called with the base just folded (True: by this process; False: by another process, the path
+            holding a compaction of it): serves the checkpoint's new content, if this process still serves that base.
         metrics: `embserve_compactions_total{outcome}`.
     """
+
+    program = [sys.executable, "-m", "embserve.client.cli"]  # the `embserve` command the child runs
 
     def __init__(
         self,
         config: ServerConfig,
         log_dir: Path,
         *,
-        reload: Callable[[str], Awaitable[object]],
+        reload: Callable[[str, bool], Awaitable[object]],
         metrics: ServerMetrics,
     ) -> None:
         self._config = config
@@ -67,6 +73,7 @@ class Compactor:
         self._child: asyncio.subprocess.Process | None = None
         self._not_before = 0.0
         self._closed = False
+        self._folded: collections.deque[str] = collections.deque(maxlen=8)  # bases folded or found folded
 
     @property
     def running(self) -> bool:
@@ -75,6 +82,8 @@ class Compactor:
     def log_grew(self, base: str, log_bytes: int) -> None:
         """Called on the event loop after each update applied over `base`, whose log now holds `log_bytes`."""
         if not self._after or log_bytes < self._after or self._task is not None or self._closed:
+            return
+        if base in self._folded:  # its reload is on its way (or was left to the operator)
             return
         loop = asyncio.get_running_loop()
         if loop.time() < self._not_before:
@@ -107,7 +116,7 @@ class Compactor:
             logger.error("compaction failed", extra={"base": base, "error": f"{type(err).__name__}: {err}"})
         finally:
             self._task = None
-            if outcome != "ok":
+            if outcome not in ("ok", "other_base"):  # those bases are not tried again (`_folded`)
                 self._not_before = asyncio.get_running_loop().time() + RETRY_S
         if outcome is not None:
             self._metrics.compactions.labels(outcome).inc()
@@ -118,7 +127,7 @@ class Compactor:
             return None
         config = self._config
         assert config.checkpoint is not None  # the settings refuse compaction without one
-        command = [sys.executable, "-m", "embserve.client.cli", "compact", "--model", config.model]
+        command = [*self.program, "compact", "--model", config.model]
         command += ["--checkpoint", config.checkpoint, "--updates-dir", str(self._log_dir)]
         command += ["--in-place", "--if-base", base]
         logger.info("compacting the delta log", extra={"base": base, "log_bytes": log_bytes})
@@ -132,6 +141,8 @@ class Compactor:
         )
         self._child = child
         _lower_priority(child.pid, config.updates.nice)
+        if self._closed:  # the server stopped while the child started
+            child.terminate()
         tail = b""
         assert child.stdout is not None
         while chunk := await child.stdout.read(1 << 16):
@@ -145,8 +156,17 @@ class Compactor:
         if code == EXIT_RUNNING:
             return None
         if code == EXIT_OTHER_BASE:
-            logger.info("the checkpoint holds a newer base already", extra={"base": base})
-            await self._reload(base)
+            self._folded.append(base)
+            folded = await asyncio.to_thread(compacted_from, config.checkpoint)
+            if folded is not None and folded.get("base") == base:
+                logger.info("another process compacted the served base", extra={"base": base})
+                await self._reload(base, False)
+            else:
+                logger.warning(
+                    "the checkpoint holds another base than the served one, not a compaction of it: not reloaded "
+                    "(SIGHUP serves it)",
+                    extra={"base": base},
+                )
             return "other_base"
         if code != 0:
             logger.error("compaction failed", extra={"base": base, "exit_code": code, "output": said})
@@ -155,7 +175,8 @@ class Compactor:
             "compacted the delta log",
             extra={"base": base, "seconds": round(time.perf_counter() - started, 3), "output": said},
         )
-        await self._reload(base)
+        self._folded.append(base)
+        await self._reload(base, True)
         return "ok"
 
     def _lock_taken(self) -> bool:

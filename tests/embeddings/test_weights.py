@@ -144,10 +144,14 @@ def test_broadcastable_shapes_are_refused(tmp_path: Path, shape: tuple[int, ...]
     np.testing.assert_array_equal(_weights(model)["user"], before)  # nothing written
 
 
-def _safetensors_file(path: Path, entries: dict[str, tuple[str, list[int], int, int]], data: bytes) -> Path:
-    """A safetensors file written by hand: header entries (dtype, shape, start, end) over `data`."""
+def _safetensors_file(
+    path: Path, entries: dict[str, tuple[str, list[int], int, int]], data: bytes, *, data_at: int = 8
+) -> Path:
+    """A safetensors file written by hand: header entries (dtype, shape, start, end) over `data`, which starts at a
+    byte offset that is `data_at` modulo 8 (the header padded with spaces)."""
     header = {k: {"dtype": d, "shape": s, "data_offsets": [a, b]} for k, (d, s, a, b) in entries.items()}
     text = json.dumps(header).encode()
+    text += b" " * ((data_at - 8 - len(text)) % 8)
     path.write_bytes(len(text).to_bytes(8, "little") + text + data)
     return path
 
@@ -174,18 +178,23 @@ def test_safetensors_reads_as_the_safetensors_library_reads_them(tmp_path: Path)
         assert torch.equal(read[key].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), key
     # A tensor whose bytes start off its type's alignment is read too (copied to an aligned place).
     values = np.arange(6, dtype="<f4")
-    odd = _safetensors_file(tmp_path / "odd.safetensors", {"x": ("F32", [2, 3], 1, 25)}, b"\0" + values.tobytes())
+    odd = _safetensors_file(tmp_path / "odd.safetensors", {"x": ("F32", [2, 3], 0, 24)}, values.tobytes(), data_at=3)
+    assert (8 + int.from_bytes(odd.read_bytes()[:8], "little")) % 4 == 3
     np.testing.assert_array_equal(read_state_dict(odd)[0]["x"].numpy(), values.reshape(2, 3))
 
 
 @pytest.mark.parametrize(
     ("entries", "data", "problem"),
     [
-        ({"x": ("F32", [4], 0, 16)}, b"\0" * 8, "truncated or damaged: tensor 'x'"),
+        ({"x": ("F32", [4], 0, 16)}, b"\0" * 8, "its tensors take 16 bytes and its data has 8"),
+        ({"x": ("F32", [4], 0, 16)}, b"\0" * 24, "its tensors take 16 bytes and its data has 24"),
         ({"x": ("F32", [4], 0, 12)}, b"\0" * 16, "tensor 'x' has 12 bytes for shape [4]"),
-        ({"x": ("F32", [-4], 0, 0)}, b"", "truncated or damaged: tensor 'x'"),
+        ({"x": ("F32", [-4], 0, 0)}, b"", "tensor 'x' has no valid dtype, shape and offsets"),
+        ({"x": ("F32", [2.0], 0, 8)}, b"\0" * 8, "tensor 'x' has no valid dtype, shape and offsets"),
         ({"x": ("Q4", [4], 0, 16)}, b"\0" * 16, "tensor 'x' has no valid dtype, shape and offsets"),
-        ({"x": ("F32", [4], 8, 0)}, b"\0" * 16, "truncated or damaged: tensor 'x'"),
+        ({"x": ("F32", [4], 16, 0)}, b"\0" * 16, "tensor 'x' has -16 bytes for shape [4]"),
+        ({"x": ("F32", [2], 0, 8), "y": ("F32", [2], 4, 12)}, b"\0" * 12, "tensor 'y' does not follow the one before"),
+        ({"x": ("F32", [2], 0, 8), "y": ("F32", [2], 12, 20)}, b"\0" * 20, "tensor 'y' does not follow the one before"),
     ],
 )
 def test_damaged_safetensors_headers_are_refused_naming_the_tensor(
@@ -194,3 +203,14 @@ def test_damaged_safetensors_headers_are_refused_naming_the_tensor(
     path = _safetensors_file(tmp_path / "bad.safetensors", entries, data)
     with pytest.raises(CheckpointError, match=re.escape(problem)):
         read_state_dict(path)
+
+
+def test_safetensors_headers_with_a_name_twice_or_odd_metadata_are_refused(tmp_path: Path) -> None:
+    twice = b'{"x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, "x": {"dtype": "U8", "shape": [1], '
+    twice += b'"data_offsets": [0, 1]}}'
+    odd = b'{"__metadata__": {"a": 1}, "x": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
+    for name, header, problem in (("twice", twice, "names a tensor twice"), ("odd", odd, "not a mapping of strings")):
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0")
+        with pytest.raises(CheckpointError, match=problem):
+            read_state_dict(path)

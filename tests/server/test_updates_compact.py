@@ -4,10 +4,12 @@ those answered after the compaction included (carried over once, however often t
 from __future__ import annotations
 
 import fcntl
+import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,6 +155,7 @@ def test_in_place_compaction_keeps_the_path_and_the_rows_and_runs_once(tmp_path:
     log_dir.mkdir()
     old_base = base_version(config, checkpoint)
     _append(log_dir, old_base, [3, 9], 0.25)
+    (tmp_path / ".a.safetensors.4242.tmp.safetensors").write_bytes(b"left by a killed compaction")
     with open(log_dir / LOCK_FILE, "w") as held:  # another compaction at work
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(CompactionRunning, match="another compaction"):
@@ -189,6 +192,53 @@ def test_in_place_compaction_of_a_linked_row_directory_swaps_the_link(tmp_path: 
     np.testing.assert_array_equal(stored[:, :64].copy().view("<f4"), expected)
     assert "symbolic link" in str(in_place_problem(tmp_path / "rows-1")) and in_place_problem(link) is None
     assert ".safetensors file" in str(in_place_problem(tmp_path / "w.pt"))
+    (tmp_path / "file-link.safetensors").symlink_to(_checkpoint(config, weights, tmp_path / "w.safetensors"))
+    assert "point the checkpoint at the file itself" in str(in_place_problem(tmp_path / "file-link.safetensors"))
+
+
+def test_a_checkpoint_replaced_during_an_in_place_compaction_is_kept(
+    tmp_path: Path, config: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import embserve.embeddings.compact as compaction
+
+    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    log_dir = default_log_dir(checkpoint)
+    log_dir.mkdir()
+    _append(log_dir, base_version(config, checkpoint), [3], 0.25)
+    fold = compaction._compact_file
+    published = _checkpoint(config, _floats(config, seed=7), tmp_path / "new.safetensors").read_bytes()
+
+    def fold_while_a_trainer_publishes(*args: Any) -> tuple[int, int]:
+        done = fold(*args)
+        checkpoint.with_name("publish.tmp").write_bytes(published)
+        os.replace(checkpoint.with_name("publish.tmp"), checkpoint)
+        return done
+
+    monkeypatch.setattr(compaction, "_compact_file", fold_while_a_trainer_publishes)
+    with pytest.raises(CheckpointError, match="changed while it was compacted; nothing was replaced"):
+        compact_in_place(config, checkpoint, log_dir)
+    assert checkpoint.read_bytes() == published
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.updates", "new.safetensors"]
+
+
+def _held_fold(tmp_path: Path) -> Path:
+    """`embserve` whose compaction, once it has folded the log, says so (a file) and waits for another file."""
+    script = tmp_path / "held_fold.py"
+    script.write_text(
+        "import pathlib, sys, time\n"
+        "import embserve.embeddings.compact as compaction\n"
+        "fold = compaction._compact_file\n"
+        "def held(*args):\n"
+        "    done = fold(*args)\n"
+        "    pathlib.Path(sys.argv[1]).touch()\n"
+        "    while not pathlib.Path(sys.argv[2]).exists():\n"
+        "        time.sleep(0.01)\n"
+        "    return done\n"
+        "compaction._compact_file = held\n"
+        "from embserve.client.cli import main\n"
+        "sys.exit(main(sys.argv[3:]))\n"
+    )
+    return script
 
 
 def test_the_server_compacts_its_log_in_the_background_and_serves_the_new_base(
@@ -204,17 +254,23 @@ def test_the_server_compacts_its_log_in_the_background_and_serves_the_new_base(
     handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
     old_base = handle.server.updater.base
     expected = weights["user"].numpy().copy()
+    compactor = handle.server.compactor
+    assert compactor is not None
+    folded, go_on = tmp_path / "folded", tmp_path / "go-on"
+    compactor.program = [sys.executable, str(_held_fold(tmp_path)), str(folded), str(go_on)]
     with Client(handle.address) as client:
         client.update_rows("user", list(range(100)), np.full((100, 16), 0.5, np.float32))  # 6.4 kB: over the mark
         expected[:100] = 0.5
-        for i in (150, 151):  # answered while the fold runs, or after it: kept either way
+        wait_until(folded.exists, 60, "the fold to read the log")
+        for i in (150, 151):  # answered after the fold read the log: carried over into the new base's log
             client.update_rows("user", [i], _row(i))
             expected[i] = i
+        go_on.touch()
         wait_until(lambda: handle.metric("embserve_compactions_total", {"outcome": "ok"}) == 1, 120, "a compaction")
         wait_until(lambda: handle.server.updater.base != old_base, 30, "the reload of the compacted base")
         served = client.lookup({"user": [[i] for i in range(2000)]})
         new_base = handle.server.updater.base
-        assert served.model_version.split("+")[0] == new_base == base_version(config, checkpoint)
+        assert served.model_version == f"{new_base}+2" and new_base == base_version(config, checkpoint)
         client.update_rows("user", [1999], _row(-3))  # the new base's log takes updates
         expected[1999] = -3
     np.testing.assert_array_equal(served["user"][:1999], expected[:1999])
@@ -301,3 +357,37 @@ def test_a_stop_during_a_background_compaction_ends_it_and_leaves_the_checkpoint
     assert handle.metric("embserve_compactions_total", {"outcome": "ok"}) == 0
     assert checkpoint.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.updates", "m.yaml"]
+
+
+def test_a_base_compacted_by_another_process_is_reloaded_and_another_checkpoint_is_left_to_the_operator(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig
+) -> None:
+    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    settings = {
+        "model": str(write_model_config(config, tmp_path / "m.yaml")),
+        "checkpoint": str(checkpoint),
+        "updates": {"enabled": True, "compact_after_bytes": 64},
+    }
+    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    old_base = handle.server.updater.base
+    log_dir = default_log_dir(checkpoint)
+    with open(log_dir / LOCK_FILE, "w") as held:  # the server's compaction waits: another process holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with Client(handle.address) as client:
+            client.update_rows("user", [1], _row(1))
+    folded = compact_in_place(config, checkpoint, log_dir)  # the other process (an operator, another replica)
+    assert folded is not None
+    handle.server.compactor._not_before = 0.0  # no minute's wait before the next try
+    with Client(handle.address) as client:
+        client.update_rows("user", [2], _row(2))  # the server's fold finds the path folded already, and reloads
+        wait_until(lambda: handle.server.updater.base == folded.version, 60, "the reload of the other's compaction")
+        served = client.lookup({"user": [[1], [2]]})
+        assert served.model_version == f"{folded.version}+1"  # update 2, carried over
+        np.testing.assert_array_equal(served["user"], np.concatenate([_row(1), _row(2)]))
+        assert handle.metric("embserve_compactions_total", {"outcome": "other_base"}) == 1
+        # A checkpoint that is not a compaction of the served base is the operator's to serve (SIGHUP).
+        _checkpoint(config, _floats(config, seed=9), checkpoint)
+        client.update_rows("user", [3], _row(3))
+        wait_until(lambda: handle.metric("embserve_compactions_total", {"outcome": "other_base"}) == 2, 60, "a look")
+        assert client.lookup({"user": [[3]]}).model_version == f"{folded.version}+2"
+    assert handle.server.updater.base == folded.version != old_base

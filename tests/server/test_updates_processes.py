@@ -8,6 +8,7 @@ import functools
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -131,16 +132,17 @@ def test_workers_compact_the_log_in_the_background_and_all_move_to_the_new_base(
         with Client(address) as client:
             old = client.metadata().version
             client.update_rows("user", list(range(100)), np.full((100, 16), 0.5, np.float32))  # over the mark
-        compacted = server.logs.wait("compacted the delta log", timeout=120)
-        server.logs.wait("reloaded", 3, timeout=120)  # the supervisor and both workers
-        assert len(compacted) == 1  # one fold, whichever worker saw the log grow first
+        server.logs.wait("compacted the delta log", timeout=120)
+        reloads = server.logs.wait("reloaded", 3, timeout=120)  # the supervisor and both workers
+        new = str(next(e for e in reloads if "in_place" in e)["version"])  # the supervisor's
+        assert new.split("-")[0] == old.split("-")[0] and new != old.split("+")[0]
 
         def everywhere() -> bool:
             """Fresh connections land on both workers: all of them serve the new base with the update in it."""
             for _ in range(12):
                 with Client(address) as client:
                     served = client.lookup({"user": [[5], [150]]})
-                    if served.model_version == old or not (served["user"][0] == 0.5).all():
+                    if served.model_version != new or not (served["user"][0] == 0.5).all():
                         return False
             return True
 
@@ -148,3 +150,6 @@ def test_workers_compact_the_log_in_the_background_and_all_move_to_the_new_base(
         with Client(address) as client:
             assert client.update_rows("user", [150], _row(150)).sequence == 1  # the new base's log
             np.testing.assert_array_equal(client.lookup({"user": [[151]]})["user"][0], base["user"][151])
+        time.sleep(1.0)  # time for a second fold or reload to show, were one started
+        assert len([e for e in server.logs.entries if e.get("msg") == "compacted the delta log"]) == 1
+        assert len([e for e in server.logs.entries if e.get("msg") == "reloaded"]) == 3
