@@ -19,9 +19,9 @@ __all__ = ["Backend", "BatchOutput", "ModelView"]
 
 @dataclasses.dataclass(frozen=True)
 class BatchOutput:
-    """One request's answer: its serialized LookupResponse and its number of examples; for front ends that frame
-    the rows in another protocol's message, the rows as a view into `response` (no copy) and the version of the
-    model that computed them."""
+    """One request's answer: its serialized answer (a LookupResponse, or what the request's `frame` made) and its
+    number of examples; the rows as a view into `response` (no copy) and the version of the model that computed
+    them."""
 
     response: bytes
     batch_size: int

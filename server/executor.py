@@ -133,9 +133,18 @@ class BatchExecutor:
         results = []
         for r, req in enumerate(requests):  # one step per request: slice, cast, serialize
             payload = rows_as_bytes(output[int(offsets[r]) : int(offsets[r + 1])], req.output_dtype)
-            response = encoder.encode(
-                payload, batch_size=req.batch_size, output_dtype=req.output_dtype, request_id=req.request_id
-            )
+            if req.frame is not None:  # another protocol's answer (ModelInfer)
+                response = req.frame(
+                    payload,
+                    batch_size=req.batch_size,
+                    output_dim=encoder.output_dim,
+                    model_name=model.config.name,
+                    model_version=model.version,
+                )
+            else:
+                response = encoder.encode(
+                    payload, batch_size=req.batch_size, output_dtype=req.output_dtype, request_id=req.request_id
+                )
             rows = rows_in(response, payload.nbytes)
             results.append(BatchOutput(response, req.batch_size, rows, model.version))
         return results

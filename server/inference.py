@@ -10,6 +10,8 @@ state. Status codes are Triton's for the same conditions (`errors.oip_status_cod
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import importlib.metadata
 from collections.abc import Awaitable, Callable
 
@@ -25,7 +27,7 @@ from .framing import field_header
 from .frontdoor import FrontDoor, Refusal
 from .request import SparseRequest
 
-__all__ = ["InferenceServicer", "model_metadata"]
+__all__ = ["InferenceServicer", "infer_response", "model_metadata"]
 
 SERVER_NAME = "embserve"
 PLATFORM = "torchrec"
@@ -59,31 +61,24 @@ class InferenceServicer:
 
     async def ModelInfer(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """The answer stays counted among those not yet taken until the call is over, as Lookup's does."""
-        work = self._door.serve(request, context, self._door.decode_infer, self._frame)
+        work = self._door.serve(request, context, self._decode, self._checked)
         return await self._answer("ModelInfer", work, context, in_flight=True)
 
-    def _frame(self, request: oip.ModelInferRequest, sparse: SparseRequest, out: BatchOutput) -> bytes:
-        """The ModelInferResponse around the rows of the backend's answer (copied once, here), named by the
-        version that computed them; `UnknownModel` when the request named another (a reload replaced it while the
-        request waited)."""
+    def _decode(self, raw: bytes) -> tuple[oip.ModelInferRequest, SparseRequest]:
+        """The request, decoded, whose answer the backend frames as a ModelInferResponse (`infer_response`)."""
+        request, sparse = self._door.decode_infer(raw)
+        frame = functools.partial(infer_response, request_id=request.id, datatype=oip.DATATYPE_OF[sparse.output_dtype])
+        return request, dataclasses.replace(sparse, frame=frame)
+
+    def _checked(self, request: oip.ModelInferRequest, sparse: SparseRequest, out: BatchOutput) -> bytes:
+        """The backend's answer, named by the version that computed it; `UnknownModel` when the request named
+        another (a reload replaced it while the request waited)."""
         if request.model_version and request.model_version != out.model_version:
             raise UnknownModel(
                 f"version {request.model_version!r} of model {request.model_name!r} was replaced by "
                 f"{out.model_version!r} while this request waited; retry"
             )
-        header = oip.ModelInferResponse(
-            model_name=self._door.model.config.name,
-            model_version=out.model_version,
-            id=request.id,
-            outputs=[
-                oip.ModelInferResponse.InferOutputTensor(
-                    name=oip.OUTPUT_NAME,
-                    datatype=oip.DATATYPE_OF[sparse.output_dtype],
-                    shape=[out.batch_size, self._door.schema.output_dim],
-                )
-            ],
-        ).SerializeToString()
-        return b"".join((header, field_header(_RAW_OUTPUT_FIELD, out.rows.nbytes), out.rows))
+        return out.response
 
     def _probe(self, method: str, answer: Callable[[], bytes], context: grpc.aio.ServicerContext) -> Awaitable[bytes]:
         async def work() -> bytes:
@@ -134,6 +129,31 @@ class InferenceServicer:
         """The service's handlers, request bytes handed to them unparsed (corrupt data is answered with
         INVALID_ARGUMENT) and responses already serialized."""
         return {name: grpc.unary_unary_rpc_method_handler(getattr(self, name)) for name in oip.METHODS}
+
+
+def infer_response(
+    rows: memoryview,
+    *,
+    request_id: str,
+    datatype: str,
+    batch_size: int,
+    output_dim: int,
+    model_name: str,
+    model_version: str,
+) -> bytes:
+    """A serialized ModelInferResponse around one request's rows (a `Framing`: they are copied once, here, where
+    the backend makes them), its raw output last."""
+    header = oip.ModelInferResponse(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        outputs=[
+            oip.ModelInferResponse.InferOutputTensor(
+                name=oip.OUTPUT_NAME, datatype=datatype, shape=[batch_size, output_dim]
+            )
+        ],
+    ).SerializeToString()
+    return b"".join((header, field_header(_RAW_OUTPUT_FIELD, rows.nbytes), rows))
 
 
 def model_metadata(model: ModelView) -> oip.ModelMetadataResponse:

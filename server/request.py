@@ -91,9 +91,19 @@ class ModelSchema:
         )
 
 
+class Framing(Protocol):
+    """Frames one request's rows (`output_dtype` bytes, `[batch_size, output_dim]`) as the serialized answer of the
+    protocol it came in, with the rows last; called where the rows are made, so that they are copied once."""
+
+    def __call__(
+        self, rows: memoryview, *, batch_size: int, output_dim: int, model_name: str, model_version: str
+    ) -> bytes: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseRequest:
-    """One validated request: its keys as canonical indices, lengths `[K, B]`, ids already in range."""
+    """One validated request: its keys as canonical indices, lengths `[K, B]`, ids already in range; `frame`: how
+    its answer is serialized (None: a LookupResponse)."""
 
     batch_size: int
     key_index: np.ndarray  # int64 [K]
@@ -103,3 +113,4 @@ class SparseRequest:
     ids_per_key: np.ndarray  # int64 [K]
     output_dtype: OutputDType = OutputDType.FLOAT32
     request_id: str = ""
+    frame: Framing | None = None

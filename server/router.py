@@ -208,7 +208,16 @@ class RouterBackend:
         version = shard_version(versions) if versions else self._model.version
         joined = self.layout.join(request.batch_size, rows)
         payload = to_output_bytes(joined, request.output_dtype)
-        response = self._frame(payload, request, version)
+        if request.frame is not None:  # another protocol's answer (ModelInfer)
+            response = request.frame(
+                memoryview(payload),
+                batch_size=request.batch_size,
+                output_dim=self.layout.output_dim,
+                model_name=self._model.config.name,
+                model_version=version,
+            )
+        else:
+            response = self._frame(payload, request, version)
         return BatchOutput(
             response=response,
             batch_size=request.batch_size,
