@@ -221,6 +221,20 @@ def test_a_checkpoint_replaced_during_an_in_place_compaction_is_kept(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "a.safetensors.updates", "new.safetensors"]
 
 
+def _compacting_server(
+    tmp_path: Path, server_factory: Factory, config: ModelConfig, after: int
+) -> tuple[ServerHandle, Path, dict[str, Any]]:
+    """A server on `a.safetensors` (seed-0 weights) with updates on and `compact_after_bytes=after`; the settings,
+    for a restart."""
+    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    settings = {
+        "model": str(write_model_config(config, tmp_path / "m.yaml")),
+        "checkpoint": str(checkpoint),
+        "updates": {"enabled": True, "compact_after_bytes": after},
+    }
+    return server_factory(build_serving_model(config, checkpoint=checkpoint), **settings), checkpoint, settings
+
+
 def _held_fold(tmp_path: Path) -> Path:
     """`embserve` whose compaction, once it has folded the log, says so (a file) and waits for another file."""
     script = tmp_path / "held_fold.py"
@@ -245,13 +259,7 @@ def test_the_server_compacts_its_log_in_the_background_and_serves_the_new_base(
     tmp_path: Path, server_factory: Factory, config: ModelConfig
 ) -> None:
     weights = _floats(config)
-    checkpoint = _checkpoint(config, weights, tmp_path / "a.safetensors")
-    settings = {
-        "model": str(write_model_config(config, tmp_path / "m.yaml")),
-        "checkpoint": str(checkpoint),
-        "updates": {"enabled": True, "compact_after_bytes": 4096},
-    }
-    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    handle, checkpoint, settings = _compacting_server(tmp_path, server_factory, config, 4096)
     old_base = handle.server.updater.base
     expected = weights["user"].numpy().copy()
     compactor = handle.server.compactor
@@ -314,14 +322,8 @@ def test_background_compaction_settings_are_checked(tmp_path: Path, config: Mode
 def test_a_failed_background_compaction_is_counted_and_the_old_base_keeps_serving(
     tmp_path: Path, server_factory: Factory, config: ModelConfig
 ) -> None:
-    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    handle, checkpoint, _ = _compacting_server(tmp_path, server_factory, config, 64)
     before = checkpoint.read_bytes()
-    settings = {
-        "model": str(write_model_config(config, tmp_path / "m.yaml")),
-        "checkpoint": str(checkpoint),
-        "updates": {"enabled": True, "compact_after_bytes": 64},
-    }
-    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
     base = handle.server.updater.base
     int8 = encode_rows(torch.full((1, 8), 0.3), ServingDType.INT8)[:, :12]  # a float checkpoint cannot hold it
     with Client(handle.address) as client:
@@ -338,14 +340,8 @@ def test_a_failed_background_compaction_is_counted_and_the_old_base_keeps_servin
 def test_a_stop_during_a_background_compaction_ends_it_and_leaves_the_checkpoint(
     tmp_path: Path, server_factory: Factory, config: ModelConfig
 ) -> None:
-    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
+    handle, checkpoint, _ = _compacting_server(tmp_path, server_factory, config, 64)
     before = checkpoint.read_bytes()
-    settings = {
-        "model": str(write_model_config(config, tmp_path / "m.yaml")),
-        "checkpoint": str(checkpoint),
-        "updates": {"enabled": True, "compact_after_bytes": 64},
-    }
-    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
     compactor = handle.server.compactor
     assert compactor is not None
     with Client(handle.address) as client:
@@ -362,13 +358,7 @@ def test_a_stop_during_a_background_compaction_ends_it_and_leaves_the_checkpoint
 def test_a_base_compacted_by_another_process_is_reloaded_and_another_checkpoint_is_left_to_the_operator(
     tmp_path: Path, server_factory: Factory, config: ModelConfig
 ) -> None:
-    checkpoint = _checkpoint(config, _floats(config), tmp_path / "a.safetensors")
-    settings = {
-        "model": str(write_model_config(config, tmp_path / "m.yaml")),
-        "checkpoint": str(checkpoint),
-        "updates": {"enabled": True, "compact_after_bytes": 64},
-    }
-    handle = server_factory(build_serving_model(config, checkpoint=checkpoint), **settings)
+    handle, checkpoint, _ = _compacting_server(tmp_path, server_factory, config, 64)
     old_base = handle.server.updater.base
     log_dir = default_log_dir(checkpoint)
     with open(log_dir / LOCK_FILE, "w") as held:  # the server's compaction waits: another process holds the lock
