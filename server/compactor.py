@@ -4,8 +4,9 @@ base at the checkpoint's own path and the server reloads it.
 The fold runs in a child process (`embserve compact --in-place --if-base <base>`), `--updates-nice` steps nicer
 than the server and on one intra-op thread, so that the lookups keep their cores and the server's memory and
 interpreter are not shared with it. One compaction of a log runs at a time, whichever process of `--workers N` (or
-of several servers on one checkpoint) sees the log grow first: the others find its lock taken, or, later, the path
-holding a newer base, and do nothing. Lookups and updates go on meanwhile: the updates answered during the fold go
+of several servers on one checkpoint) sees the log grow first: the others find its lock taken (a lock of the log
+folder the server holds while its child runs, so they start no child), or, later, the path holding a newer base,
+and do nothing. Lookups and updates go on meanwhile: the updates answered during the fold go
 to the old log and are carried over when the new base loads (`carry_over`).
 
 After a fold the server reloads: a single server itself, a worker by asking its supervisor (SIGHUP), which moves
@@ -28,7 +29,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from embserve.embeddings.compact import LOCK_FILE, compacted_from
+from embserve.embeddings.compact import compacted_from
 from embserve.embeddings.compact_cli import EXIT_OTHER_BASE, EXIT_RUNNING
 
 from .config import ServerConfig
@@ -38,6 +39,7 @@ __all__ = ["Compactor"]
 
 logger = logging.getLogger(__name__)
 
+SERVER_LOCK_FILE = "compact.server.lock"  # held by the server whose child folds (the child takes `LOCK_FILE`)
 RETRY_S = 60.0  # after a fold that failed or found another running, the next try waits this long
 _OUTPUT_TAIL = 4096  # bytes of the child's output kept for the log
 _STOP_WAIT_S = 10.0
@@ -123,8 +125,15 @@ class Compactor:
 
     async def _fold(self, base: str, log_bytes: int) -> str | None:
         """Runs one fold; its outcome (None: not run, another process folding, or this server stopping)."""
-        if self._lock_taken():
+        lock = self._claim()
+        if lock is None:
             return None
+        try:
+            return await self._fold_holding(base, log_bytes)
+        finally:
+            os.close(lock)  # releases it
+
+    async def _fold_holding(self, base: str, log_bytes: int) -> str | None:
         config = self._config
         assert config.checkpoint is not None  # the settings refuse compaction without one
         command = [*self.program, "compact", "--model", config.model]
@@ -179,17 +188,16 @@ class Compactor:
         await self._reload(base, True)
         return "ok"
 
-    def _lock_taken(self) -> bool:
-        """Whether another process is compacting these logs now (a look at the lock, so as not to start a child
-        that would find it taken)."""
-        fd = os.open(self._log_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    def _claim(self) -> int | None:
+        """The server's lock of the log folder (its descriptor), or None when another server holds it (its child
+        is folding these logs)."""
+        fd = os.open(self._log_dir / SERVER_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)  # releases it
-        return False
+            os.close(fd)
+            return None
+        return fd
 
 
 def _lower_priority(pid: int, nice: int) -> None:
