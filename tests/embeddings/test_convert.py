@@ -252,7 +252,7 @@ def test_dcp_with_shards_that_do_not_tile_the_table(tmp_path: Path) -> None:
 
 # --- the table order is the training order, or the conversion is refused -----------------------------------------
 
-TRAINING_ORDER = [  # the trial: not alphabetical (that would be author, hashtags, tweet, user)
+TRAINING_ORDER = [  # a training job's order: not alphabetical (that would be author, hashtags, tweet, user)
     {"name": "user", "num_embeddings": 40, "embedding_dim": 8},
     {"name": "author", "num_embeddings": 30, "embedding_dim": 4},
     {"name": "hashtags", "num_embeddings": 20, "embedding_dim": 6, "weighted": True},
