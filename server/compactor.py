@@ -34,6 +34,7 @@ from embserve.embeddings.compact_cli import EXIT_OTHER_BASE, EXIT_RUNNING
 
 from .config import ServerConfig
 from .metrics import ServerMetrics
+from .updater import lower_priority
 
 __all__ = ["Compactor"]
 
@@ -149,7 +150,7 @@ class Compactor:
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
         self._child = child
-        _lower_priority(child.pid, config.updates.nice)
+        lower_priority(config.updates.nice, child.pid)
         if self._closed:  # the server stopped while the child started
             child.terminate()
         tail = b""
@@ -198,9 +199,3 @@ class Compactor:
             os.close(fd)
             return None
         return fd
-
-
-def _lower_priority(pid: int, nice: int) -> None:
-    if nice and hasattr(os, "setpriority"):
-        with contextlib.suppress(OSError):  # refused by a sandbox: the child keeps the server's priority
-            os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, pid) + nice)

@@ -42,7 +42,7 @@ from .config import UpdatesConfig
 from .errors import Overloaded
 from .metrics import ServerMetrics
 
-__all__ = ["Applied", "RowUpdater", "UpdatesState", "log_dir_for", "version_of", "versioned"]
+__all__ = ["Applied", "RowUpdater", "UpdatesState", "log_dir_for", "lower_priority", "version_of", "versioned"]
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +145,15 @@ class UpdatesState:
         self.offset, self.sequence = record.end, record.sequence
 
 
-def _lower_priority(nice: int) -> None:
-    """Makes the calling thread `nice` steps nicer (Linux schedules threads alone; elsewhere nothing changes)."""
+def lower_priority(nice: int, pid: int | None = None) -> None:
+    """Makes process `pid`, by default the calling thread (Linux schedules threads alone), `nice` steps nicer;
+    elsewhere nothing changes."""
     if nice and sys.platform == "linux":
+        target = threading.get_native_id() if pid is None else pid
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        except OSError as err:  # refused by a sandbox: the thread keeps the server's priority
-            logger.warning("could not lower the updates thread's priority", extra={"error": str(err)})
+            os.setpriority(os.PRIO_PROCESS, target, os.getpriority(os.PRIO_PROCESS, target) + nice)
+        except OSError as err:  # refused by a sandbox: it keeps the server's priority
+            logger.warning("could not lower a priority", extra={"pid": target, "error": str(err)})
 
 
 class _Executor(Protocol):  # what the updater needs of BatchExecutor
@@ -191,7 +193,7 @@ class RowUpdater:
         self._appending = asyncio.Lock()  # an update is logged and applied before a rebase moves to another log
         self._follower: asyncio.Task[None] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(  # checks, encodes and logs, below the lookups' priority
-            1, thread_name_prefix="embserve-updates", initializer=_lower_priority, initargs=(config.nice,)
+            1, thread_name_prefix="embserve-updates", initializer=lower_priority, initargs=(config.nice,)
         )
         metrics.update_sequence.set(state.sequence)
         metrics.update_log_bytes.set(state.log.size())
